@@ -1,0 +1,94 @@
+"""One call that enables cnbi in a jupyterhub_config.py.
+
+    from cnbi_hub.hubconfig import configure
+    configure(c, base_images=[{"image": "quay.io/jupyter/minimal-notebook:2024-10-07"}])
+
+It registers the hub-managed `cnbi` service, its custom scopes, the roles that grant them, and
+the scopes of single-user servers' tokens (the Lab extension calls the service with them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+SERVICE_NAME = "cnbi"
+SCOPE_IMAGES = "custom:cnbi:images"
+SCOPE_ADMIN = "custom:cnbi:admin"
+ADMIN_ROLE = "cnbi-admin"
+
+
+def configure(
+    c,
+    *,
+    url: str = "http://127.0.0.1:10101",
+    service_config: dict | None = None,
+    admin_users=None,
+    environment: dict | None = None,
+    python: str = sys.executable,
+) -> None:
+    """Enable the cnbi service on the JupyterHub config object `c`.
+
+    url: where the service listens (keep it on 127.0.0.1).
+    service_config: CNBIService options, e.g. {"base_images": [...], "data_dir": "/srv/cnbi"};
+      passed to the service as JSON in $CNBI_SERVICE_CONFIG, so they need no config file.
+    admin_users: who gets `custom:cnbi:admin` (every image; sharing). Default: the hub's
+      Authenticator.admin_users as configured so far.
+    environment: extra environment variables for the service process.
+    """
+    service_access = f"access:services!service={SERVICE_NAME}"
+    command = [python, "-m", "cnbi_hub.service"]
+    env = dict(environment or {})
+    if service_config:
+        # JSON in the environment carries lists and dicts intact (a command line would not)
+        env["CNBI_SERVICE_CONFIG"] = json.dumps(service_config)
+
+    services = [s for s in c.JupyterHub.get("services", []) if s.get("name") != SERVICE_NAME]
+    services.append(
+        {
+            "name": SERVICE_NAME,
+            "display": True,
+            "info": {"description": "Build custom notebook images"},
+            "url": url,
+            "command": command,
+            "environment": env,
+            # the service's pages may see only what the image builder needs of the user
+            "oauth_client_allowed_scopes": [service_access, SCOPE_IMAGES, SCOPE_ADMIN],
+            "oauth_no_confirm": True,
+        }
+    )
+    c.JupyterHub.services = services
+
+    custom_scopes = dict(c.JupyterHub.get("custom_scopes", {}))
+    custom_scopes[SCOPE_IMAGES] = {"description": "Build, watch and manage one's own custom notebook images."}
+    custom_scopes[SCOPE_ADMIN] = {
+        "description": "Manage every user's custom notebook images and share images with everyone.",
+        "subscopes": [SCOPE_IMAGES],
+    }
+    c.JupyterHub.custom_scopes = custom_scopes
+
+    extra = set(c.JupyterHub.get("extra_user_scopes", set()))
+    c.JupyterHub.extra_user_scopes = extra | {service_access, SCOPE_IMAGES}
+
+    if admin_users is None:
+        admin_users = c.Authenticator.get("admin_users", set())
+    roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") != ADMIN_ROLE]
+    roles.append(
+        {
+            "name": ADMIN_ROLE,
+            "description": "Administer the image builder",
+            "scopes": [SCOPE_ADMIN, service_access],
+            "users": sorted(admin_users),
+        }
+    )
+    c.JupyterHub.load_roles = roles
+
+    # The server's own token reaches the service for the Lab panel. JupyterHub grants only the
+    # subset the user holds, so a non-admin's server never gets custom:cnbi:admin.
+    server_scopes = list(c.Spawner.get("server_token_scopes", []) or [])
+    if not server_scopes:
+        server_scopes = ["users:activity!user", "access:servers!server"]
+    for scope in (service_access, SCOPE_IMAGES, SCOPE_ADMIN):
+        if scope not in server_scopes:
+            server_scopes.append(scope)
+    c.Spawner.server_token_scopes = server_scopes

@@ -1,0 +1,1 @@
+"""The cnbi JupyterHub service (REST + Server-Sent Events)."""

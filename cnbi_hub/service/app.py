@@ -1,0 +1,261 @@
+"""The `cnbi` JupyterHub service: a traitlets Application serving the image API.
+
+Run by the hub as a managed service (`python -m cnbi_hub.service`), it reads the hub's
+environment (JUPYTERHUB_SERVICE_URL, JUPYTERHUB_SERVICE_PREFIX, JUPYTERHUB_API_TOKEN) and
+listens on 127.0.0.1 behind the hub's proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
+from jupyterhub.utils import url_path_join
+from tornado import web
+from tornado.httpserver import HTTPServer
+from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default, validate
+from traitlets.config import Application, Config, catch_config_error
+
+from .. import __version__, model
+from ..imageref import parse_image_reference
+from ..store.base import ChangeBroadcaster
+from ..store.sqlite import SQLImageStore
+from . import handlers
+
+
+def _service_url():
+    return urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
+
+
+class CNBIService(Application):
+    name = "cnbi-service"
+    description = "The cnbi JupyterHub service: build custom notebook images and spawn servers on them."
+    version = __version__
+
+    aliases = {
+        "config": "CNBIService.config_file",
+        "db-url": "CNBIService.db_url",
+        "data-dir": "CNBIService.data_dir",
+        "port": "CNBIService.port",
+        "log-level": "Application.log_level",
+    }
+    flags = {
+        "generate-config": (
+            {"CNBIService": {"generate_config": True}},
+            "Write a default config file (cnbi_config.py) with every option and its help, then exit.",
+        ),
+    }
+
+    config_file = Unicode(
+        "cnbi_config.py",
+        help="The config file to load (Python, `c.CNBIService.<option> = ...`), if it exists.",
+    ).tag(config=True)
+
+    generate_config = Bool(False, help="Write the default config file and exit.").tag(config=True)
+
+    ip = Unicode(
+        help="""The address to listen on. Default: the host of $JUPYTERHUB_SERVICE_URL (127.0.0.1).
+
+        Keep it on a loopback address: the hub's proxy is the only client that needs to reach it.
+        """
+    ).tag(config=True)
+
+    @default("ip")
+    def _default_ip(self):
+        return _service_url().hostname or "127.0.0.1"
+
+    port = Integer(help="The port to listen on. Default: the port of $JUPYTERHUB_SERVICE_URL.").tag(config=True)
+
+    @default("port")
+    def _default_port(self):
+        return _service_url().port or 10101
+
+    service_prefix = Unicode(
+        help="The URL prefix the hub's proxy routes to this service. Default: $JUPYTERHUB_SERVICE_PREFIX."
+    ).tag(config=True)
+
+    @default("service_prefix")
+    def _default_service_prefix(self):
+        return os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/cnbi/")
+
+    data_dir = Unicode(
+        help="""Directory for the service's state: the SQLite database, build contexts and caches.
+
+        Default: $CNBI_DATA_DIR, else `cnbi-data` in the working directory.
+        """
+    ).tag(config=True)
+
+    @default("data_dir")
+    def _default_data_dir(self):
+        return os.environ.get("CNBI_DATA_DIR") or os.path.abspath("cnbi-data")
+
+    db_url = Unicode(
+        help="""SQLAlchemy URL of the image database (embedded mode).
+
+        Default: a SQLite file `cnbi.sqlite` in `data_dir`. Postgres works too, e.g.
+        `postgresql+psycopg://cnbi:secret@127.0.0.1/cnbi` (install the driver).
+        """
+    ).tag(config=True)
+
+    @default("db_url")
+    def _default_db_url(self):
+        return "sqlite:///" + os.path.join(self.data_dir, "cnbi.sqlite")
+
+    namespace = Unicode(
+        "default", help="The namespace objects live in (the Kubernetes namespace in cluster mode)."
+    ).tag(config=True)
+
+    base_images = List(
+        Dict(),
+        help="""The base images users choose from for PackageList builds, shown in the Lab panel.
+
+        Each entry: `{"image": "quay.io/jupyter/minimal-notebook:2024-10-07",
+        "displayName": "Minimal notebook", "description": "Python 3.11, JupyterLab 4"}`.
+        Optionally `"pythonVersion": "3.11"` so a `runtimeEnvironment` request can pick it.
+        """,
+    ).tag(config=True)
+
+    @validate("base_images")
+    def _check_base_images(self, proposal):
+        checked = []
+        for i, entry in enumerate(proposal["value"]):
+            if "image" not in entry:
+                raise ValueError(f"base_images[{i}] needs an 'image'")
+            parse_image_reference(entry["image"])  # raises ValueError naming what is wrong
+            checked.append(
+                {
+                    "image": entry["image"],
+                    "displayName": entry.get("displayName") or entry["image"],
+                    "description": entry.get("description", ""),
+                    **({"pythonVersion": entry["pythonVersion"]} if "pythonVersion" in entry else {}),
+                }
+            )
+        return checked
+
+    max_images_per_user = Integer(
+        20, help="How many images one user may have at once; creating more answers 409."
+    ).tag(config=True)
+
+    allowed_git_schemes = List(
+        Unicode(),
+        ["https"],
+        help="""URL schemes allowed for GitRepository builds.
+
+        https only by default: `ssh`, `git` and `file` reach places the admin may not expect
+        (internal hosts, the service's own disk). Add them deliberately, e.g. ["https", "git"].
+        """,
+    ).tag(config=True)
+
+    allow_package_urls = Bool(
+        False,
+        help="Allow direct URL requirements (`name @ https://...`) in packageVersions.",
+    ).tag(config=True)
+
+    heartbeat_interval = Float(
+        15.0, help="Seconds between heartbeat comments on the events stream (keeps proxies from timing out)."
+    ).tag(config=True)
+
+    store = Instance(SQLImageStore, allow_none=True)
+
+    @property
+    def validation_policy(self) -> model.ValidationPolicy:
+        return model.ValidationPolicy(
+            allowed_git_schemes=tuple(self.allowed_git_schemes),
+            allow_package_urls=self.allow_package_urls,
+        )
+
+    @catch_config_error
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.generate_config:
+            return
+        if os.path.exists(self.config_file):
+            self.load_config_file(self.config_file)
+        if os.environ.get("CNBI_SERVICE_CONFIG"):
+            # set by cnbi_hub.hubconfig.configure(service_config=...)
+            self.update_config(Config({"CNBIService": json.loads(os.environ["CNBI_SERVICE_CONFIG"])}))
+        self.update_config(self.cli_config)  # the command line wins
+        os.makedirs(self.data_dir, exist_ok=True)
+        self.store = SQLImageStore(self.db_url, namespace=self.namespace)
+        self.events = ChangeBroadcaster()
+        self.hub_auth = HubOAuth(
+            api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""),
+            cache_max_age=60,
+        )
+
+    def make_tornado_app(self) -> web.Application:
+        def route(path):
+            return url_path_join(self.service_prefix, path)
+
+        name = r"(?P<name>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)"
+        routes = [
+            (route("api/images"), handlers.ImagesHandler),
+            (route(rf"api/images/{name}"), handlers.ImageHandler),
+            (route(rf"api/images/{name}/events"), handlers.ImageEventsHandler),
+            (route(rf"api/images/{name}/logs"), handlers.ImageArtifactHandler, {"kind": "log"}),
+            (route(rf"api/images/{name}/lock"), handlers.ImageArtifactHandler, {"kind": "lock"}),
+            (route("api/base-images"), handlers.BaseImagesHandler),
+            (route("api/openapi.yaml"), handlers.OpenAPIHandler),
+            (route("health"), handlers.HealthHandler),
+            (route("oauth_callback"), HubOAuthCallbackHandler),
+            (self.service_prefix.rstrip("/") + r"/?", handlers.HomeHandler),
+        ]
+        return web.Application(
+            routes,
+            cnbi_app=self,
+            hub_auth=self.hub_auth,
+            cookie_secret=os.urandom(32),
+            login_url=self.hub_auth.login_url,
+            log_function=self._log_request,
+        )
+
+    def _log_request(self, handler):
+        status = handler.get_status()
+        level = self.log.info if status < 400 else self.log.warning
+        if handler.request.path.endswith("/health") and status < 400:
+            level = self.log.debug
+        level("%d %s %s %.1fms", status, handler.request.method, handler.request.uri, 1000 * handler.request.request_time())
+
+    async def forward_store_events(self) -> None:
+        """Copy the store's change feed onto the app's event bus (which also carries log lines)."""
+        with self.store.watch() as changes:
+            while True:
+                event = await changes.get()
+                self.events.publish((event.type, event.object))
+
+    async def run(self) -> None:
+        self.tornado_app = self.make_tornado_app()
+        server = HTTPServer(self.tornado_app, xheaders=True)
+        server.listen(self.port, self.ip)
+        self.log.info("cnbi service %s listening on http://%s:%d%s", __version__, self.ip, self.port, self.service_prefix)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        forwarder = asyncio.create_task(self.forward_store_events())
+        await stop.wait()
+        self.log.info("cnbi service stopping")
+        forwarder.cancel()
+        server.stop()
+        self.store.close()
+
+    def start(self):
+        if self.generate_config:
+            self.write_default_config()
+            return
+        asyncio.run(self.run())
+
+    def write_default_config(self) -> None:
+        with open(self.config_file, "w") as f:
+            f.write(self.generate_config_file())
+        print(f"Wrote default config to {self.config_file}")
+
+
+def main(argv=None):
+    app = CNBIService.instance()
+    app.initialize(argv)
+    app.start()

@@ -1,0 +1,388 @@
+"""HTTP handlers of the cnbi service: thin, they check who asks and what, then call the store.
+
+Authentication is the hub's (HubOAuth: API tokens, or the OAuth cookie for browser pages).
+Authorization uses custom scopes: `custom:cnbi:images` to use the service at all,
+`custom:cnbi:admin` for every image and for sharing. Someone else's private image answers 404,
+never 403, so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from importlib import resources
+from typing import Any
+
+from jupyterhub.services.auth import HubOAuthenticated
+from jupyterhub.utils import url_path_join
+from tornado import web
+from tornado.escape import xhtml_escape as escape
+from tornado.iostream import StreamClosedError
+
+from .. import model
+from ..store.base import AlreadyExists, NotFound, StoreError
+
+SCOPE_IMAGES = "custom:cnbi:images"
+SCOPE_ADMIN = "custom:cnbi:admin"
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BaseHandler(HubOAuthenticated, web.RequestHandler):
+    """Common ground: JSON errors, the caller's identity and scopes, and the app's parts."""
+
+    @property
+    def cnbi(self):
+        return self.settings["cnbi_app"]
+
+    @property
+    def store(self):
+        return self.cnbi.store
+
+    def set_default_headers(self):
+        self.set_header("Cache-Control", "no-store")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.set_header("Content-Type", "application/json")
+        body = {"message": self._reason}
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, web.HTTPError) and exc.log_message:
+            body["message"] = exc.log_message % exc.args if exc.args else exc.log_message
+        field = getattr(exc, "field", None)
+        if field:
+            body["field"] = field
+        self.finish(json.dumps(body))
+
+    def write_json(self, value, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(value))
+
+    def read_json(self):
+        try:
+            return json.loads(self.request.body or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+
+
+class FieldError(web.HTTPError):
+    """An HTTP error that names the field at fault (rendered as {"message", "field"})."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(status, message.replace("%", "%%"))
+        self.field = field
+
+
+class APIHandler(BaseHandler):
+    """An API route: a hub token (or the OAuth cookie) with `custom:cnbi:images` is required.
+
+    Unauthenticated API calls get 403 JSON rather than a login redirect: scripts and the Lab
+    extension are the callers here, not browsers.
+    """
+
+    user_model: dict
+
+    def prepare(self):
+        user = self.current_user
+        if not user:
+            raise FieldError(403, "authentication required: a JupyterHub token or login")
+        scopes = set(user.get("scopes", []))
+        if SCOPE_IMAGES not in scopes and SCOPE_ADMIN not in scopes:
+            raise FieldError(403, f"the {SCOPE_IMAGES} scope is required to use the image builder")
+        self.user_model = user
+
+    @property
+    def username(self) -> str:
+        return self.user_model["name"]
+
+    @property
+    def is_admin(self) -> bool:
+        return SCOPE_ADMIN in set(self.user_model.get("scopes", []))
+
+    def may_see(self, obj: dict) -> bool:
+        return self.is_admin or model.creator_of(obj) == self.username or model.is_shared(obj)
+
+    def may_change(self, obj: dict) -> bool:
+        return self.is_admin or model.creator_of(obj) == self.username
+
+    async def visible_image(self, name: str) -> dict:
+        try:
+            obj = await self.store.get(name)
+        except NotFound:
+            obj = None
+        if obj is None or not self.may_see(obj):
+            raise FieldError(404, f"image {name} not found", "metadata.name")
+        return obj
+
+    async def changeable_image(self, name: str) -> dict:
+        obj = await self.visible_image(name)
+        if not self.may_change(obj):
+            raise FieldError(403, f"image {name} is shared with you; only its owner or an admin may change it")
+        return obj
+
+
+class BodyLimitMixin:
+    """Bodies over MAX_BODY_BYTES are drained without being kept, then refused with 413.
+
+    Refusing before the body is read would reset the connection under the hub's proxy, which
+    then answers 503 instead of our clear 413.
+    """
+
+    _chunks: list
+
+    def prepare_body_limit(self):
+        self._chunks = []
+        self._received = 0
+
+    def data_received(self, chunk: bytes):
+        self._received += len(chunk)
+        if self._received <= MAX_BODY_BYTES:
+            self._chunks.append(chunk)
+        else:
+            self._chunks = []
+
+    def body_bytes(self) -> bytes:
+        if self._received > MAX_BODY_BYTES:
+            raise FieldError(413, f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+        return b"".join(self._chunks)
+
+
+@web.stream_request_body
+class ImagesHandler(BodyLimitMixin, APIHandler):
+    """GET api/images: list; POST api/images: create (`?dryRun=true` validates only)."""
+
+    def prepare(self):
+        super().prepare()
+        if self.request.method in ("POST",):
+            self.prepare_body_limit()
+
+    async def get(self):
+        owner = self.get_argument("owner", None)
+        phase = self.get_argument("phase", None)
+        build_type = self.get_argument("buildType", None)
+        if phase and phase not in model.PHASES:
+            raise FieldError(422, f"phase must be one of: {', '.join(model.PHASES)}", "phase")
+        if build_type and build_type not in model.BUILD_TYPES:
+            raise FieldError(422, f"buildType must be one of: {', '.join(model.BUILD_TYPES)}", "buildType")
+        if owner and owner != self.username and not self.is_admin:
+            raise FieldError(403, "only admins may list other users' images", "owner")
+        if self.is_admin:
+            items = await self.store.list(owner=owner or None, phase=phase, build_type=build_type)
+        else:
+            items = await self.store.list(
+                owner=self.username, include_shared=not owner, phase=phase, build_type=build_type
+            )
+        self.write_json({"items": items})
+
+    async def post(self):
+        try:
+            body = json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        try:
+            obj = model.validate_new_object(body, creator=self.username, policy=self.cnbi.validation_policy)
+        except model.InvalidObject as e:
+            raise FieldError(422, e.message, e.field)
+        if self.get_argument("dryRun", "false").lower() in ("true", "1", "all"):
+            self.write_json(obj)
+            return
+        if await self.store.count(self.username) >= self.cnbi.max_images_per_user:
+            raise FieldError(
+                409,
+                f"you already have {self.cnbi.max_images_per_user} images, the most allowed; "
+                "delete one you no longer need first",
+            )
+        created = await self.create_with_name(obj)
+        self.set_header("Location", url_path_join(self.request.path, created["metadata"]["name"]))
+        self.write_json(created, status=201)
+
+    async def create_with_name(self, obj: dict) -> dict:
+        if obj["metadata"].get("name"):
+            try:
+                return await self.store.create(obj)
+            except AlreadyExists as e:
+                raise FieldError(409, e.message, e.field)
+        display_name = obj["metadata"]["annotations"].get(model.ANNOTATION_DISPLAY_NAME)
+        for _ in range(10):
+            obj["metadata"]["name"] = model.generate_name(display_name)
+            try:
+                return await self.store.create(obj)
+            except AlreadyExists:
+                continue  # a random suffix collided: draw another
+        raise FieldError(409, "could not find a free name; set metadata.name", "metadata.name")
+
+
+@web.stream_request_body
+class ImageHandler(BodyLimitMixin, APIHandler):
+    """GET / PATCH / DELETE api/images/{name}."""
+
+    PATCH_FIELDS = {"displayName", "description", "shared"}
+
+    def prepare(self):
+        super().prepare()
+        if self.request.method == "PATCH":
+            self.prepare_body_limit()
+
+    async def get(self, name: str):
+        self.write_json(await self.visible_image(name))
+
+    async def patch(self, name: str):
+        try:
+            changes = json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        if not isinstance(changes, dict):
+            raise FieldError(422, "the request body must be a JSON object")
+        unknown = sorted(set(changes) - self.PATCH_FIELDS)
+        if unknown:
+            raise FieldError(
+                422, f"unknown field {unknown[0]}; PATCH takes {', '.join(sorted(self.PATCH_FIELDS))}", unknown[0]
+            )
+        obj = await self.changeable_image(name)
+        if "shared" in changes:
+            if not self.is_admin:
+                raise FieldError(403, f"only admins may share images ({SCOPE_ADMIN})", "shared")
+            if not isinstance(changes["shared"], bool):
+                raise FieldError(422, "shared must be true or false", "shared")
+        annotations = obj["metadata"].setdefault("annotations", {})
+        display_name = changes.get("displayName", annotations.get(model.ANNOTATION_DISPLAY_NAME, ""))
+        description = changes.get("description", annotations.get(model.ANNOTATION_DESCRIPTION, ""))
+        try:
+            model.check_display_text(display_name, description)
+        except model.InvalidObject as e:
+            field = "displayName" if "name" in e.field else "description"
+            raise FieldError(422, e.message, field)
+        annotations[model.ANNOTATION_DISPLAY_NAME] = display_name
+        annotations[model.ANNOTATION_DESCRIPTION] = description
+        if "shared" in changes:
+            if changes["shared"]:
+                annotations[model.ANNOTATION_SHARED] = "true"
+            else:
+                annotations.pop(model.ANNOTATION_SHARED, None)
+        # no resourceVersion: a PATCH applies to the current object, as a merge patch does
+        obj["metadata"].pop("resourceVersion", None)
+        self.write_json(await self.store.replace(obj))
+
+    async def delete(self, name: str):
+        await self.changeable_image(name)
+        try:
+            await self.store.delete(name)
+        except NotFound:
+            pass  # deleted concurrently: the caller's wish holds
+        self.set_status(204)
+        self.finish()
+
+
+class ImageEventsHandler(APIHandler):
+    """GET api/images/{name}/events: Server-Sent Events for one image.
+
+    The current object first, then every change (`event: object`), build log lines
+    (`event: log`), heartbeat comments, and `event: deleted` before a clean close.
+    """
+
+    _closed = False
+
+    def on_connection_close(self):
+        self._closed = True
+
+    async def send(self, event: str | None, data=None, comment: str | None = None) -> None:
+        if comment is not None:
+            chunk = f": {comment}\n\n"
+        else:
+            chunk = f"event: {event}\ndata: {json.dumps(data)}\n\n"
+        self.write(chunk)
+        await self.flush()
+
+    async def get(self, name: str):
+        # subscribe before reading, so no change between the read and the follow is lost
+        with self.cnbi.events.open_subscription() as changes:
+            obj = await self.visible_image(name)
+            uid = obj["metadata"]["uid"]
+            self.set_header("Content-Type", "text/event-stream")
+            self.set_header("X-Accel-Buffering", "no")
+            try:
+                await self.send("object", obj)
+                await self.follow(changes, name, uid, int(obj["metadata"]["resourceVersion"]))
+            except StreamClosedError:
+                return
+        if not self._finished:
+            self.finish()
+
+    async def follow(self, changes, name: str, uid: str, seen_version: int) -> None:
+        heartbeat = self.cnbi.heartbeat_interval
+        while not self._closed:
+            try:
+                event = await changes.get(timeout=heartbeat)
+            except asyncio.TimeoutError:
+                if changes.overflowed:
+                    return  # we fell far behind: end the stream, the client reconnects
+                await self.send(None, comment="heartbeat")
+                continue
+            kind, obj = event
+            if obj["metadata"]["name"] != name or obj["metadata"].get("uid") != uid:
+                continue
+            if kind == "log":
+                await self.send("log", {"line": obj["line"]})
+            elif kind == "DELETED":
+                await self.send("deleted", {"name": name})
+                return
+            else:
+                version = int(obj["metadata"]["resourceVersion"])
+                if version > seen_version and self.may_see(obj):
+                    seen_version = version
+                    await self.send("object", obj)
+
+
+class ImageArtifactHandler(APIHandler):
+    """GET api/images/{name}/logs and .../lock: text kept beside the object."""
+
+    def initialize(self, kind: str):
+        self.kind = kind
+
+    async def get(self, name: str):
+        await self.visible_image(name)
+        text = await self.store.get_artifact(name, self.kind)
+        if text is None and self.kind == "lock":
+            raise FieldError(404, f"image {name} has no resolved lock (yet)")
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(text or "")
+
+
+class BaseImagesHandler(APIHandler):
+    async def get(self):
+        self.write_json({"items": self.cnbi.base_images})
+
+
+class OpenAPIHandler(BaseHandler):
+    """GET api/openapi.yaml — public, like the hub's own API description."""
+
+    def get(self):
+        self.set_header("Content-Type", "application/yaml")
+        self.finish(resources.files("cnbi_hub.service").joinpath("openapi.yaml").read_text())
+
+
+class HealthHandler(BaseHandler):
+    def get(self):
+        self.write_json({"status": "ok", "version": self.cnbi.version})
+
+
+class HomeHandler(BaseHandler):
+    """The service's browser page: who you are and your images (proves the OAuth flow)."""
+
+    @web.authenticated
+    async def get(self):
+        user = self.current_user
+        scopes = set(user.get("scopes", []))
+        allowed = SCOPE_IMAGES in scopes or SCOPE_ADMIN in scopes
+        items = await self.store.list(owner=user["name"], include_shared=True) if allowed else []
+        rows = "".join(
+            f"<li><code>{escape(model.name_of(o))}</code> {escape(model.display_name_of(o))}"
+            f" &mdash; {escape(model.phase_of(o))}</li>"
+            for o in items
+        )
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.finish(
+            "<!doctype html><html><head><title>Image Builder</title></head><body>"
+            f"<h1>Image Builder</h1><p id='user'>Signed in as {escape(user['name'])}</p>"
+            f"<p>Build images from JupyterLab's Image Builder panel. Your images:</p><ul>{rows}</ul>"
+            f"<p><a href='{escape(self.hub_auth.hub_prefix)}home'>Back to the hub</a></p></body></html>"
+        )

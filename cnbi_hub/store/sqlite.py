@@ -1,0 +1,263 @@
+"""The embedded ImageStore: CustomNBImage objects as rows in SQL (SQLite by default).
+
+Each object is stored whole as JSON, with the columns the API filters on beside it. Every write
+is one transaction; status writes carry the resourceVersion they were based on and fail with
+`Conflict` when someone else wrote in between (a conditional UPDATE), which holds across
+processes sharing the database too. Postgres works through the same `db_url`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+
+from sqlalchemy import (
+    Boolean,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .. import model
+from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, Subscription, WatchEvent
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ImageRow(Base):
+    __tablename__ = "cnbi_images"
+    __table_args__ = (UniqueConstraint("namespace", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    namespace: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(63))
+    uid: Mapped[str] = mapped_column(String(36), unique=True)
+    resource_version: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(String(255), index=True)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    phase: Mapped[str] = mapped_column(String(16), index=True)
+    build_type: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(Text)
+
+
+class ArtifactRow(Base):
+    """Large per-image texts (build log, lock file) kept out of the object itself."""
+
+    __tablename__ = "cnbi_artifacts"
+
+    uid: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+def _sqlite_pragmas(dbapi_connection, _record):
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers (the API) go on while the reconciler writes; the busy timeout makes a
+    # second process wait for the write lock instead of failing at once.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class SQLImageStore:
+    """ImageStore on SQLAlchemy. Calls are synchronous underneath: SQLite answers in well under
+    a millisecond for this workload, as JupyterHub's own database does in its event loop."""
+
+    def __init__(self, db_url: str, namespace: str = "default", echo: bool = False):
+        self.namespace = namespace
+        self.engine = create_engine(db_url, echo=echo)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._changes = ChangeBroadcaster()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _object(row: ImageRow) -> dict:
+        obj = json.loads(row.body)
+        obj["metadata"]["resourceVersion"] = str(row.resource_version)
+        return obj
+
+    def _row(self, session: Session, name: str) -> ImageRow:
+        row = session.scalar(
+            select(ImageRow).where(ImageRow.namespace == self.namespace, ImageRow.name == name)
+        )
+        if row is None:
+            raise NotFound(f"image {name} not found", "metadata.name")
+        return row
+
+    async def get(self, name: str) -> dict:
+        with Session(self.engine) as session:
+            return self._object(self._row(session, name))
+
+    async def exists(self, name: str) -> bool:
+        with Session(self.engine) as session:
+            return (
+                session.scalar(
+                    select(ImageRow.id).where(ImageRow.namespace == self.namespace, ImageRow.name == name)
+                )
+                is not None
+            )
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        include_shared: bool = False,
+        phase: str | None = None,
+        build_type: str | None = None,
+    ) -> list[dict]:
+        """Objects, oldest first. `owner` limits to one creator (plus shared images when
+        `include_shared`); no owner means every object."""
+        query = select(ImageRow).where(ImageRow.namespace == self.namespace)
+        if owner is not None:
+            mine = ImageRow.owner == owner
+            query = query.where(mine | ImageRow.shared) if include_shared else query.where(mine)
+        if phase:
+            query = query.where(ImageRow.phase == phase)
+        if build_type:
+            query = query.where(ImageRow.build_type == build_type)
+        with Session(self.engine) as session:
+            return [self._object(row) for row in session.scalars(query.order_by(ImageRow.id))]
+
+    async def count(self, owner: str) -> int:
+        with Session(self.engine) as session:
+            return len(
+                session.scalars(
+                    select(ImageRow.id).where(ImageRow.namespace == self.namespace, ImageRow.owner == owner)
+                ).all()
+            )
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def _columns(self, obj: dict) -> dict:
+        body = copy.deepcopy(obj)
+        body["metadata"].pop("resourceVersion", None)
+        return {
+            "owner": model.creator_of(obj),
+            "shared": model.is_shared(obj),
+            "phase": model.phase_of(obj),
+            "build_type": obj["spec"]["buildType"],
+            "body": json.dumps(body, separators=(",", ":")),
+        }
+
+    async def create(self, obj: dict) -> dict:
+        obj = copy.deepcopy(obj)
+        meta = obj["metadata"]
+        meta["namespace"] = self.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["generation"] = 1
+        meta["creationTimestamp"] = model.now_iso()
+        obj.setdefault("status", model.initial_status())
+        row = ImageRow(
+            namespace=self.namespace, name=meta["name"], uid=meta["uid"], resource_version=1, **self._columns(obj)
+        )
+        with Session(self.engine) as session:
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name")
+            created = self._object(row)
+        self._changes.publish(WatchEvent("ADDED", created))
+        return created
+
+    def _conditional_write(self, name: str, expected_version: int | None, mutate) -> dict:
+        """Apply `mutate(current) -> new` as one conditional UPDATE.
+
+        With `expected_version`, a write based on a stale read fails with Conflict; without it,
+        the read-mutate-write is simply retried until it lands on the version it read.
+        """
+        for _ in range(20):
+            with Session(self.engine) as session:
+                row = self._row(session, name)
+                if expected_version is not None and row.resource_version != expected_version:
+                    raise Conflict(
+                        f"image {name} was changed by someone else; read it again and retry",
+                        "metadata.resourceVersion",
+                    )
+                based_on = row.resource_version
+                new = mutate(self._object(row))
+                result = session.execute(
+                    update(ImageRow)
+                    .where(ImageRow.id == row.id, ImageRow.resource_version == based_on)
+                    .values(resource_version=based_on + 1, **self._columns(new))
+                )
+                if result.rowcount == 1:
+                    session.commit()
+                    new["metadata"]["resourceVersion"] = str(based_on + 1)
+                    return new
+                session.rollback()
+            if expected_version is not None:
+                raise Conflict(
+                    f"image {name} was changed by someone else; read it again and retry", "metadata.resourceVersion"
+                )
+        raise Conflict(f"image {name} kept changing; gave up writing it", "metadata.resourceVersion")
+
+    async def replace(self, obj: dict) -> dict:
+        """Write metadata and spec (never status, as with a status subresource)."""
+        name = obj["metadata"]["name"]
+        version = obj["metadata"].get("resourceVersion")
+
+        def mutate(current: dict) -> dict:
+            new = copy.deepcopy(obj)
+            for key in ("uid", "creationTimestamp", "namespace", "generation"):
+                new["metadata"][key] = current["metadata"][key]
+            new["status"] = current.get("status", {})
+            if new["spec"] != current["spec"]:
+                new["metadata"]["generation"] = current["metadata"]["generation"] + 1
+            return new
+
+        written = self._conditional_write(name, int(version) if version else None, mutate)
+        self._changes.publish(WatchEvent("MODIFIED", written))
+        return written
+
+    async def update_status(self, name: str, status: dict, resource_version: str | None = None) -> dict:
+        def mutate(current: dict) -> dict:
+            current["status"] = copy.deepcopy(status)
+            return current
+
+        written = self._conditional_write(name, int(resource_version) if resource_version else None, mutate)
+        self._changes.publish(WatchEvent("MODIFIED", written))
+        return written
+
+    async def delete(self, name: str) -> None:
+        with Session(self.engine) as session:
+            row = self._row(session, name)
+            gone = self._object(row)
+            session.execute(delete(ArtifactRow).where(ArtifactRow.uid == row.uid))
+            session.delete(row)
+            session.commit()
+        self._changes.publish(WatchEvent("DELETED", gone))
+
+    def watch(self) -> Subscription:
+        return self._changes.open_subscription()
+
+    # --- artifacts -------------------------------------------------------------------------
+
+    async def put_artifact(self, name: str, kind: str, text: str) -> None:
+        with Session(self.engine) as session:
+            uid = self._row(session, name).uid
+            session.merge(ArtifactRow(uid=uid, kind=kind, text=text))
+            session.commit()
+
+    async def get_artifact(self, name: str, kind: str) -> str | None:
+        with Session(self.engine) as session:
+            uid = self._row(session, name).uid
+            row = session.get(ArtifactRow, (uid, kind))
+            return row.text if row else None

@@ -1,0 +1,312 @@
+"""The cnbi service behind a real JupyterHub: auth, ownership, validation, durability, events."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+import yaml
+from jupyterhub.tests.utils import AsyncSession
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+
+from cnbi_hub import model
+from tests.hubfixtures import ADMIN
+
+BASE = "quay.io/jupyter/minimal-notebook:2024-10-07"
+
+
+def package_list(*packages, name=None, display=None):
+    body = {"spec": {"buildType": "PackageList", "baseImage": BASE, "packageVersions": list(packages)}}
+    meta = {}
+    if name:
+        meta["name"] = name
+    if display:
+        meta["annotations"] = {model.ANNOTATION_DISPLAY_NAME: display}
+    if meta:
+        body["metadata"] = meta
+    return body
+
+
+@pytest.fixture(scope="session")
+def tokens(hub):
+    return {name: hub.token(name) for name in ("alice", "bob", "carol", ADMIN)}
+
+
+async def delete_all(hub, token):
+    r = await hub.api("GET", "api/images", token)
+    for obj in r.json()["items"]:
+        await hub.api("DELETE", f"api/images/{obj['metadata']['name']}", token)
+
+
+@pytest.fixture
+async def clean(hub, tokens):
+    yield
+    await delete_all(hub, tokens[ADMIN])
+
+
+async def test_health_needs_no_auth(hub):
+    r = await hub.api("GET", "health")
+    assert r.code == 200 and r.json()["status"] == "ok"
+
+
+async def test_browser_flow_goes_through_hub_oauth(hub):
+    first = await hub.api("GET", "")
+    assert first.code == 302
+    assert "/hub/api/oauth2/authorize" in first.headers["Location"]
+    cookies = await hub.app.login_user("alice")
+    session = AsyncSession()
+    session.cookies.update(cookies)
+    r = await session.get(hub.service_url)
+    assert r.status_code == 200
+    assert "Signed in as alice" in r.text
+    # redirected through the hub's OAuth endpoint and back to the service's callback
+    assert any("oauth2/authorize" in h.url for h in r.history)
+    assert any("oauth_callback" in h.url for h in r.history)
+    # the OAuth cookie then also authenticates API calls from the browser
+    api = await session.get(hub.service_url + "api/images")
+    assert api.status_code == 200 and api.json() == {"items": []}
+
+
+async def test_token_without_scope_is_refused(hub, tokens):
+    limited = hub.token("alice", scopes=["access:services!service=cnbi"])
+    r = await hub.api("GET", "api/images", limited)
+    assert r.code == 403
+    assert "custom:cnbi:images" in r.json()["message"]
+    anonymous = await hub.api("GET", "api/images")
+    assert anonymous.code == 403
+    assert (await hub.api("GET", "api/images", tokens["alice"])).code == 200
+
+
+async def test_create_isolation_sharing_and_admin(hub, tokens, clean):
+    alice, bob, admin = tokens["alice"], tokens["bob"], tokens[ADMIN]
+    body = package_list("six", display="Alice's data science")
+    # someone trying to create in another's name is overridden by the hub identity
+    body["metadata"]["annotations"][model.ANNOTATION_CREATOR] = "bob"
+    r = await hub.api("POST", "api/images", alice, body)
+    assert r.code == 201, r.body
+    obj = r.json()
+    name = obj["metadata"]["name"]
+    assert name.startswith("alice-s-data-science-")
+    assert obj["status"]["phase"] == "Pending"
+    assert model.creator_of(obj) == "alice"
+    assert r.headers["Location"].endswith(f"/api/images/{name}")
+
+    # bob cannot see alice's private image: 404, not 403
+    assert (await hub.api("GET", f"api/images/{name}", bob)).code == 404
+    assert (await hub.api("DELETE", f"api/images/{name}", bob)).code == 404
+    assert (await hub.api("GET", f"api/images/{name}/events", bob)).code == 404
+    assert (await hub.api("GET", "api/images", bob)).json()["items"] == []
+
+    # only admins share
+    r = await hub.api("PATCH", f"api/images/{name}", alice, {"shared": True})
+    assert r.code == 403 and r.json()["field"] == "shared"
+    r = await hub.api("PATCH", f"api/images/{name}", admin, {"shared": True})
+    assert r.code == 200 and model.is_shared(r.json())
+
+    # shared: bob reads it, cannot change it
+    assert (await hub.api("GET", f"api/images/{name}", bob)).code == 200
+    assert [model.name_of(o) for o in (await hub.api("GET", "api/images", bob)).json()["items"]] == [name]
+    assert (await hub.api("PATCH", f"api/images/{name}", bob, {"displayName": "mine now"})).code == 403
+    assert (await hub.api("DELETE", f"api/images/{name}", bob)).code == 403
+
+    # the owner renames it
+    r = await hub.api("PATCH", f"api/images/{name}", alice, {"displayName": "Renamed", "description": "d"})
+    assert r.code == 200 and model.display_name_of(r.json()) == "Renamed"
+
+    # admin lists everything, and filters by owner; non-admins may not filter by another owner
+    await hub.api("POST", "api/images", bob, package_list("attrs", name="bobs-image"))
+    everything = (await hub.api("GET", "api/images", admin)).json()["items"]
+    assert {model.name_of(o) for o in everything} == {name, "bobs-image"}
+    only_bob = (await hub.api("GET", "api/images?owner=bob", admin)).json()["items"]
+    assert [model.name_of(o) for o in only_bob] == ["bobs-image"]
+    r = await hub.api("GET", "api/images?owner=bob", alice)
+    assert r.code == 403 and r.json()["field"] == "owner"
+    assert [model.name_of(o) for o in (await hub.api("GET", "api/images?phase=Pending&buildType=PackageList", bob)).json()["items"]] == [name, "bobs-image"]
+    assert (await hub.api("GET", "api/images?phase=Ready", bob)).json()["items"] == []
+
+    # admin deletes alice's image
+    assert (await hub.api("DELETE", f"api/images/{name}", admin)).code == 204
+    assert (await hub.api("GET", f"api/images/{name}", alice)).code == 404
+
+
+BAD_REQUESTS = [
+    ({"spec": {"buildType": "PackageList", "baseImage": BASE, "packageVersions": ["numpy; rm -rf /"]}}, 422,
+     "spec.packageVersions[0]"),
+    ({"spec": {"buildType": "PackageList", "baseImage": BASE, "packageVersions": ["six", "--index-url=http://x"]}},
+     422, "spec.packageVersions[1]"),
+    ({"spec": {"buildType": "PackageList", "baseImage": BASE, "runtimeEnvironment": {"pythonVersion": "3.11"},
+               "packageVersions": ["six"]}}, 422, "spec.baseImage"),
+    ({"spec": {"buildType": "ImageImport"}}, 422, "spec.fromImage"),
+    ({"spec": {"buildType": "GitRepository", "repository": "ssh://host/repo"}}, 422, "spec.repository"),
+    ({"spec": {"buildType": "ImageImport", "fromImage": "x:y", "colour": "red"}}, 422, "spec.colour"),
+    ({"metadata": {"name": "Ωmega"}, "spec": {"buildType": "ImageImport", "fromImage": "a/b"}}, 422, "metadata.name"),
+    ([1, 2, 3], 422, None),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_REQUESTS)
+async def test_bad_input_gets_4xx_with_field_and_stores_nothing(hub, tokens, body, status, field, clean):
+    r = await hub.api("POST", "api/images", tokens["carol"], body)
+    assert r.code == status, r.body
+    error = r.json()
+    assert error["message"]
+    assert error.get("field") == field
+    assert (await hub.api("GET", "api/images", tokens["carol"])).json()["items"] == []
+
+
+async def test_malformed_json_and_huge_bodies(hub, tokens, clean):
+    r = await hub.api("POST", "api/images", tokens["carol"], raw=b"{not json")
+    assert r.code == 400 and "JSON" in r.json()["message"]
+    huge = json.dumps(package_list("six", display="x" * (10 * 1024 * 1024))).encode()
+    r = await hub.api("POST", "api/images", tokens["carol"], raw=huge)
+    assert r.code == 413
+    assert (await hub.api("GET", "api/images", tokens["carol"])).json()["items"] == []
+
+
+async def test_unicode_display_names_and_name_collisions(hub, tokens, clean):
+    carol = tokens["carol"]
+    r = await hub.api("POST", "api/images", carol, package_list("six", display="Données für 数据"))
+    assert r.code == 201
+    assert model.display_name_of(r.json()) == "Données für 数据"
+    assert model.check_dns_label(r.json()["metadata"]["name"])
+    r = await hub.api("POST", "api/images", carol, package_list("six", name="fixed-name"))
+    assert r.code == 201
+    r = await hub.api("POST", "api/images", tokens["alice"], package_list("six", name="fixed-name"))
+    assert r.code == 409 and r.json()["field"] == "metadata.name"
+    # same display name twice: two distinct generated names
+    names = set()
+    for _ in range(2):
+        r = await hub.api("POST", "api/images", carol, package_list("six", display="Same"))
+        names.add(r.json()["metadata"]["name"])
+    assert len(names) == 2
+
+
+async def test_dry_run_validates_without_storing(hub, tokens, clean):
+    r = await hub.api("POST", "api/images?dryRun=true", tokens["carol"], package_list("six"))
+    assert r.code == 200 and r.json()["spec"]["packageVersions"] == ["six"]
+    assert (await hub.api("GET", "api/images", tokens["carol"])).json()["items"] == []
+
+
+async def test_per_user_limit(hub, tokens, clean):
+    carol = tokens["carol"]
+    for i in range(5):  # the test hub allows 5
+        assert (await hub.api("POST", "api/images", carol, package_list("six"))).code == 201
+    r = await hub.api("POST", "api/images", carol, package_list("six"))
+    assert r.code == 409 and "5 images" in r.json()["message"]
+    # other users are not affected by carol's count
+    assert (await hub.api("POST", "api/images", tokens["bob"], package_list("six"))).code == 201
+
+
+async def test_base_images_lists_the_admin_choice(hub, tokens):
+    r = await hub.api("GET", "api/base-images", tokens["alice"])
+    assert r.code == 200
+    assert r.json()["items"][0]["image"] == "localhost/cnbi/notebook-base:py311-user"
+
+
+async def test_objects_survive_a_service_restart(hub, tokens, service_proc, clean):
+    r = await hub.api("POST", "api/images", tokens["alice"], package_list("six", name="survivor"))
+    assert r.code == 201
+    old_pid = service_proc.proc.pid
+    os.kill(old_pid, signal.SIGTERM)
+    # the hub notices the managed service exited and starts it again
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        proc = service_proc.proc
+        if proc is not None and proc.pid != old_pid:
+            try:
+                if (await hub.api("GET", "health", timeout=2)).code == 200:
+                    break
+            except Exception:
+                pass
+        await asyncio.sleep(0.3)
+    else:
+        pytest.fail("the service did not come back")
+    assert service_proc.proc.pid != old_pid
+    r = await hub.api("GET", "api/images/survivor", tokens["alice"])
+    assert r.code == 200 and model.creator_of(r.json()) == "alice"
+
+
+async def read_events(hub, token, name, received: list, stop_after: int, timeout: float = 20):
+    """Follow the events stream, collecting (event, data, time) until `stop_after` events."""
+    buffer = b""
+    done = asyncio.get_running_loop().create_future()
+
+    def on_chunk(chunk):
+        nonlocal buffer
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            lines = block.decode().split("\n")
+            if lines[0].startswith(":"):
+                received.append(("comment", lines[0], time.monotonic()))
+                continue
+            event = lines[0].split(": ", 1)[1]
+            data = json.loads(lines[1].split(": ", 1)[1])
+            received.append((event, data, time.monotonic()))
+            if len([r for r in received if r[0] != "comment"]) >= stop_after and not done.done():
+                done.set_result(None)
+
+    request = HTTPRequest(
+        hub.service_url + f"api/images/{name}/events",
+        headers={"Authorization": f"token {token}"},
+        streaming_callback=on_chunk,
+        request_timeout=timeout,
+    )
+    fetch = asyncio.ensure_future(AsyncHTTPClient().fetch(request, raise_error=False))
+    await asyncio.wait([fetch, done], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    return fetch
+
+
+async def test_events_stream_current_object_changes_heartbeats_and_close(hub, tokens, clean):
+    alice = tokens["alice"]
+    name = (await hub.api("POST", "api/images", alice, package_list("six"))).json()["metadata"]["name"]
+    received = []
+    reader = asyncio.ensure_future(read_events(hub, alice, name, received, stop_after=3))
+    while not received:
+        await asyncio.sleep(0.05)
+    assert received[0][0] == "object" and received[0][1]["metadata"]["name"] == name
+
+    written_at = time.monotonic()
+    r = await hub.api("PATCH", f"api/images/{name}", alice, {"displayName": "changed"})
+    assert r.code == 200
+    while len([e for e in received if e[0] == "object"]) < 2:
+        await asyncio.sleep(0.02)
+        assert time.monotonic() - written_at < 1.0, "change not delivered within a second"
+    change = [e for e in received if e[0] == "object"][1]
+    assert model.display_name_of(change[1]) == "changed"
+
+    await asyncio.sleep(1.5)  # the test hub's heartbeat interval is 1 s
+    assert any(e[0] == "comment" and "heartbeat" in e[1] for e in received)
+
+    assert (await hub.api("DELETE", f"api/images/{name}", alice)).code == 204
+    fetch = await reader
+    response = await asyncio.wait_for(fetch, 5)  # the stream closed cleanly
+    assert response.code == 200
+    assert response.headers["Content-Type"] == "text/event-stream"
+    assert received[-1][0] == "deleted"
+
+
+async def test_openapi_document_is_valid_and_covers_every_route(hub):
+    from openapi_spec_validator import validate
+
+    r = await hub.api("GET", "api/openapi.yaml")
+    assert r.code == 200
+    document = yaml.safe_load(r.body)
+    validate(document)
+    documented = set(document["paths"])
+
+    from cnbi_hub.service.app import CNBIService
+
+    app = CNBIService()
+    app.service_prefix = "/services/cnbi/"
+    app.hub_auth = type("Auth", (), {"login_url": "/hub/login"})()
+    tornado_app = app.make_tornado_app()
+    registered = set()
+    for rule in tornado_app.default_router.rules[0].target.rules:
+        pattern = rule.matcher.regex.pattern.rstrip("$")
+        path = pattern.replace("/services/cnbi", "", 1)
+        path = path.replace("(?P<name>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)", "{name}")
+        registered.add(path if path not in ("/?", "") else "/")
+    assert registered == documented, registered ^ documented

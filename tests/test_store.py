@@ -1,0 +1,111 @@
+"""The embedded store: atomic writes, optimistic concurrency, durability, change feed."""
+
+import asyncio
+import threading
+
+import pytest
+
+from cnbi_hub import model
+from cnbi_hub.store.base import AlreadyExists, Conflict, NotFound, modify_status
+from cnbi_hub.store.sqlite import SQLImageStore
+
+
+def new_object(name, owner="alice"):
+    obj = model.validate_new_object(
+        {"metadata": {"name": name}, "spec": {"buildType": "ImageImport", "fromImage": "quay.io/a/b:1"}},
+        creator=owner,
+    )
+    return obj
+
+
+@pytest.fixture
+def db_url(tmp_path):
+    return f"sqlite:///{tmp_path}/cnbi.sqlite"
+
+
+async def test_create_get_list_delete(db_url):
+    store = SQLImageStore(db_url)
+    created = await store.create(new_object("one"))
+    assert created["metadata"]["resourceVersion"] == "1"
+    assert created["status"]["phase"] == "Pending"
+    assert created["metadata"]["uid"]
+    with pytest.raises(AlreadyExists):
+        await store.create(new_object("one"))
+    await store.create(new_object("two", owner="bob"))
+    assert [model.name_of(o) for o in await store.list()] == ["one", "two"]
+    assert [model.name_of(o) for o in await store.list(owner="bob")] == ["two"]
+    await store.delete("one")
+    with pytest.raises(NotFound):
+        await store.get("one")
+
+
+async def test_stale_write_fails_and_modify_retries(db_url):
+    store = SQLImageStore(db_url)
+    obj = await store.create(new_object("race"))
+    version = obj["metadata"]["resourceVersion"]
+    await store.update_status("race", {**obj["status"], "phase": "Prepare"}, version)
+    with pytest.raises(Conflict):
+        await store.update_status("race", {**obj["status"], "phase": "Failed"}, version)
+    assert (await store.get("race"))["status"]["phase"] == "Prepare"
+
+
+def test_no_lost_update_between_two_processes_sharing_the_database(db_url):
+    """Two stores (as two processes would) each add 50 marks to the same object concurrently."""
+    setup = SQLImageStore(db_url)
+    asyncio.run(setup.create(new_object("counter")))
+
+    def writer(tag):
+        store = SQLImageStore(db_url)
+
+        async def run():
+            for i in range(50):
+                def add_mark(obj):
+                    status = obj["status"]
+                    status.setdefault("marks", []).append(f"{tag}{i}")
+                    return status
+                await modify_status(store, "counter", add_mark, attempts=200)
+
+        asyncio.run(run())
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    marks = asyncio.run(setup.get("counter"))["status"]["marks"]
+    assert sorted(marks) == sorted([f"a{i}" for i in range(50)] + [f"b{i}" for i in range(50)])
+
+
+async def test_objects_survive_reopening(db_url):
+    store = SQLImageStore(db_url)
+    await store.create(new_object("durable"))
+    await store.put_artifact("durable", "lock", "six==1.16.0 --hash=sha256:abc\n")
+    store.close()
+    reopened = SQLImageStore(db_url)
+    assert model.name_of(await reopened.get("durable")) == "durable"
+    assert (await reopened.get_artifact("durable", "lock")).startswith("six==")
+
+
+async def test_watch_sees_every_change_in_order(db_url):
+    store = SQLImageStore(db_url)
+    with store.watch() as changes:
+        obj = await store.create(new_object("watched"))
+        await store.update_status("watched", {**obj["status"], "phase": "Prepare"})
+        await store.delete("watched")
+        events = [await changes.get(timeout=1) for _ in range(3)]
+    assert [e.type for e in events] == ["ADDED", "MODIFIED", "DELETED"]
+    assert events[1].object["status"]["phase"] == "Prepare"
+
+
+async def test_replace_keeps_status_and_bumps_generation_on_spec_change(db_url):
+    store = SQLImageStore(db_url)
+    obj = await store.create(new_object("gen"))
+    await store.update_status("gen", {**obj["status"], "phase": "Ready"})
+    current = await store.get("gen")
+    current["spec"]["fromImage"] = "quay.io/a/b:2"
+    current["status"] = {"phase": "Pending"}  # ignored: status has its own subresource
+    written = await store.replace(current)
+    assert written["status"]["phase"] == "Ready"
+    assert written["metadata"]["generation"] == 2
+    with pytest.raises(Conflict):
+        await store.replace(current)  # current carries the old resourceVersion
