@@ -25,6 +25,7 @@ def configure(
     service_config: dict | None = None,
     admin_users=None,
     environment: dict | None = None,
+    server_service_url: str | None = None,
     python: str = sys.executable,
 ) -> None:
     """Enable the cnbi service on the JupyterHub config object `c`.
@@ -35,6 +36,9 @@ def configure(
     admin_users: who gets `custom:cnbi:admin` (every image; sharing). Default: the hub's
       Authenticator.admin_users as configured so far.
     environment: extra environment variables for the service process.
+    server_service_url: how single-user servers reach the service (the Lab extension calls it
+      there). Default: `url` + `/services/cnbi/`, right when servers share the hub's host network;
+      on Kubernetes give the proxy's in-cluster URL, e.g. `http://proxy-public/services/cnbi/`.
     """
     service_access = f"access:services!service={SERVICE_NAME}"
     command = [python, "-m", "cnbi_hub.service"]
@@ -92,3 +96,7 @@ def configure(
         if scope not in server_scopes:
             server_scopes.append(scope)
     c.Spawner.server_token_scopes = server_scopes
+
+    spawner_env = dict(c.Spawner.get("environment", {}) or {})
+    spawner_env.setdefault("CNBI_SERVICE_URL", server_service_url or f"{url.rstrip('/')}/services/{SERVICE_NAME}/")
+    c.Spawner.environment = spawner_env

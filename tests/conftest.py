@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.hubfixtures", "tests.infra_registry"]
+pytest_plugins = ["tests.hubfixtures", "tests.infra_registry", "tests.infra_podman"]

@@ -93,7 +93,7 @@ class HubHandle:
 def hub_config(data_dir, **service_config) -> Config:
     c = Config()
     c.Authenticator.admin_users = {ADMIN}
-    c.JupyterHub.bind_url = "http://127.0.0.1:0/"
+    c.JupyterHub.bind_url = "http://127.0.0.1:%d/" % _free_port()
     configure(
         c,
         url="http://127.0.0.1:%d" % _free_port(),
@@ -113,7 +113,6 @@ async def hub(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cnbi-data")
     config = hub_config(data_dir, max_images_per_user=5, heartbeat_interval=1.0,
                         allowed_git_schemes=["https", "git"])
-    config.JupyterHub.bind_url = "http://127.0.0.1:%d/" % _free_port()
     MockHub.clear_instance()
     app = MockHub.instance(config=config)
     await app.initialize([])

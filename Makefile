@@ -1,0 +1,36 @@
+# The two commands of the README:
+#   make demo   install what is missing, then start the embedded hub with the Image Builder
+#   make test   install what is missing, then run every test suite
+# Everything lands in .venv/ (Python, configurable-http-proxy) and, as root, Debian packages.
+
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export PATH := $(VENV)/bin:$(PATH)
+
+.PHONY: demo test install system-deps venv proxy
+
+demo: install
+	$(PY) -m cnbi_hub.demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+install: system-deps venv proxy
+
+system-deps:
+	@if [ "$$(id -u)" -eq 0 ]; then scripts/install-system-deps $(SYSTEM_DEPS_ARGS); \
+	else scripts/install-system-deps $(SYSTEM_DEPS_ARGS) || echo "(continuing: tests that need these will say so)"; fi
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+venv: $(PY)
+	$(PY) -m pip install -q -e ".[test,docker,kubernetes,lab]"
+
+# JupyterHub's proxy is a Node program; keep it inside .venv rather than installing globally.
+proxy: $(VENV)/bin/configurable-http-proxy
+
+$(VENV)/bin/configurable-http-proxy: | $(PY)
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/node configurable-http-proxy@^5
+	ln -sf $(VENV)/node/node_modules/.bin/configurable-http-proxy $@

@@ -1,0 +1,68 @@
+"""cnbi_hub's podman/buildah/skopeo configuration, shipped as package data.
+
+Every podman, buildah or skopeo process cnbi_hub starts runs with the environment from
+:func:`podman_environ`, so the machine's ``/etc/containers`` is never edited by hand:
+
+- ``containers.conf``: ``runtime = "runc"``, ``cgroup_manager = "cgroupfs"``,
+  ``default_ulimits = []`` (hosts like ours refuse the default nofile/nproc limits), and the
+  host network for every container (podman's bridge lives in a private range we must not use).
+- ``storage.conf``: the ``overlay`` driver in the usual rootful location, so images built here are
+  visible to every tool that uses the same files.
+
+One thing these files cannot fix: podman records the storage driver in its state database the
+first time it runs. If that first run used no storage.conf, the database says ``""`` and every
+container's exit hook (``podman container cleanup --storage-driver overlay``) fails with
+"database configuration mismatch", which makes each ``podman run`` hang 20 s before returning.
+:func:`podman_state_mismatch` detects that; ``podman system reset`` (with this environment) cures it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+
+CONTAINERS_CONF = "containers.conf"
+STORAGE_CONF = "storage.conf"
+
+
+def config_path(name: str) -> Path:
+    """Filesystem path of one of the shipped config files (``containers.conf``/``storage.conf``)."""
+    path = Path(str(resources.files(__name__).joinpath(name)))
+    if not path.is_file():
+        raise FileNotFoundError(f"cnbi_hub package data missing: {path}")
+    return path
+
+
+def podman_environ(base_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """An environment for podman/buildah/skopeo that selects cnbi_hub's container config.
+
+    ``base_env`` defaults to ``os.environ``; it is copied, never modified.
+    """
+    env = dict(os.environ if base_env is None else base_env)
+    env["CONTAINERS_CONF"] = str(config_path(CONTAINERS_CONF))
+    env["CONTAINERS_STORAGE_CONF"] = str(config_path(STORAGE_CONF))
+    return env
+
+
+def podman_state_mismatch(env: Mapping[str, str] | None = None) -> str | None:
+    """Return podman's error text if its state database disagrees with our storage.conf, else None.
+
+    Passes ``--storage-driver overlay`` explicitly, as podman's container exit hook does; podman
+    only compares the database with an explicitly given driver. ``podman info`` changes nothing.
+    """
+    env = podman_environ() if env is None else dict(env)
+    result = subprocess.run(
+        ["podman", "--storage-driver", "overlay", "info", "--format", "{{.Store.GraphDriverName}}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if "database configuration mismatch" in result.stderr:
+        return result.stderr.strip()
+    return None
+
+
+__all__ = ["config_path", "podman_environ", "podman_state_mismatch"]

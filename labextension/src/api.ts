@@ -1,0 +1,144 @@
+/**
+ * Calls to the user's own server at `{baseUrl}cnbi/api/...`, which the cnbi_hub server
+ * extension forwards to the hub's cnbi service.
+ */
+
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+import type {
+  IBaseImage,
+  ICheckImageResult,
+  ICustomNBImage
+} from './model';
+
+/** An answer of the service that is not a success: `{message, field}` with its status. */
+export class CnbiApiError extends Error {
+  constructor(status: number, message: string, field?: string) {
+    super(message);
+    this.name = 'CnbiApiError';
+    this.status = status;
+    this.field = field;
+  }
+  readonly status: number;
+  readonly field?: string;
+}
+
+export class CnbiApi {
+  constructor(settings?: ServerConnection.ISettings) {
+    this.settings = settings ?? ServerConnection.makeSettings();
+  }
+
+  readonly settings: ServerConnection.ISettings;
+
+  url(path: string, query?: Record<string, string>): string {
+    let url = URLExt.join(this.settings.baseUrl, 'cnbi/api', path);
+    if (query && Object.keys(query).length) {
+      url += URLExt.objectToQueryString(query);
+    }
+    return url;
+  }
+
+  /** URL of an image's event stream, for EventSource. */
+  eventsUrl(name: string): string {
+    return this.url(`images/${encodeURIComponent(name)}/events`);
+  }
+
+  logsUrl(name: string): string {
+    return this.url(`images/${encodeURIComponent(name)}/logs`);
+  }
+
+  async request(
+    path: string,
+    init: RequestInit = {},
+    query?: Record<string, string>
+  ): Promise<Response> {
+    let response: Response;
+    try {
+      response = await ServerConnection.makeRequest(
+        this.url(path, query),
+        init,
+        this.settings
+      );
+    } catch (error) {
+      throw new CnbiApiError(0, `the server did not answer: ${error}`);
+    }
+    if (!response.ok) {
+      let message = response.statusText || `HTTP ${response.status}`;
+      let field: string | undefined;
+      try {
+        const body = await response.json();
+        message = body.message ?? message;
+        field = body.field;
+      } catch {
+        // not JSON: keep the status text
+      }
+      throw new CnbiApiError(response.status, message, field);
+    }
+    return response;
+  }
+
+  async json<T>(
+    path: string,
+    init: RequestInit = {},
+    query?: Record<string, string>
+  ): Promise<T> {
+    const response = await this.request(path, init, query);
+    return (await response.json()) as T;
+  }
+
+  async text(path: string): Promise<string> {
+    return (await this.request(path)).text();
+  }
+
+  listImages(): Promise<{ items: ICustomNBImage[] }> {
+    return this.json('images');
+  }
+
+  getImage(name: string): Promise<ICustomNBImage> {
+    return this.json(`images/${encodeURIComponent(name)}`);
+  }
+
+  /** Create an image, or with `dryRun` only validate it (422/400 name the field at fault). */
+  createImage(image: ICustomNBImage, dryRun = false): Promise<ICustomNBImage> {
+    return this.json(
+      'images',
+      {
+        method: 'POST',
+        body: JSON.stringify(image),
+        headers: { 'Content-Type': 'application/json' }
+      },
+      dryRun ? { dryRun: 'true' } : undefined
+    );
+  }
+
+  rebuildImage(name: string): Promise<ICustomNBImage> {
+    return this.json(`images/${encodeURIComponent(name)}/rebuild`, {
+      method: 'POST',
+      body: '{}',
+      headers: { 'Content-Type': 'application/json' }
+    });
+  }
+
+  async deleteImage(name: string): Promise<void> {
+    await this.request(`images/${encodeURIComponent(name)}`, {
+      method: 'DELETE'
+    });
+  }
+
+  getLock(name: string): Promise<string> {
+    return this.text(`images/${encodeURIComponent(name)}/lock`);
+  }
+
+  getLogs(name: string): Promise<string> {
+    return this.text(`images/${encodeURIComponent(name)}/logs`);
+  }
+
+  baseImages(): Promise<{ items: IBaseImage[] }> {
+    return this.json('base-images');
+  }
+
+  checkImage(image: string): Promise<ICheckImageResult> {
+    return this.json('check-image', {}, { image });
+  }
+}

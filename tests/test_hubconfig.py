@@ -1,0 +1,42 @@
+"""Enabling cnbi in a hub config, and the service's own config file."""
+
+import subprocess
+import sys
+
+from traitlets.config import Config
+
+from cnbi_hub.hubconfig import configure
+
+
+def test_configure_registers_service_scopes_and_roles():
+    c = Config()
+    c.Authenticator.admin_users = {"root-admin"}
+    c.JupyterHub.services = [{"name": "other", "api_token": "x"}]
+    configure(c, url="http://127.0.0.1:12345", service_config={"max_images_per_user": 3})
+    configure(c, url="http://127.0.0.1:12345")  # idempotent: a second call replaces, not duplicates
+    names = [s["name"] for s in c.JupyterHub.services]
+    assert names == ["other", "cnbi"]
+    service = c.JupyterHub.services[-1]
+    assert service["url"] == "http://127.0.0.1:12345"
+    assert service["command"][1:] == ["-m", "cnbi_hub.service"]
+    assert set(service["oauth_client_allowed_scopes"]) == {
+        "access:services!service=cnbi", "custom:cnbi:images", "custom:cnbi:admin"}
+    assert set(c.JupyterHub.custom_scopes) == {"custom:cnbi:images", "custom:cnbi:admin"}
+    assert {"access:services!service=cnbi", "custom:cnbi:images"} <= c.JupyterHub.extra_user_scopes
+    roles = [r for r in c.JupyterHub.load_roles if r["name"] == "cnbi-admin"]
+    assert len(roles) == 1 and roles[0]["users"] == ["root-admin"]
+    assert "custom:cnbi:admin" in roles[0]["scopes"]
+    assert "access:services!service=cnbi" in c.Spawner.server_token_scopes
+    assert "custom:cnbi:images" in c.Spawner.server_token_scopes
+    assert "access:servers!server" in c.Spawner.server_token_scopes  # the default server scopes stay
+    assert c.Spawner.environment["CNBI_SERVICE_URL"] == "http://127.0.0.1:12345/services/cnbi/"
+
+
+def test_generate_config_writes_every_option_with_help(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "cnbi_hub.service", "--generate-config"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "cnbi_config.py").read_text()
+    for option in ("max_images_per_user", "base_images", "db_url", "allowed_git_schemes", "heartbeat_interval"):
+        assert f"# c.CNBIService.{option} = " in text
+    assert "How many images one user may have at once" in text
