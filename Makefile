@@ -7,13 +7,18 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: demo test install system-deps venv proxy
+.PHONY: demo test install system-deps venv proxy js
 
 demo: install
 	$(PY) -m cnbi_hub.demo
 
-test: install
+test: install js
+	$(VENV)/bin/jlpm test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The Lab extension's node modules (jest runs from them); the editable install already built it.
+js: venv
+	$(VENV)/bin/jlpm install --immutable
 
 install: system-deps venv proxy
 
