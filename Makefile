@@ -19,6 +19,7 @@ test: install js
 # The Lab extension's node modules (jest runs from them); the editable install already built it.
 js: venv
 	$(VENV)/bin/jlpm install --immutable
+	cd ui-tests && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(VENV)/bin/jlpm install --immutable
 
 install: system-deps venv proxy
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.application import ExtensionApp
@@ -54,6 +54,23 @@ HOP_BY_HOP_HEADERS = frozenset(
 # Request headers worth passing on; cookies and the browser's credentials are for this server,
 # not for the service.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Content-Type", "Last-Event-ID", "Cache-Control")
+
+
+# Query arguments that authenticate the browser to this server (EventSource cannot send headers,
+# so the Lab panel puts them in the URL); the service gets the server's own token instead.
+SERVER_AUTH_QUERY_ARGUMENTS = frozenset(("_xsrf", "token"))
+
+
+def forwarded_query(query: str) -> str:
+    """The query string to pass on, without this server's own authentication arguments."""
+    if not any(f"{name}=" in query for name in SERVER_AUTH_QUERY_ARGUMENTS):
+        return query
+    kept = [
+        (name, value)
+        for name, value in parse_qsl(query, keep_blank_values=True)
+        if name not in SERVER_AUTH_QUERY_ARGUMENTS
+    ]
+    return urlencode(kept)
 
 
 def default_service_url(environ: dict[str, str]) -> str:
@@ -125,8 +142,9 @@ class CNBIApiForwardHandler(ExtensionHandlerMixin, APIHandler):
         if any(s in (".", "..") for s in segments) or posixpath.isabs(unquote(raw_path)):
             raise web.HTTPError(400, "invalid path: dot segments are not allowed")
         url = self.service_url + "api/" + raw_path
-        if self.request.query:
-            url += "?" + self.request.query
+        query = forwarded_query(self.request.query)
+        if query:
+            url += "?" + query
         return url
 
     def reverse_url_prefix(self) -> str:

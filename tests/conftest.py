@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.hubfixtures", "tests.infra_registry", "tests.infra_podman"]
+pytest_plugins = ["tests.hubfixtures", "tests.infra_registry", "tests.infra_podman", "tests.uifixtures"]

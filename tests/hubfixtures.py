@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -23,6 +25,7 @@ from traitlets.config import Config
 from cnbi_hub.hubconfig import configure
 
 ADMIN = "cnbi-admin-user"
+CA_BUNDLE = os.environ.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
 BASE_IMAGES = [
     {"image": "localhost/cnbi/notebook-base:py311-user", "displayName": "Notebook base (user-owned Python)"},
 ]
@@ -93,11 +96,18 @@ class HubHandle:
 def hub_config(data_dir, **service_config) -> Config:
     c = Config()
     c.Authenticator.admin_users = {ADMIN}
+    # the hub kills whatever proxy its pid file names: each hub keeps its own
+    c.ConfigurableHTTPProxy.pid_file = str(Path(data_dir) / "jupyterhub-proxy.pid")
     c.JupyterHub.bind_url = "http://127.0.0.1:%d/" % _free_port()
     configure(
         c,
         url="http://127.0.0.1:%d" % _free_port(),
-        service_config={"data_dir": str(data_dir), "base_images": BASE_IMAGES, **service_config},
+        service_config={
+            "data_dir": str(data_dir),
+            "base_images": BASE_IMAGES,
+            "Reconciler": {"ca_bundle": CA_BUNDLE if os.path.exists(CA_BUNDLE) else "", "max_concurrent_builds": 2},
+            **service_config,
+        },
     )
     return c
 

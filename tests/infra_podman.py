@@ -9,7 +9,7 @@ Load with ``-p tests.infra_podman`` (or ``pytest_plugins = ["tests.infra_podman"
 - ``git_server`` (session): ``git daemon`` on 127.0.0.1 (free port) serving bare repositories
   from a temp dir; ``git_server.make_repo(name, files, branch="main")`` creates one.
 - ``make_git_repo`` (function): the same factory, for tests.
-- ``sample_git_repos`` (session): ``{"requirements": repo with requirements.txt (six),
+- ``sample_git_repos`` (session): ``{"requirements": repo with requirements.txt (tabulate),
   "containerfile": repo with a Containerfile FROM the user notebook base adding a file}``.
 
 Repositories are :class:`GitRepo` values: ``url`` (``git://127.0.0.1:PORT/name.git``),
@@ -218,7 +218,7 @@ def sample_git_repos(git_server) -> dict[str, GitRepo]:
     return {
         "requirements": git_server.make_repo(
             "sample-requirements",
-            {"requirements.txt": "six==1.16.0\n", "README.md": "pip requirements sample\n"},
+            {"requirements.txt": "tabulate==0.9.0\n", "README.md": "pip requirements sample\n"},
         ),
         "containerfile": git_server.make_repo(
             "sample-containerfile",

@@ -262,7 +262,7 @@ def test_git_ls_remote_returns_the_commit(make_git_repo):
 def test_sample_repos_clone_with_their_files(sample_git_repos, tmp_path):
     requirements = sample_git_repos["requirements"]
     git("clone", "--quiet", requirements.url, str(tmp_path / "req"))
-    assert (tmp_path / "req" / "requirements.txt").read_text() == "six==1.16.0\n"
+    assert (tmp_path / "req" / "requirements.txt").read_text() == "tabulate==0.9.0\n"
     assert git("rev-parse", "HEAD", cwd=tmp_path / "req") == requirements.commit
     containerfile = sample_git_repos["containerfile"]
     git("clone", "--quiet", containerfile.url, str(tmp_path / "cf"))

@@ -393,3 +393,23 @@ def test_extension_is_enabled_by_the_shipped_server_config():
     assert point["app"] is CNBIServerExtension
     assert cnbi_hub._jupyter_labextension_paths() == [{"src": "labextension", "dest": "cnbi-hub"}]
 
+
+
+@pytest.mark.asyncio
+async def test_servers_own_auth_arguments_are_not_forwarded(start_server, upstream):
+    # The Lab panel's EventSource authenticates with ?_xsrf= (and ?token= outside a hub);
+    # those are this server's credentials, not the service's.
+    base = await start_server({"service_url": upstream.url, "api_token": HUB_API_TOKEN})
+    r = await fetch(base + f"cnbi/api/images?phase=Ready&token={SERVER_TOKEN}&_xsrf=abc%7C1&owner=a+b")
+    assert r.code == 200
+    (seen,) = upstream.requests
+    assert seen["query"] == "phase=Ready&owner=a+b"
+    assert seen["authorization"] == f"token {HUB_API_TOKEN}"
+
+
+def test_forwarded_query_keeps_everything_else_as_sent():
+    from cnbi_hub.serverextension import forwarded_query
+
+    assert forwarded_query("phase=Ready&dryRun=true") == "phase=Ready&dryRun=true"
+    assert forwarded_query("_xsrf=2%7Cabc") == ""
+    assert forwarded_query("xtoken=1&token=2") == "xtoken=1"

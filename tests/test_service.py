@@ -118,11 +118,18 @@ async def test_create_isolation_sharing_and_admin(hub, tokens, clean):
     # admin lists everything, and filters by owner; non-admins may not filter by another owner
     await hub.api("POST", "api/images", bob, package_list("attrs", name="bobs-image"))
     everything = (await hub.api("GET", "api/images", admin)).json()["items"]
-    assert {model.name_of(o) for o in everything} == {name, "bobs-image"}
+    assert {name, "bobs-image"} <= {model.name_of(o) for o in everything}
+    assert {model.creator_of(o) for o in everything} >= {"alice", "bob"}
     only_bob = (await hub.api("GET", "api/images?owner=bob", admin)).json()["items"]
     assert [model.name_of(o) for o in only_bob] == ["bobs-image"]
     r = await hub.api("GET", "api/images?owner=bob", alice)
     assert r.code == 403 and r.json()["field"] == "owner"
+    usable_by_bob = (await hub.api("GET", "api/images?visibleTo=bob", admin)).json()["items"]
+    assert {model.name_of(o) for o in usable_by_bob} == {name, "bobs-image"}  # own + shared
+    usable_by_carol = (await hub.api("GET", "api/images?visibleTo=carol", admin)).json()["items"]
+    assert [model.name_of(o) for o in usable_by_carol] == [name]  # only the shared one
+    r = await hub.api("GET", "api/images?visibleTo=bob", alice)
+    assert r.code == 403 and r.json()["field"] == "visibleTo"
     assert [model.name_of(o) for o in (await hub.api("GET", "api/images?phase=Pending&buildType=PackageList", bob)).json()["items"]] == [name, "bobs-image"]
     assert (await hub.api("GET", "api/images?phase=Ready", bob)).json()["items"] == []
 

@@ -22,6 +22,7 @@ from traitlets.config import Application, Config, catch_config_error
 
 from .. import __version__, model
 from ..imageref import parse_image_reference
+from ..controller.reconciler import Reconciler
 from ..store.base import ChangeBroadcaster
 from ..store.sqlite import SQLImageStore
 from . import handlers
@@ -159,6 +160,12 @@ class CNBIService(Application):
         15.0, help="Seconds between heartbeat comments on the events stream (keeps proxies from timing out)."
     ).tag(config=True)
 
+    reconcile = Bool(
+        True,
+        help="""Run the reconciler (and so the builds) inside this service: embedded mode.
+        In cluster mode the operator (`python -m cnbi_hub.controller`) does it: set False.""",
+    ).tag(config=True)
+
     store = Instance(SQLImageStore, allow_none=True)
 
     @property
@@ -176,12 +183,24 @@ class CNBIService(Application):
         if os.path.exists(self.config_file):
             self.load_config_file(self.config_file)
         if os.environ.get("CNBI_SERVICE_CONFIG"):
-            # set by cnbi_hub.hubconfig.configure(service_config=...)
-            self.update_config(Config({"CNBIService": json.loads(os.environ["CNBI_SERVICE_CONFIG"])}))
+            # set by cnbi_hub.hubconfig.configure(service_config=...): CNBIService options, and
+            # sections for the other configurables by class name ({"Reconciler": {...}})
+            options = json.loads(os.environ["CNBI_SERVICE_CONFIG"])
+            sections = {k: v for k, v in options.items() if k[:1].isupper()}
+            own = {k: v for k, v in options.items() if not k[:1].isupper()}
+            self.update_config(Config({"CNBIService": own, **sections}))
         self.update_config(self.cli_config)  # the command line wins
         os.makedirs(self.data_dir, exist_ok=True)
         self.store = SQLImageStore(self.db_url, namespace=self.namespace)
         self.events = ChangeBroadcaster()
+        self.reconciler = Reconciler(
+            parent=self,
+            store=self.store,
+            publish=self.events.publish,
+            base_images=self.base_images,
+            allowed_git_schemes=self.allowed_git_schemes,
+            work_dir=os.path.join(self.data_dir, "builds"),
+        )
         self.hub_auth = HubOAuth(
             api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""),
             cache_max_age=60,
@@ -198,7 +217,10 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/events"), handlers.ImageEventsHandler),
             (route(rf"api/images/{name}/logs"), handlers.ImageArtifactHandler, {"kind": "log"}),
             (route(rf"api/images/{name}/lock"), handlers.ImageArtifactHandler, {"kind": "lock"}),
+            (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
+            (route("api/check-image"), handlers.CheckImageHandler),
+            (route("metrics"), handlers.MetricsHandler),
             (route("api/openapi.yaml"), handlers.OpenAPIHandler),
             (route("health"), handlers.HealthHandler),
             (route("oauth_callback"), HubOAuthCallbackHandler),
@@ -237,8 +259,12 @@ class CNBIService(Application):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         forwarder = asyncio.create_task(self.forward_store_events())
+        await asyncio.sleep(0)  # let the forwarder subscribe before builds start publishing
+        if self.reconcile:
+            await self.reconciler.start()
         await stop.wait()
         self.log.info("cnbi service stopping")
+        await self.reconciler.stop()
         forwarder.cancel()
         server.stop()
         self.store.close()

@@ -163,9 +163,15 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
             raise FieldError(422, f"phase must be one of: {', '.join(model.PHASES)}", "phase")
         if build_type and build_type not in model.BUILD_TYPES:
             raise FieldError(422, f"buildType must be one of: {', '.join(model.BUILD_TYPES)}", "buildType")
+        visible_to = self.get_argument("visibleTo", None)
         if owner and owner != self.username and not self.is_admin:
             raise FieldError(403, "only admins may list other users' images", "owner")
-        if self.is_admin:
+        if visible_to and not self.is_admin:
+            raise FieldError(403, "only admins may list what another user can use", "visibleTo")
+        if visible_to:
+            # what a spawn form offers this user: their own images and shared ones
+            items = await self.store.list(owner=visible_to, include_shared=True, phase=phase, build_type=build_type)
+        elif self.is_admin:
             items = await self.store.list(owner=owner or None, phase=phase, build_type=build_type)
         else:
             items = await self.store.list(
@@ -345,6 +351,52 @@ class ImageArtifactHandler(APIHandler):
             raise FieldError(404, f"image {name} has no resolved lock (yet)")
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(text or "")
+
+
+class RebuildHandler(APIHandler):
+    """POST api/images/{name}/rebuild: run a Ready or Failed image through its phases again
+    (fresh resolution, so newer package versions are picked up)."""
+
+    async def post(self, name: str):
+        obj = await self.changeable_image(name)
+        if model.phase_of(obj) not in model.TERMINAL_PHASES:
+            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish")
+        status = model.initial_status()
+        status["rebuildOf"] = (obj.get("status") or {}).get("image")
+        self.write_json(await self.store.update_status(name, status))
+
+
+class CheckImageHandler(APIHandler):
+    """GET api/check-image?image=REF: whether an image exists (Renku's images?image_url=)."""
+
+    async def get(self):
+        from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
+        from ..imageref import parse_image_reference
+
+        text = self.get_argument("image", "")
+        try:
+            parse_image_reference(text.strip())
+        except ValueError as e:
+            raise FieldError(422, f"image: {e}", "image")
+        try:
+            result = await self.cnbi.reconciler.check_image(text.strip())
+        except ImageUnauthorized as e:
+            result = {"exists": None, "digest": None, "platforms": [], "message": str(e)}
+        except (RegistryUnreachable, RegistryError) as e:
+            raise FieldError(502, str(e), "image")
+        self.write_json(result)
+
+
+class MetricsHandler(APIHandler):
+    """GET metrics: Prometheus metrics (admins)."""
+
+    def get(self):
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        if not self.is_admin:
+            raise FieldError(403, f"metrics are for admins ({SCOPE_ADMIN})")
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest())
 
 
 class BaseImagesHandler(APIHandler):

@@ -24,6 +24,18 @@ export class CnbiApiError extends Error {
   readonly field?: string;
 }
 
+/** A cookie of this page, as JupyterLab's ServerConnection reads `_xsrf`. */
+export function readCookie(name: string): string | undefined {
+  let cookie = '';
+  try {
+    cookie = typeof document === 'undefined' ? '' : document.cookie;
+  } catch {
+    return undefined; // e.g. a sandboxed frame
+  }
+  const match = cookie.match('\\b' + name + '=([^;]*)\\b');
+  return match ? match[1] : undefined;
+}
+
 export class CnbiApi {
   constructor(settings?: ServerConnection.ISettings) {
     this.settings = settings ?? ServerConnection.makeSettings();
@@ -39,9 +51,22 @@ export class CnbiApi {
     return url;
   }
 
-  /** URL of an image's event stream, for EventSource. */
+  /**
+   * URL of an image's event stream, for EventSource. EventSource sends no custom headers, so
+   * what ServerConnection puts in headers goes in the query: the `_xsrf` cookie's value (under
+   * JupyterHub a cookie-authenticated request in `cors` fetch mode, as EventSource's is, is
+   * refused with 403 without it) and, where websockets get it too, the server's token.
+   */
   eventsUrl(name: string): string {
-    return this.url(`images/${encodeURIComponent(name)}/events`);
+    const query: Record<string, string> = {};
+    const xsrf = readCookie('_xsrf');
+    if (xsrf) {
+      query._xsrf = xsrf;
+    }
+    if (this.settings.token && this.settings.appendToken) {
+      query.token = this.settings.token;
+    }
+    return this.url(`images/${encodeURIComponent(name)}/events`, query);
   }
 
   logsUrl(name: string): string {

@@ -45,7 +45,7 @@ const OPEN = 1;
 const CLOSED = 2;
 
 function defaultFactory(url: string): IEventSourceLike {
-  // Same origin: the cookie authenticates a GET on jupyter_server, no _xsrf needed.
+  // Same origin: the cookie authenticates, with the _xsrf value CnbiApi.eventsUrl puts in the URL.
   return new EventSource(url, { withCredentials: false });
 }
 

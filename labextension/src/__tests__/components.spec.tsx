@@ -6,6 +6,7 @@ import EventSource from 'eventsource';
 import * as React from 'react';
 
 import { CnbiApi } from '../api';
+import { CreateForm, withoutField } from '../components/CreateForm';
 import { ImageBuilder } from '../components/ImageBuilder';
 import { IPanelActions, spawnUrl } from '../components/ImageDetail';
 import type { ICustomNBImage } from '../model';
@@ -120,6 +121,26 @@ describe('ImageBuilder panel', () => {
     fireEvent.change(screen.getByLabelText(/one per line/), { target: { value: 'pandas>=2\nnumpy\n' } });
     await waitFor(() => expect(screen.queryByTestId('cnbi-package-error')).toBeNull(), { timeout: 3000 });
     view.unmount();
+  });
+
+  it('clears the line error of a refused submit once the packages are edited', async () => {
+    // No dry run while typing here, so only the submit's answer can mark the line.
+    const view = render(<CreateForm api={api} onCreated={() => undefined} dryRunDelayMs={600000} />);
+    const select = (await screen.findByLabelText('Base image')) as HTMLSelectElement;
+    await waitFor(() => expect(select.value).toBe('localhost:5000/notebook:1'));
+    fireEvent.change(screen.getByLabelText('Name'), { target: { value: 'x' } });
+    fireEvent.change(screen.getByLabelText(/one per line/), { target: { value: 'six\nnot a package!' } });
+    fireEvent.click(screen.getByTestId('cnbi-submit'));
+    const error = await screen.findByTestId('cnbi-package-error');
+    expect(error.dataset.line).toBe('2');
+    fireEvent.change(screen.getByLabelText(/one per line/), { target: { value: 'six\nnumpy' } });
+    expect(screen.queryByTestId('cnbi-package-error')).toBeNull();
+    view.unmount();
+  });
+
+  it('drops the field name the message starts with', () => {
+    expect(withoutField("spec.packageVersions[1]: 'x;' is not valid", 'spec.packageVersions[1]')).toBe("'x;' is not valid");
+    expect(withoutField('not valid', 'spec.packageVersions[1]')).toBe('not valid');
   });
 
   it('creates an image that shows at once in the list, selected', async () => {

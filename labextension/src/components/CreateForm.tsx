@@ -28,6 +28,11 @@ interface IFieldError {
   line?: number | null;
 }
 
+/** The service's message may start with the field it names; next to "Line 2" that is noise. */
+export function withoutField(message: string, field?: string): string {
+  return field && message.startsWith(`${field}: `) ? message.slice(field.length + 2) : message;
+}
+
 export interface ICreateFormProps {
   api: CnbiApi;
   onCreated: (image: ICustomNBImage) => void;
@@ -68,7 +73,13 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
     };
   }, [api]);
 
-  const update = (changes: Partial<IImageForm>) => setForm(f => ({ ...f, ...changes }));
+  const update = (changes: Partial<IImageForm>) => {
+    setForm(f => ({ ...f, ...changes }));
+    if ('packagesText' in changes || 'buildType' in changes) {
+      // A refused submit named a line of the old text; the new text gets its own dry run.
+      setSubmitError(e => (e?.line != null ? null : e));
+    }
+  };
 
   // Validate the packages as they are typed: the service's dry run names the entry at fault.
   React.useEffect(() => {
@@ -261,7 +272,7 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 data-line={packageError.line + 1}
                 role="alert"
               >
-                Line {packageError.line + 1}: {packageError.message}
+                Line {packageError.line + 1}: {withoutField(packageError.message, packageError.field)}
               </div>
             )}
           </div>

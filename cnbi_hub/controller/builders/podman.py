@@ -1,0 +1,311 @@
+"""The embedded builder: runs build plans, inspections and checks with podman on this machine.
+
+Every podman call uses the project's own containers.conf (runc, cgroupfs, no default ulimits,
+host network, overlay storage) through `podman_environ()`, and an argv list: image references
+reaching here were parsed by `imageref`, and no user string is ever part of a shell line.
+Podman keeps its layer cache and the uv cache mount between builds, which is what makes
+rebuilds fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import json
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import uv
+from traitlets import Float, Unicode
+from traitlets.config import LoggingConfigurable
+
+from ...containers import podman_environ
+from ..buildplan import BuildPlan
+from ..checks import Check
+
+LogFn = Callable[[str], Awaitable[None] | None]
+
+
+class BuildError(Exception):
+    """The build or a step of it failed; the message ends with the tool's own words."""
+
+
+class ImageMissing(BuildError):
+    pass
+
+
+@dataclass
+class BaseImageInfo:
+    """What Prepare learns from running a base image once (cached per digest)."""
+
+    python_path: str
+    python_version: str  # "3.11"
+    python_full_version: str
+    user: str  # the image's configured user ("" = root)
+    uid: int
+    env_owned_by_user: bool  # the image's user may write the python environment
+    packages: list[dict] = field(default_factory=list)  # [{name, version}]
+    has_conda: bool = False
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+# Runs inside the base image (as its own user): find the notebook python and report on it.
+# Fixed text: nothing from the request is in it.
+_FIND_PYTHON = 'for p in python3 python; do if command -v "$p" >/dev/null 2>&1; then exec "$p" -c "$0"; fi; done; echo "no python in image" >&2; exit 3'
+_INSPECT_PROGRAM = r"""
+import json, os, shutil, sys, sysconfig
+from importlib import metadata
+purelib = sysconfig.get_paths()["purelib"]
+packages, seen = [], set()
+for dist in metadata.distributions():
+    name = dist.metadata["Name"]
+    if not name or name.lower() in seen:
+        continue
+    seen.add(name.lower())
+    packages.append({"name": name, "version": dist.version})
+print(json.dumps({
+    "python_path": sys.executable,
+    "python_version": "%d.%d" % sys.version_info[:2],
+    "python_full_version": "%d.%d.%d" % sys.version_info[:3],
+    "uid": os.getuid(),
+    "env_owned_by_user": os.access(purelib, os.W_OK),
+    "has_conda": bool(shutil.which("mamba") or shutil.which("conda")),
+    "packages": sorted(packages, key=lambda p: p["name"].lower()),
+}))
+"""
+
+
+class PodmanBuilder(LoggingConfigurable):
+    podman = Unicode("podman", help="The podman executable.").tag(config=True)
+
+    build_timeout = Float(
+        1800.0, help="Seconds one image build may take before it is stopped and the image Failed."
+    ).tag(config=True)
+
+    check_timeout = Float(120.0, help="Seconds one acceptance check inside an image may take.").tag(config=True)
+
+    ca_bundle = Unicode(
+        "",
+        help="""PEM CA bundle mounted (as a build secret, never baked into a layer) into builds,
+        for package indexes behind a TLS-intercepting proxy or a private CA.""",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._inspections: dict[str, BaseImageInfo] = {}
+
+    @property
+    def env(self) -> dict:
+        return podman_environ()
+
+    async def _run(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:
+        """Run podman; with `log`, stream its combined output line by line."""
+        proc = await asyncio.create_subprocess_exec(
+            self.podman,
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT if log else asyncio.subprocess.PIPE,
+            env=self.env,
+            start_new_session=True,  # so a cancel can stop podman and everything it started
+            preexec_fn=_stop_when_parent_dies,
+        )
+        try:
+            if log:
+                lines = []
+                async def pump():
+                    async for raw in proc.stdout:
+                        line = raw.decode(errors="replace").rstrip("\n")
+                        lines.append(line)
+                        del lines[:-200]  # keep the tail for error messages
+                        result = log(line)
+                        if asyncio.iscoroutine(result):
+                            await result
+                await asyncio.wait_for(pump(), timeout)
+                await proc.wait()
+                return proc.returncode, "\n".join(lines), ""
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        except BaseException:
+            # timeout or cancellation (DELETE during a build): stop podman's whole process group,
+            # politely first so podman removes its intermediate build containers itself
+            await _stop_group(proc)
+            raise
+
+    # --- images in local storage ------------------------------------------------------------
+
+    async def local_digest(self, reference: str) -> str | None:
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}}", reference)
+        return out.strip() if code == 0 and out.strip() else None
+
+    async def pull(self, reference: str, *, tls_verify: bool = True, authfile: str | None = None) -> None:
+        args = ["pull", "--quiet", f"--tls-verify={'true' if tls_verify else 'false'}"]
+        if authfile:
+            args.append(f"--authfile={authfile}")
+        code, out, err = await self._run(*args, "--", reference, timeout=900)
+        if code != 0:
+            raise BuildError(f"could not pull {reference}: {_last_lines(err or out)}")
+
+    async def image_user(self, reference: str) -> str:
+        code, out, err = await self._run("image", "inspect", "--format", "{{.Config.User}}", reference)
+        if code != 0:
+            raise ImageMissing(f"image {reference} is not in local storage: {_last_lines(err)}")
+        return out.strip()
+
+    async def inspect_base(self, reference: str) -> BaseImageInfo:
+        """Python, packages and user of an image, by running it once; cached per reference
+        (always pinned by digest, so the cache never goes stale)."""
+        if reference in self._inspections:
+            return self._inspections[reference]
+        user = await self.image_user(reference)
+        code, out, err = await self._run(
+            "run", "--rm", "--network=host", "--entrypoint=sh", reference,
+            "-c", _FIND_PYTHON, _INSPECT_PROGRAM, timeout=self.check_timeout,
+        )
+        if code != 0:
+            raise BuildError(f"could not inspect {reference}: {_last_lines(err or out)}")
+        try:
+            data = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BuildError(f"could not inspect {reference}: unexpected output {_last_lines(out)!r}")
+        info = BaseImageInfo(user=user, **data)
+        self._inspections[reference] = info
+        return info
+
+    async def remove_image(self, reference: str) -> None:
+        await self._run("rmi", "--ignore", "--", reference)
+
+    async def tag(self, source: str, target: str) -> None:
+        code, out, err = await self._run("tag", source, target)
+        if code != 0:
+            raise BuildError(f"could not tag {source} as {target}: {_last_lines(err or out)}")
+
+    async def push(self, reference: str, *, tls_verify: bool = True, authfile: str | None = None) -> str:
+        """Push and return the digest the registry stores."""
+        with _TempFile() as digest_file:
+            args = ["push", "--quiet", f"--tls-verify={'true' if tls_verify else 'false'}",
+                    f"--digestfile={digest_file}"]
+            if authfile:
+                args.append(f"--authfile={authfile}")
+            code, out, err = await self._run(*args, reference, timeout=900)
+            if code != 0:
+                raise BuildError(f"could not push {reference}: {_last_lines(err or out)}")
+            return Path(digest_file).read_text().strip()
+
+    # --- building ---------------------------------------------------------------------------
+
+    def write_context(self, plan: BuildPlan, context_dir: Path, repo_checkout: Path | None, secrets: dict) -> dict:
+        """Lay out the build context for `plan`; returns the secret files by id."""
+        if context_dir.exists():
+            shutil.rmtree(context_dir)
+        if plan.repo_dir == "" and repo_checkout is not None:
+            # the repository's own Containerfile: the checkout is the whole context
+            shutil.copytree(repo_checkout, context_dir, ignore=shutil.ignore_patterns(".git"))
+        else:
+            context_dir.mkdir(parents=True)
+            if plan.repo_dir and repo_checkout is not None:
+                shutil.copytree(repo_checkout, context_dir / plan.repo_dir)
+        for rel, data in plan.context_files.items():
+            path = context_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        for rel, what in plan.builder_files.items():
+            if what != "uv":
+                raise BuildError(f"unknown builder file {what!r}")
+            path = context_dir / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(uv.find_uv_bin(), path)
+        if plan.containerfile is not None:
+            (context_dir / plan.containerfile_path).write_text(plan.containerfile)
+        secret_dir = context_dir.parent / (context_dir.name + ".secrets")
+        secret_dir.mkdir(exist_ok=True)
+        files = {}
+        for secret_id in plan.secrets:
+            path = secret_dir / secret_id
+            path.write_text(secrets.get(secret_id, ""))  # empty means "not set" to the plan
+            files[secret_id] = str(path)
+        return files
+
+    async def build(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
+        """Build `plan` in `context_dir`, tag it `plan.target`; returns the image's digest."""
+        args = ["build", "--network=host", "--layers", "--pull=never", "-f",
+                str(context_dir / plan.containerfile_path), "-t", plan.target]
+        for secret_id, path in secret_files.items():
+            args.append(f"--secret=id={secret_id},src={path}")
+        for key, value in plan.build_args.items():
+            args.append(f"--build-arg={key}={value}")
+        if plan.containerfile is None:
+            for key, value in plan.labels.items():
+                args.append(f"--label={key}={value}")
+        args.append(str(context_dir))
+        try:
+            code, tail, _ = await self._run(*args, timeout=self.build_timeout, log=log)
+        except asyncio.TimeoutError:
+            raise BuildError(f"the build took longer than {self.build_timeout:.0f} s and was stopped")
+        if code != 0:
+            raise BuildError(f"podman build failed (exit {code}):\n{_last_lines(tail, 15)}")
+        digest = await self.local_digest(plan.target)
+        if not digest:
+            raise BuildError(f"the build finished but {plan.target} is not in local storage")
+        return digest
+
+    async def run_check(self, image: str, check: Check) -> tuple[int, str, str]:
+        """Run one acceptance check inside `image` as the image's own user."""
+        entrypoint, *args = check.argv
+        try:
+            return await self._run(
+                "run", "--rm", "--network=host", f"--entrypoint={entrypoint}", image, *args,
+                timeout=self.check_timeout,
+            )
+        except asyncio.TimeoutError:
+            return 124, "", f"the check took longer than {self.check_timeout:.0f} s"
+
+
+def _stop_when_parent_dies() -> None:
+    # In its own session podman would outlive a killed service and build on for nobody;
+    # PR_SET_PDEATHSIG (1) asks the kernel to SIGTERM it when the service process dies.
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+async def _stop_group(proc, grace: float = 10.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.returncode is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            await asyncio.shield(asyncio.wait_for(proc.wait(), grace))
+            return
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            continue
+
+
+def _last_lines(text: str, n: int = 5) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return "\n".join(lines[-n:])
+
+
+class _TempFile:
+    def __enter__(self) -> str:
+        import tempfile
+
+        fd, self.path = tempfile.mkstemp(prefix="cnbi-")
+        os.close(fd)
+        return self.path
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

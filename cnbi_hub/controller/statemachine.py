@@ -1,0 +1,159 @@
+"""The CustomNBImage state machine, pure: (object, outcome of a phase's work) -> new status.
+
+    Pending -> Prepare -> Resolving -> Building -> Ready      (ImageImport skips Resolving)
+    any of them -> Failed
+
+The engine (reconciler.py) does the work of a phase and calls `advance` with what it observed;
+this module only decides what that means for status: phase, conditions, timings.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .. import model
+from ..model import (
+    CONDITION_BUILDING,
+    CONDITION_ERROR_BUILDING,
+    CONDITION_ERROR_RESOLVING,
+    CONDITION_IMAGE_IMPORT_READY,
+    CONDITION_PREPARED,
+    CONDITION_RESOLVED,
+    CONDITION_VALIDATED,
+    PHASE_BUILDING,
+    PHASE_FAILED,
+    PHASE_PENDING,
+    PHASE_PREPARE,
+    PHASE_READY,
+    PHASE_RESOLVING,
+    Condition,
+)
+
+_BUILD_PATH = {
+    PHASE_PENDING: PHASE_PREPARE,
+    PHASE_PREPARE: PHASE_RESOLVING,
+    PHASE_RESOLVING: PHASE_BUILDING,
+    PHASE_BUILDING: PHASE_READY,
+}
+NEXT_PHASE = {
+    "PackageList": _BUILD_PATH,
+    "GitRepository": _BUILD_PATH,
+    # an import has nothing to resolve: Building pulls, validates and records it
+    "ImageImport": {PHASE_PENDING: PHASE_PREPARE, PHASE_PREPARE: PHASE_BUILDING, PHASE_BUILDING: PHASE_READY},
+}
+
+
+@dataclass
+class Outcome:
+    """What the work of one phase found out."""
+
+    ok: bool
+    reason: str  # CamelCase, for the condition
+    message: str = ""
+    observed: dict = field(default_factory=dict)  # fields to record in status
+    skip_to: str | None = None  # e.g. Ready when an identical image is reused
+    condition_type: str | None = None  # override the phase's default failure condition
+
+
+def next_phase(build_type: str, phase: str) -> str:
+    return NEXT_PHASE[build_type][phase]
+
+
+def _failure_condition(build_type: str, phase: str, outcome: Outcome, generation) -> list[Condition]:
+    if outcome.condition_type:
+        kind = outcome.condition_type
+        failed = kind.startswith("Error")
+        return [Condition(kind, "True" if failed else "False", outcome.reason, outcome.message,
+                          observedGeneration=generation)]
+    if phase in (PHASE_PENDING, PHASE_PREPARE):
+        kind = CONDITION_IMAGE_IMPORT_READY if build_type == "ImageImport" else CONDITION_PREPARED
+        return [Condition(kind, "False", outcome.reason, outcome.message, observedGeneration=generation)]
+    if phase == PHASE_RESOLVING:
+        return [Condition(CONDITION_ERROR_RESOLVING, "True", outcome.reason, outcome.message,
+                          observedGeneration=generation)]
+    conditions = [
+        Condition(CONDITION_BUILDING, "False", outcome.reason, outcome.message, observedGeneration=generation),
+        Condition(CONDITION_ERROR_BUILDING, "True", outcome.reason, outcome.message, observedGeneration=generation),
+    ]
+    if build_type == "ImageImport":
+        conditions.append(Condition(CONDITION_IMAGE_IMPORT_READY, "False", outcome.reason, outcome.message,
+                                    observedGeneration=generation))
+    return conditions
+
+
+def _success_conditions(build_type: str, phase: str, target: str, outcome: Outcome, generation) -> list[Condition]:
+    done = []
+    if phase == PHASE_PREPARE:
+        done.append(Condition(CONDITION_PREPARED, "True", outcome.reason, outcome.message, observedGeneration=generation))
+    elif phase == PHASE_RESOLVING:
+        done.append(Condition(CONDITION_RESOLVED, "True", outcome.reason, outcome.message, observedGeneration=generation))
+    if target == PHASE_BUILDING:
+        done.append(Condition(CONDITION_BUILDING, "True", "Building",
+                              "validating the imported image" if build_type == "ImageImport" else "building the image",
+                              observedGeneration=generation))
+    if target == PHASE_READY:
+        if phase == PHASE_BUILDING:
+            done.append(Condition(CONDITION_BUILDING, "False", "BuildSucceeded", "", observedGeneration=generation))
+        done.append(Condition(CONDITION_VALIDATED, "True", outcome.reason, outcome.message, observedGeneration=generation))
+        if build_type == "ImageImport":
+            done.append(Condition(CONDITION_IMAGE_IMPORT_READY, "True", "ImageImported", outcome.message,
+                                  observedGeneration=generation))
+    return done
+
+
+def advance(obj: dict, outcome: Outcome, now: str | None = None) -> dict:
+    """The status after the current phase's work ended with `outcome`."""
+    now = now or model.now_iso()
+    status = copy.deepcopy(obj.get("status") or model.initial_status())
+    build_type = obj["spec"]["buildType"]
+    phase = status.get("phase", PHASE_PENDING)
+    generation = obj["metadata"].get("generation")
+    status.update(outcome.observed)
+
+    if outcome.ok:
+        target = outcome.skip_to or next_phase(build_type, phase)
+        conditions = _success_conditions(build_type, phase, target, outcome, generation)
+    else:
+        target = PHASE_FAILED
+        conditions = _failure_condition(build_type, phase, outcome, generation)
+    for condition in conditions:
+        condition.lastTransitionTime = now
+        status = model.set_condition(status, condition)
+
+    status["phase"] = target
+    status.setdefault("phaseTimes", {})[target] = now
+    status.pop("queuePosition", None)
+    if phase == PHASE_PENDING:
+        status["startTime"] = now
+    if target in model.TERMINAL_PHASES:
+        status["completionTime"] = now
+        if not outcome.ok:
+            status["failedPhase"] = phase
+    return status
+
+
+def restart(obj: dict, now: str | None = None) -> dict:
+    """Status for an object whose work was cut off (the process running it died): back to
+    Pending, keeping what it had observed, so it runs again from the start."""
+    now = now or model.now_iso()
+    status = copy.deepcopy(obj.get("status") or {})
+    interrupted = status.get("phase", PHASE_PENDING)
+    status["phase"] = PHASE_PENDING
+    status.setdefault("phaseTimes", {})[PHASE_PENDING] = now
+    for key in ("startTime", "completionTime", "queuePosition"):
+        status.pop(key, None)
+    status = model.set_condition(
+        status,
+        Condition(CONDITION_BUILDING, "False", "Restarted",
+                  f"the service restarted during {interrupted}; starting again", lastTransitionTime=now),
+    )
+    return status
+
+
+def queued(obj: dict, position: int) -> dict | None:
+    """Status with the queue position, or None when it is already that."""
+    status = obj.get("status") or model.initial_status()
+    if status.get("queuePosition") == position:
+        return None
+    return {**copy.deepcopy(status), "queuePosition": position}

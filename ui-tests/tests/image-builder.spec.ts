@@ -1,0 +1,235 @@
+/**
+ * The Image Builder panel in a real JupyterLab, served by a real single-user server spawned by a
+ * real JupyterHub whose cnbi service stores (and, with its reconciler, builds) the images.
+ *
+ * The first specs need no build: launcher card, the form's live package check, submitting (the
+ * image is listed at once), the detail view, deleting with JupyterLab's confirm dialog and the
+ * light/dark screenshots. The last one waits for a real podman build to reach Ready; it runs
+ * when CNBI_UI_BUILDS=1 (tests/test_ui.py sets it when the service has a reconciler).
+ */
+import * as fs from 'fs';
+import * as path from 'path';
+
+import { expect, Locator, Page, test } from '@playwright/test';
+
+import { OUTPUT_DIR } from '../playwright.config';
+import {
+  DARK,
+  LIGHT,
+  deleteShownImage,
+  fillPackageForm,
+  hubEnv,
+  launcherCard,
+  listImages,
+  openImageBuilder,
+  openLab,
+  setTheme,
+  uniqueName
+} from './helpers';
+
+const BASE_IMAGE = process.env.CNBI_UI_BASE_IMAGE || 'localhost/cnbi/notebook-base:py311-user';
+const BUILD_TIMEOUT_MS = Number(process.env.CNBI_UI_BUILD_TIMEOUT_MS || 15 * 60_000);
+
+fs.mkdirSync(OUTPUT_DIR, { recursive: true });
+
+async function screenshot(target: Locator, name: string): Promise<void> {
+  const file = path.join(OUTPUT_DIR, `${name}.png`);
+  await target.screenshot({ path: file, animations: 'disabled' });
+  expect(fs.statSync(file).size).toBeGreaterThan(1000);
+}
+
+function row(panel: Locator, name: string): Locator {
+  return panel.locator(`[data-testid="cnbi-image-row"][data-name="${name}"]`);
+}
+
+/** Submits the filled form; returns the new image's object name (the row the panel selected). */
+async function submit(page: Page, panel: Locator, displayName: string): Promise<string> {
+  const created = page.waitForResponse(
+    r => r.request().method() === 'POST' && /\/cnbi\/api\/images(\?|$)/.test(r.url()) && !r.url().includes('dryRun')
+  );
+  const streams: { url: string; status: number; type: string }[] = [];
+  page.on('response', r => {
+    if (/\/cnbi\/api\/images\/[^/]+\/events/.test(r.url())) {
+      streams.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] ?? '' });
+    }
+  });
+  await panel.getByTestId('cnbi-submit').click();
+  const response = await created;
+  expect(response.status()).toBe(201);
+  const name: string = (await response.json()).metadata.name;
+  // the detail watches the new image's event stream (EventSource, authenticated by cookie+_xsrf)
+  await expect.poll(() => streams.filter(e => e.url.includes(`/images/${name}/events`)).length).toBeGreaterThan(0);
+  for (const e of streams.filter(e => e.url.includes(`/images/${name}/events`))) {
+    expect(e.status, e.url).toBe(200);
+    expect(e.type).toContain('text/event-stream');
+  }
+  // listed and shown at once, before anything was built
+  await expect(row(panel, name)).toBeVisible({ timeout: 5_000 });
+  await expect(row(panel, name)).toContainText(displayName);
+  const detail = panel.getByTestId('cnbi-detail');
+  await expect(detail).toHaveAttribute('data-name', name, { timeout: 5_000 });
+  return name;
+}
+
+test.beforeEach(async ({ page }) => {
+  await openLab(page);
+  await setTheme(page, LIGHT);
+});
+
+test('the launcher card opens the Image Builder panel', async ({ page }) => {
+  const card = launcherCard(page);
+  await expect(card).toBeVisible();
+  const panel = await openImageBuilder(page);
+  // the base images are the hub admin's, read from the service through the server extension
+  const options = panel.getByTestId('cnbi-base-image').locator('option');
+  await expect(options).toHaveCount(1);
+  await expect(options.first()).toHaveAttribute('value', BASE_IMAGE);
+  await expect(panel.getByTestId('cnbi-load-error')).toHaveCount(0);
+
+  // a second launcher's card brings the same panel forward instead of opening another
+  await page.locator('#jp-main-dock-panel .lm-TabBar-addButton').first().click();
+  await expect(page.locator('.lm-TabBar-tab.lm-mod-current', { hasText: 'Launcher' })).toBeVisible();
+  await launcherCard(page).last().click();
+  await expect(page.locator('.lm-TabBar-tab.lm-mod-current', { hasText: 'Image Builder' })).toBeVisible();
+  await expect(page.locator('#jp-main-dock-panel .lm-TabBar-tab', { hasText: 'Image Builder' })).toHaveCount(1);
+  await expect(page.getByTestId('cnbi-panel')).toHaveCount(1);
+});
+
+test('a bad package line shows its message at that line', async ({ page }) => {
+  const panel = await openImageBuilder(page);
+  await fillPackageForm(panel, uniqueName('bad line'), 'six\nnumpy; rm -rf /\npandas', BASE_IMAGE);
+  const error = panel.getByTestId('cnbi-package-error');
+  await expect(error).toBeVisible();
+  await expect(error).toHaveAttribute('data-line', '2');
+  await expect(error).toContainText(/^Line 2: /);
+  await expect(panel.getByTestId('cnbi-packages')).toHaveAttribute('aria-invalid', 'true');
+  // the gutter marks line 2, and only line 2
+  const gutter = panel.locator('.cnbi-package-gutter li');
+  await expect(gutter).toHaveCount(3);
+  await expect(gutter.nth(1)).toHaveClass(/cnbi-line-error/);
+  await expect(panel.locator('.cnbi-package-gutter li.cnbi-line-error')).toHaveCount(1);
+  await screenshot(panel, 'panel-form-error-light');
+
+  // submitting anyway is refused by the service and stores nothing
+  const before = await listImages(page);
+  await panel.getByTestId('cnbi-submit').click();
+  await expect(error).toHaveAttribute('data-line', '2');
+  await expect(panel.getByTestId('cnbi-image-row')).toHaveCount(before.length);
+  expect((await listImages(page)).length).toBe(before.length);
+
+  // fixing the line clears the message
+  await panel.getByTestId('cnbi-packages').fill('six\nnumpy\npandas');
+  await expect(error).toHaveCount(0);
+  await expect(panel.getByTestId('cnbi-packages')).toHaveAttribute('aria-invalid', 'false');
+});
+
+test('a submitted image is listed at once, opens in the detail, and is deleted after confirming', async ({
+  page
+}) => {
+  const panel = await openImageBuilder(page);
+  const displayName = uniqueName('six');
+  await fillPackageForm(panel, displayName, 'six', BASE_IMAGE);
+  await expect(panel.getByTestId('cnbi-package-error')).toHaveCount(0);
+  const name = await submit(page, panel, displayName);
+
+  const detail = panel.getByTestId('cnbi-detail');
+  await expect(detail.locator('h3')).toHaveText(displayName);
+  await expect(detail).toContainText(BASE_IMAGE);
+  await expect(detail).toContainText('PackageList');
+  const badge = row(panel, name).getByTestId('cnbi-phase-badge');
+  await expect(badge).toHaveAttribute(
+    'data-phase',
+    /^(Pending|Prepare|Resolving|Building|Ready|Failed)$/
+  );
+  if ((await badge.getAttribute('data-phase')) !== 'Ready') {
+    await expect(detail.getByTestId('cnbi-spawn')).toBeDisabled();
+  }
+  // the stream stays open: no "reconnecting…"
+  await page.waitForTimeout(2_000);
+  await expect(detail.getByTestId('cnbi-stream-state')).toHaveCount(0);
+  expect((await listImages(page)).map(i => i.name)).toContain(name);
+
+  // the detail stays after a reload: the list comes back from the service
+  await page.reload();
+  const reloaded = page.getByTestId('cnbi-panel');
+  await expect(reloaded).toBeVisible({ timeout: 120_000 });
+  await row(reloaded, name).click();
+  await expect(reloaded.getByTestId('cnbi-detail')).toHaveAttribute('data-name', name);
+
+  // cancelling the dialog keeps the image
+  await reloaded.getByTestId('cnbi-delete').click();
+  const dialog = page.locator('.jp-Dialog');
+  await expect(dialog).toContainText('Delete image');
+  await expect(dialog).toContainText(displayName);
+  await dialog.locator('button', { hasText: /^Cancel$/ }).click();
+  await expect(dialog).toHaveCount(0);
+  await expect(row(reloaded, name)).toBeVisible();
+
+  await deleteShownImage(page, reloaded, name);
+  expect((await listImages(page)).map(i => i.name)).not.toContain(name);
+});
+
+test('the panel in light and dark theme', async ({ page }) => {
+  const panel = await openImageBuilder(page);
+  const displayName = uniqueName('themes');
+  await fillPackageForm(panel, displayName, 'six', BASE_IMAGE);
+  await screenshot(panel, 'panel-form-light');
+  const lightBackground = await panel.evaluate(n => getComputedStyle(n).backgroundColor);
+
+  const name = await submit(page, panel, displayName);
+  await screenshot(panel, 'panel-detail-light');
+
+  await setTheme(page, DARK);
+  const darkBackground = await panel.evaluate(n => getComputedStyle(n).backgroundColor);
+  expect(darkBackground).not.toBe(lightBackground);
+  await screenshot(panel, 'panel-detail-dark');
+  await panel.getByTestId('cnbi-new-image').click();
+  await fillPackageForm(panel, uniqueName('dark'), 'six\nnumpy; rm -rf /', BASE_IMAGE);
+  await expect(panel.getByTestId('cnbi-package-error')).toHaveAttribute('data-line', '2');
+  await screenshot(panel, 'panel-form-error-dark');
+
+  // leave the theme and the hub as they were
+  await row(panel, name).click();
+  await deleteShownImage(page, panel, name);
+  await setTheme(page, LIGHT);
+});
+
+test('a PackageList image builds to Ready with its log', async ({ page }) => {
+  test.skip(!hubEnv().builds, 'the cnbi service of this hub has no reconciler: images stay Pending');
+  test.setTimeout(BUILD_TIMEOUT_MS + 180_000);
+  const panel = await openImageBuilder(page);
+  const displayName = uniqueName('six build');
+  await fillPackageForm(panel, displayName, 'six', BASE_IMAGE);
+  const name = await submit(page, panel, displayName);
+  const detail = panel.getByTestId('cnbi-detail');
+  const badge = detail.getByTestId('cnbi-phase-badge');
+
+  // log lines arrive on the event stream while it builds
+  const log = detail.getByTestId('cnbi-log');
+  await expect(log).not.toBeEmpty({ timeout: BUILD_TIMEOUT_MS });
+  await expect(badge).toHaveAttribute('data-phase', /^(Ready|Failed)$/, { timeout: BUILD_TIMEOUT_MS });
+  const failure = await detail.getByTestId('cnbi-failure').textContent().catch(() => null);
+  expect(await badge.getAttribute('data-phase'), `build failed: ${failure}`).toBe('Ready');
+  await expect(row(panel, name).getByTestId('cnbi-phase-badge')).toHaveAttribute('data-phase', 'Ready');
+  expect((await log.textContent())!.trim().split('\n').length).toBeGreaterThan(3);
+  await expect(detail.getByTestId('cnbi-image-ref')).toHaveValue(/@sha256:[0-9a-f]{64}$/);
+  await expect(detail.getByTestId('cnbi-spawn')).toBeEnabled();
+  await expect(detail.getByTestId('cnbi-packages-table')).toContainText('six');
+  await screenshot(panel, 'panel-ready-light');
+  await setTheme(page, DARK);
+  await screenshot(panel, 'panel-ready-dark');
+  await setTheme(page, LIGHT);
+
+  // a reload shows the same log again, fetched from api/images/{name}/logs
+  const lines = (await log.textContent())!.trim().split('\n').length;
+  await page.reload();
+  const reloaded = page.getByTestId('cnbi-panel');
+  await expect(reloaded).toBeVisible({ timeout: 120_000 });
+  await row(reloaded, name).click();
+  await expect
+    .poll(async () => ((await reloaded.getByTestId('cnbi-log').textContent()) ?? '').trim().split('\n').length)
+    .toBeGreaterThanOrEqual(lines);
+
+  await deleteShownImage(page, reloaded, name);
+  expect((await listImages(page)).map(i => i.name)).not.toContain(name);
+});
