@@ -10,12 +10,17 @@ the scopes of single-user servers' tokens (the Lab extension calls the service w
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 
 SERVICE_NAME = "cnbi"
 SCOPE_IMAGES = "custom:cnbi:images"
 SCOPE_ADMIN = "custom:cnbi:admin"
 ADMIN_ROLE = "cnbi-admin"
+# The spawner hooks (cnbi_hub.spawner) ask the service, in the hub's process, which images a user
+# may start; this token-only service is who they are.
+HOOKS_SERVICE_NAME = "cnbi-hooks"
+HOOKS_ROLE = "cnbi-hooks"
 
 
 def configure(
@@ -61,6 +66,10 @@ def configure(
             "oauth_no_confirm": True,
         }
     )
+    # a fresh token per config load: it never needs to be stored anywhere but the hub's memory
+    hooks_token = secrets.token_hex(32)
+    services = [s for s in services if s.get("name") != HOOKS_SERVICE_NAME]
+    services.append({"name": HOOKS_SERVICE_NAME, "api_token": hooks_token, "display": False})
     c.JupyterHub.services = services
 
     custom_scopes = dict(c.JupyterHub.get("custom_scopes", {}))
@@ -76,7 +85,7 @@ def configure(
 
     if admin_users is None:
         admin_users = c.Authenticator.get("admin_users", set())
-    roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") != ADMIN_ROLE]
+    roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") not in (ADMIN_ROLE, HOOKS_ROLE)]
     roles.append(
         {
             "name": ADMIN_ROLE,
@@ -85,7 +94,17 @@ def configure(
             "users": sorted(admin_users),
         }
     )
+    roles.append(
+        {
+            "name": HOOKS_ROLE,
+            "description": "Spawner hooks: list the images any user may start",
+            "scopes": [SCOPE_ADMIN, service_access],
+            "services": [HOOKS_SERVICE_NAME],
+        }
+    )
     c.JupyterHub.load_roles = roles
+    c.CNBISpawnerHooks.service_url = f"{url.rstrip('/')}/services/{SERVICE_NAME}/"
+    c.CNBISpawnerHooks.api_token = hooks_token
 
     # The server's own token reaches the service for the Lab panel. JupyterHub grants only the
     # subset the user holds, so a non-admin's server never gets custom:cnbi:admin.

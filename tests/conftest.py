@@ -1,1 +1,7 @@
-pytest_plugins = ["tests.hubfixtures", "tests.infra_registry", "tests.infra_podman", "tests.uifixtures"]
+pytest_plugins = [
+    "tests.hubfixtures",
+    "tests.infra_registry",
+    "tests.infra_podman",
+    "tests.uifixtures",
+    "tests.spawnerfixtures",
+]

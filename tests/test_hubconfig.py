@@ -15,8 +15,8 @@ def test_configure_registers_service_scopes_and_roles():
     configure(c, url="http://127.0.0.1:12345", service_config={"max_images_per_user": 3})
     configure(c, url="http://127.0.0.1:12345")  # idempotent: a second call replaces, not duplicates
     names = [s["name"] for s in c.JupyterHub.services]
-    assert names == ["other", "cnbi"]
-    service = c.JupyterHub.services[-1]
+    assert names == ["other", "cnbi", "cnbi-hooks"]
+    service = c.JupyterHub.services[1]
     assert service["url"] == "http://127.0.0.1:12345"
     assert service["command"][1:] == ["-m", "cnbi_hub.service"]
     assert set(service["oauth_client_allowed_scopes"]) == {
@@ -30,6 +30,23 @@ def test_configure_registers_service_scopes_and_roles():
     assert "custom:cnbi:images" in c.Spawner.server_token_scopes
     assert "access:servers!server" in c.Spawner.server_token_scopes  # the default server scopes stay
     assert c.Spawner.environment["CNBI_SERVICE_URL"] == "http://127.0.0.1:12345/services/cnbi/"
+
+
+def test_configure_gives_the_spawner_hooks_a_token_only_service():
+    c = Config()
+    configure(c, url="http://127.0.0.1:12345/")
+    first_token = c.CNBISpawnerHooks.api_token
+    configure(c, url="http://127.0.0.1:12345/")  # a config load: a new random token, one service
+    hooks_services = [s for s in c.JupyterHub.services if s["name"] == "cnbi-hooks"]
+    assert len(hooks_services) == 1
+    service = hooks_services[0]
+    assert "url" not in service and "command" not in service  # token-only: the hub runs nothing
+    assert service["api_token"] == c.CNBISpawnerHooks.api_token != first_token
+    assert len(service["api_token"]) >= 32
+    roles = [r for r in c.JupyterHub.load_roles if r["name"] == "cnbi-hooks"]
+    assert len(roles) == 1 and roles[0]["services"] == ["cnbi-hooks"]
+    assert set(roles[0]["scopes"]) == {"custom:cnbi:admin", "access:services!service=cnbi"}
+    assert c.CNBISpawnerHooks.service_url == "http://127.0.0.1:12345/services/cnbi/"
 
 
 def test_generate_config_writes_every_option_with_help(tmp_path):

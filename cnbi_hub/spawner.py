@@ -1,0 +1,691 @@
+"""Start servers on built images: spawn-form hooks for KubeSpawner and DockerSpawner, and PodmanSpawner.
+
+The hub asks the cnbi service which images a user may start (`GET api/images?phase=Ready&
+visibleTo=<user>`: the user's own Ready images and the shared ones) and offers them next to the
+admin's own choices:
+
+- KubeSpawner 7: `profile_list` (the admin's profiles first, then the images), plus
+  `options_from_form` and `apply_user_options` so `?cnbi_image=<name>` on `/hub/spawn`, or
+  `{"cnbi_image": "<name>"}` as REST `user_options`, starts that image.
+- DockerSpawner 14 (and PodmanSpawner): `allowed_images` as a callable returning
+  `{display: image}`, an options form that says when the service is down, and the same
+  `cnbi_image` option.
+
+In a jupyterhub_config.py, after `cnbi_hub.hubconfig.configure(c, ...)` (which sets the service
+URL and the hooks' token)::
+
+    from cnbi_hub.spawner import configure_kubespawner      # or configure_dockerspawner
+    configure_kubespawner(c)
+    c.CNBISpawnerHooks.admin_profiles = [{"display_name": "Minimal", "slug": "minimal",
+                                          "kubespawner_override": {"image": "quay.io/jupyter/minimal-notebook:2024-10-07"}}]
+
+Servers started on a cnbi image carry `CNBI_IMAGE` (its name) and `JUPYTER_IMAGE` (the
+reference with its digest) in their environment, and (KubeSpawner) the label
+`cnbi-hub.io/image`.
+
+`PodmanSpawner` is DockerSpawner over podman's API socket on the host network: each server
+listens on 127.0.0.1 on a free port, so no bridge network (a private address range) is used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import html
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from jupyterhub.utils import random_port, url_path_join
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httputil import url_concat
+from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
+from traitlets.config import SingletonConfigurable
+
+from . import model
+
+USER_OPTION = "cnbi_image"  # ?cnbi_image=<name> on /hub/spawn, or a REST user_options key
+ENV_IMAGE_NAME = "CNBI_IMAGE"
+ENV_IMAGE_REFERENCE = "JUPYTER_IMAGE"
+LABEL_IMAGE = f"{model.PREFIX}/image"
+LAYOUT_PER_IMAGE = "profile-per-image"
+LAYOUT_ONE_PROFILE = "one-profile"
+SINGLE_PROFILE_OPTION = "image"  # the profile_options key in the one-profile layout
+MAX_LISTED_PACKAGES = 8
+
+
+# -- pure builders ----------------------------------------------------------------------------
+
+
+def image_reference(obj: dict) -> str | None:
+    """The reference a server runs: status.image (with its digest), once the image is Ready."""
+    if model.phase_of(obj) != model.PHASE_READY:
+        return None
+    return (obj.get("status") or {}).get("image") or None
+
+
+def main_packages(obj: dict) -> list[str]:
+    """The packages worth naming: visible entries of status.packages, else spec.packageVersions."""
+    packages = (obj.get("status") or {}).get("packages") or []
+    visible = [f"{p['name']} {p.get('version', '')}".strip() for p in packages if p.get("visible", True) and p.get("name")]
+    return visible or list((obj.get("spec") or {}).get("packageVersions") or [])
+
+
+def image_description(obj: dict, for_user: str | None = None) -> str:
+    """Plain text: the image's description, who shared it, and its main packages."""
+    parts = []
+    description = model.description_of(obj)
+    if description:
+        parts.append(description.rstrip(".") + ".")
+    creator = model.creator_of(obj)
+    if for_user is not None and creator and creator != for_user:
+        parts.append(f"Shared by {creator}.")
+    packages = main_packages(obj)
+    if packages:
+        listed = ", ".join(packages[:MAX_LISTED_PACKAGES])
+        more = len(packages) - MAX_LISTED_PACKAGES
+        parts.append(f"Packages: {listed}" + (f" and {more} more." if more > 0 else "."))
+    return " ".join(parts)
+
+
+def image_environment(obj: dict) -> dict[str, str]:
+    return {ENV_IMAGE_NAME: model.name_of(obj), ENV_IMAGE_REFERENCE: image_reference(obj) or ""}
+
+
+def image_kubespawner_override(obj: dict, extra_override: dict | None = None) -> dict:
+    """KubeSpawner settings that run `obj`: the digest reference, plus env and a label naming it."""
+    override = copy.deepcopy(extra_override or {})
+    override["image"] = image_reference(obj)
+    # dict-valued overrides are merged into the spawner's own by KubeSpawner, not replacing them
+    override["environment"] = {**override.get("environment", {}), **image_environment(obj)}
+    override["extra_labels"] = {**override.get("extra_labels", {}), LABEL_IMAGE: model.name_of(obj)}
+    return override
+
+
+def image_profile(obj: dict, *, slug_prefix: str, for_user: str | None = None, extra_override: dict | None = None) -> dict:
+    """One KubeSpawner profile for one image. KubeSpawner's form template does not escape, and
+    these texts come from users (shared images reach other users' forms), so they are escaped here."""
+    name = model.name_of(obj)
+    return {
+        "display_name": html.escape(model.display_name_of(obj) or name),
+        "description": html.escape(image_description(obj, for_user)),
+        "slug": f"{slug_prefix}{name}",
+        "kubespawner_override": image_kubespawner_override(obj, extra_override),
+    }
+
+
+def images_choice_profile(images: list[dict], *, slug: str, display_name: str, description: str,
+                          for_user: str | None = None, extra_override: dict | None = None) -> dict:
+    """One KubeSpawner profile whose `image` option chooses among `images` (admin texts as given)."""
+    choices = {}
+    for obj in images:
+        label = model.display_name_of(obj) or model.name_of(obj)
+        text = image_description(obj, for_user)
+        choices[model.name_of(obj)] = {
+            "display_name": html.escape(f"{label} — {text}" if text else label),
+            "kubespawner_override": image_kubespawner_override(obj, extra_override),
+        }
+    return {
+        "display_name": display_name,
+        "description": description,
+        "slug": slug,
+        "profile_options": {SINGLE_PROFILE_OPTION: {"display_name": "Image", "choices": choices}},
+    }
+
+
+def with_notice(profiles: list[dict], notice_html: str) -> list[dict]:
+    """The profiles with `notice_html` added to the first one's description (the form shows it)."""
+    if not profiles or not notice_html:
+        return profiles
+    profiles = copy.deepcopy(profiles)
+    first = profiles[0]
+    first["description"] = (first.get("description") or "") + notice_html
+    return profiles
+
+
+def allowed_image_key(obj: dict) -> str:
+    """The {display: image} key of a cnbi image; the name keeps two "My image"s apart."""
+    name = model.name_of(obj)
+    label = model.display_name_of(obj) or name
+    return f"{label} ({name})" if label != name else name
+
+
+def first_value(value) -> str | None:
+    """Form and query data arrive as lists of strings, REST user_options as plain values."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return value if isinstance(value, str) and value else None
+
+
+def kubespawner_form_options(formdata: dict) -> dict:
+    """KubeSpawner's form fields (`profile`, `profile-option-<slug>--<option>`) as user_options,
+    keeping `cnbi_image` (KubeSpawner's own parser drops unknown fields)."""
+    options = {}
+    profile = first_value(formdata.get("profile"))
+    if profile:
+        options["profile"] = profile
+        prefix = f"profile-option-{profile}--"
+        for key, values in formdata.items():
+            if key.startswith(prefix) and first_value(values):
+                options[key[len(prefix):]] = first_value(values)
+    image = first_value(formdata.get(USER_OPTION))
+    if image:
+        options[USER_OPTION] = image
+    return options
+
+
+def dockerspawner_form_options(formdata: dict) -> dict:
+    options = {}
+    for key in ("image", USER_OPTION):
+        value = first_value(formdata.get(key))
+        if value:
+            options[key] = value
+    return options
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageListing:
+    """What the service said one user may start, and when; `error` is set if it did not answer."""
+
+    images: tuple = ()
+    error: str | None = None
+    fetched_at: float = 0.0
+
+    def find(self, name: str) -> dict | None:
+        return next((obj for obj in self.images if model.name_of(obj) == name), None)
+
+
+# -- the hooks --------------------------------------------------------------------------------
+
+
+class CNBISpawnerHooks(SingletonConfigurable):
+    """Spawner hooks offering a user's Ready cnbi images. One instance per hub (`instance()`)."""
+
+    service_url = Unicode(
+        "",
+        help="""Where the hub reaches the cnbi service, including its prefix.
+
+        `cnbi_hub.hubconfig.configure` sets it to the service's own address, e.g.
+        `http://127.0.0.1:10101/services/cnbi/` (the hub talks to the service directly, not
+        through the proxy).
+        """,
+    ).tag(config=True)
+
+    api_token = Unicode(
+        "",
+        help="""The token the hooks send to the service: it needs `custom:cnbi:admin` (to ask
+        what another user may start, `visibleTo=`) and `access:services!service=cnbi`.
+
+        `cnbi_hub.hubconfig.configure` registers a token-only service `cnbi-hooks` with a fresh
+        random token every time the config loads, and sets it here.
+        """,
+    ).tag(config=True)
+
+    cache_seconds = Float(
+        10.0,
+        help="""How long one user's image list is reused, in seconds.
+
+        The spawn form and the start that follows it ask once; a new image shows up at most this
+        late. 0 asks the service every time.
+        """,
+    ).tag(config=True)
+
+    request_timeout = Float(
+        2.0,
+        help="""Seconds to wait for the service. When it does not answer in time the form still
+        offers the admin's own profiles, with `unavailable_notice`.""",
+    ).tag(config=True)
+
+    layout = Enum(
+        [LAYOUT_PER_IMAGE, LAYOUT_ONE_PROFILE],
+        default_value=LAYOUT_PER_IMAGE,
+        help=f"""How KubeSpawner's form lists cnbi images.
+
+        - `{LAYOUT_PER_IMAGE}`: one profile per image, slug `<profile_slug_prefix><name>`
+          (e.g. `cnbi-pandas-x7k2p`), with the image's description and packages.
+        - `{LAYOUT_ONE_PROFILE}`: one profile (`<profile_slug_prefix>images`) whose
+          `{SINGLE_PROFILE_OPTION}` option chooses the image: a shorter form for users with many images.
+        """,
+    ).tag(config=True)
+
+    profile_slug_prefix = Unicode(
+        "cnbi-", help="Prefix of the slugs of cnbi profiles; keep it apart from the admin's own slugs."
+    ).tag(config=True)
+
+    admin_profiles = List(
+        Dict(),
+        help="""The admin's own KubeSpawner profiles, listed first (the first is the default
+        unless one says `"default": True`). Same shape as `KubeSpawner.profile_list`, e.g.::
+
+            c.CNBISpawnerHooks.admin_profiles = [
+                {"display_name": "Minimal", "slug": "minimal", "default": True,
+                 "kubespawner_override": {"image": "quay.io/jupyter/minimal-notebook:2024-10-07"}},
+                {"display_name": "Data science", "slug": "datascience",
+                 "kubespawner_override": {"image": "quay.io/jupyter/datascience-notebook:2024-10-07",
+                                          "cpu_limit": 2}},
+            ]
+
+        Their texts are HTML as given (KubeSpawner does not escape); cnbi images' texts are escaped.
+        """,
+    ).tag(config=True)
+
+    image_override = Dict(
+        help="""Extra KubeSpawner settings for every cnbi image's profile, under the image and
+        environment the hooks set, e.g. `{"image_pull_policy": "IfNotPresent", "default_url": "/lab"}`."""
+    ).tag(config=True)
+
+    one_profile_display_name = Unicode(
+        "My custom images", help=f"Title of the single cnbi profile in the `{LAYOUT_ONE_PROFILE}` layout."
+    ).tag(config=True)
+
+    one_profile_description = Unicode(
+        "Images you built with the Image Builder, and images shared with everyone.",
+        help=f"Description (HTML) of the single cnbi profile in the `{LAYOUT_ONE_PROFILE}` layout.",
+    ).tag(config=True)
+
+    admin_images = Dict(
+        help="""DockerSpawner: the admin's own images, `{display: image}`, offered first, e.g.
+        `{"Notebook base (Python 3.11)": "localhost/cnbi/notebook-base:py311-user"}`.
+        cnbi images follow as `"<display name> (<name>)": <reference with digest>`.""",
+    ).tag(config=True)
+
+    unavailable_notice = Unicode(
+        "Custom images are not available right now (the image service did not answer); "
+        "the standard choices still work. Reload this page in a minute to see your images.",
+        help="Plain text shown on the spawn form when the service cannot be asked.",
+    ).tag(config=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._listings: dict[str, ImageListing] = {}
+
+    # -- the service --------------------------------------------------------------------------
+
+    async def images_for(self, username: str) -> ImageListing:
+        """The Ready images `username` may start (own and shared), cached `cache_seconds`."""
+        now = time.monotonic()
+        cached = self._listings.get(username)
+        if cached is not None and now - cached.fetched_at < self.cache_seconds:
+            return cached
+        listing = await self._fetch(username, now)
+        self._listings[username] = listing
+        return listing
+
+    def cached_images_for(self, username: str) -> ImageListing:
+        """The last listing fetched for `username`, without asking (for synchronous hooks)."""
+        return self._listings.get(username) or ImageListing()
+
+    async def _fetch(self, username: str, now: float) -> ImageListing:
+        if not (self.service_url and self.api_token):
+            return ImageListing(error="the cnbi service URL or token is not configured", fetched_at=now)
+        url = url_concat(
+            url_path_join(self.service_url, "api/images"),
+            {"phase": model.PHASE_READY, "visibleTo": username},
+        )
+        request = HTTPRequest(
+            url,
+            headers={"Authorization": f"token {self.api_token}", "Accept": "application/json"},
+            connect_timeout=self.request_timeout,
+            request_timeout=self.request_timeout,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request)
+            items = json.loads(response.body)["items"]
+        except Exception as e:  # any failure means the same to a spawn form: no custom images now
+            self.log.warning("cnbi: could not list the images of %s from %s: %s", username, self.service_url, e)
+            return ImageListing(error=str(e) or type(e).__name__, fetched_at=now)
+        ready = tuple(obj for obj in items if image_reference(obj))
+        return ImageListing(images=ready, fetched_at=now)
+
+    async def chosen_image(self, username: str, name: str) -> dict:
+        """The Ready image `name` that `username` may start, or an HTTP error they can act on."""
+        listing = await self.images_for(username)
+        obj = listing.find(name)
+        if obj is None and listing.error:
+            raise web.HTTPError(503, f"Image {name} cannot be started now: the image service did not answer. Try again in a minute.")
+        if obj is None:
+            raise web.HTTPError(404, f"No ready image named {name} that you may use.")
+        return obj
+
+    def _notice_html(self, listing: ImageListing) -> str:
+        if not listing.error:
+            return ""
+        return f'<p class="text-warning cnbi-notice">{html.escape(self.unavailable_notice)}</p>'
+
+    # -- KubeSpawner ----------------------------------------------------------------------------
+
+    async def profile_list(self, spawner) -> list[dict]:
+        """KubeSpawner.profile_list: the admin's profiles, then the user's images."""
+        username = spawner.user.name
+        listing = await self.images_for(username)
+        images = sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o)))
+        profiles = copy.deepcopy(list(self.admin_profiles))
+        if self.layout == LAYOUT_ONE_PROFILE:
+            if images:
+                profiles.append(images_choice_profile(
+                    images, slug=f"{self.profile_slug_prefix}images", display_name=self.one_profile_display_name,
+                    description=self.one_profile_description, for_user=username, extra_override=self.image_override,
+                ))
+        else:
+            profiles.extend(
+                image_profile(obj, slug_prefix=self.profile_slug_prefix, for_user=username,
+                              extra_override=self.image_override)
+                for obj in images
+            )
+        return with_notice(profiles, self._notice_html(listing))
+
+    def profile_options_for(self, name: str) -> dict:
+        """The KubeSpawner user_options that select image `name`."""
+        if self.layout == LAYOUT_ONE_PROFILE:
+            return {"profile": f"{self.profile_slug_prefix}images", SINGLE_PROFILE_OPTION: name}
+        return {"profile": f"{self.profile_slug_prefix}{name}"}
+
+    def kubespawner_options_from_form(self, formdata: dict) -> dict:
+        """KubeSpawner.options_from_form (also used for /hub/spawn query arguments)."""
+        return kubespawner_form_options(formdata)
+
+    async def kubespawner_apply_user_options(self, spawner, user_options: dict) -> None:
+        """Spawner.apply_user_options: `cnbi_image` becomes the profile that runs it.
+
+        Runs before KubeSpawner.start, which applies the profile (load_user_options).
+        """
+        name = first_value((user_options or {}).get(USER_OPTION))
+        if not name:
+            return
+        await self.chosen_image(spawner.user.name, name)
+        spawner.user_options = {**user_options, **self.profile_options_for(name)}
+
+    # -- DockerSpawner --------------------------------------------------------------------------
+
+    def allowed_images(self, spawner) -> dict[str, str]:
+        """DockerSpawner.allowed_images: `{display: image}`, the admin's images first.
+
+        DockerSpawner calls this synchronously, so it reads the listing the options form or
+        `apply_user_options` fetched just before.
+        """
+        listing = self.cached_images_for(spawner.user.name)
+        allowed = dict(self.admin_images)
+        for obj in sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o))):
+            allowed[allowed_image_key(obj)] = image_reference(obj)
+        return allowed
+
+    async def dockerspawner_options_form(self, spawner) -> str:
+        """DockerSpawner.options_form: a choice of image, with a notice when the service is down."""
+        listing = await self.images_for(spawner.user.name)
+        allowed = self.allowed_images(spawner)
+        if len(allowed) <= 1 and not listing.error:
+            return ""  # nothing to choose: start straight away, as DockerSpawner does
+        options = "\n".join(
+            '<option value="{0}"{1}>{0}</option>'.format(html.escape(key), " selected" if i == 0 else "")
+            for i, key in enumerate(allowed)
+        )
+        return (
+            f"{self._notice_html(listing)}"
+            '<label for="cnbi-image-select">Select an image:</label>\n'
+            f'<select class="form-control" id="cnbi-image-select" name="image" required autofocus>\n{options}\n</select>'
+        )
+
+    def dockerspawner_options_from_form(self, formdata: dict) -> dict:
+        return dockerspawner_form_options(formdata)
+
+    async def dockerspawner_apply_user_options(self, spawner, user_options: dict) -> None:
+        """Spawner.apply_user_options: refresh the listing allowed_images reads, map `cnbi_image`
+        to its allowed_images key, and name the chosen cnbi image in the server's environment."""
+        user_options = dict(user_options or {})
+        listing = await self.images_for(spawner.user.name)
+        name = first_value(user_options.get(USER_OPTION))
+        if name:
+            obj = await self.chosen_image(spawner.user.name, name)
+            user_options["image"] = allowed_image_key(obj)
+            spawner.user_options = user_options
+        else:
+            key = first_value(user_options.get("image"))
+            obj = next((o for o in listing.images if key and allowed_image_key(o) == key), None)
+        if obj is not None:
+            spawner.environment = {**spawner.environment, **image_environment(obj)}
+
+
+def hooks_for(spawner) -> CNBISpawnerHooks:
+    """The hub's hooks instance, configured from the hub's config (`c.CNBISpawnerHooks`)."""
+    return CNBISpawnerHooks.instance(config=spawner.config)
+
+
+# Module-level entry points for config files: they find the hub's instance through the spawner.
+
+
+async def profile_list(spawner):
+    return await hooks_for(spawner).profile_list(spawner)
+
+
+async def kubespawner_apply_user_options(spawner, user_options):
+    return await hooks_for(spawner).kubespawner_apply_user_options(spawner, user_options)
+
+
+def allowed_images(spawner):
+    return hooks_for(spawner).allowed_images(spawner)
+
+
+async def dockerspawner_options_form(spawner):
+    return await hooks_for(spawner).dockerspawner_options_form(spawner)
+
+
+async def dockerspawner_apply_user_options(spawner, user_options):
+    return await hooks_for(spawner).dockerspawner_apply_user_options(spawner, user_options)
+
+
+def configure_kubespawner(c, spawner_class: str = "KubeSpawner") -> None:
+    """Set the cnbi hooks on KubeSpawner (or a subclass's config section) in config `c`."""
+    section = c[spawner_class]
+    section.profile_list = profile_list
+    section.options_from_form = kubespawner_form_options
+    section.apply_user_options = kubespawner_apply_user_options
+
+
+def configure_dockerspawner(c, spawner_class: str = "DockerSpawner") -> None:
+    """Set the cnbi hooks on DockerSpawner (or PodmanSpawner, ...) in config `c`."""
+    section = c[spawner_class]
+    section.allowed_images = allowed_images
+    section.options_form = dockerspawner_options_form
+    section.options_from_form = dockerspawner_form_options
+    section.apply_user_options = dockerspawner_apply_user_options
+
+
+# -- podman -----------------------------------------------------------------------------------
+
+DEFAULT_PODMAN_SOCKET = "/run/cnbi/podman.sock"
+
+
+def podman_service_argv(socket_path: str | os.PathLike) -> list[str]:
+    """podman's Docker-compatible API on a unix socket; --time=0 keeps it up while idle."""
+    return ["podman", "system", "service", "--time=0", f"unix://{socket_path}"]
+
+
+class PodmanService:
+    """`podman system service` on a unix socket, run with cnbi_hub's podman environment.
+
+    Started as its own process group so stopping it also ends the conmon helpers it spawned
+    for this service, never anyone else's.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike, log_path: str | os.PathLike | None = None):
+        self.socket_path = Path(socket_path)
+        self.log_path = Path(log_path) if log_path else self.socket_path.with_suffix(".log")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    def start(self, timeout: float = 30) -> "PodmanService":
+        from .containers import podman_environ
+
+        self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                podman_service_argv(self.socket_path), env=podman_environ(), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while not self.answers():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"podman system service exited ({self.process.returncode}): {self.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"podman's API did not answer on {self.socket_path}")
+            time.sleep(0.1)
+        return self
+
+    def answers(self) -> bool:
+        import http.client
+        import socket
+
+        if not self.socket_path.exists():
+            return False
+        connection = http.client.HTTPConnection("localhost", timeout=2)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(2)
+            sock.connect(str(self.socket_path))
+            connection.sock = sock
+            connection.request("GET", "/_ping")
+            return connection.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            connection.close()
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        import signal
+
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+try:
+    from dockerspawner import DockerSpawner
+except ImportError:  # the [docker] extra is not installed: the hooks above still work
+    DockerSpawner = None
+
+if DockerSpawner is not None:
+
+    class PodmanSpawner(DockerSpawner):
+        """DockerSpawner over podman's API socket, on the host network.
+
+        Each server listens on 127.0.0.1 on a free port (JupyterHub passes the address in
+        JUPYTERHUB_SERVICE_URL, which jupyterhub-singleuser binds to), so the hub reaches it
+        directly and podman's bridge network is never used. Containers are named per user
+        (`cnbi-<user>`) and removed when the server stops.
+        """
+
+        podman_socket = Unicode(
+            DEFAULT_PODMAN_SOCKET,
+            help="""podman's API socket, as served by
+            `podman system service --time=0 unix:///run/cnbi/podman.sock` (run it with
+            cnbi_hub.containers.podman_environ(), see PodmanService).""",
+        ).tag(config=True)
+
+        port_range = List(
+            Integer(), [0, 0],
+            help="""`[low, high)` ports to pick a server's port from; `[0, 0]` lets the OS pick a
+            free one. Servers share the host network, so each needs its own port.""",
+        ).tag(config=True)
+
+        @default("client_kwargs")
+        def _default_client_kwargs(self):
+            return {"base_url": f"unix://{self.podman_socket}"}
+
+        @default("network_name")
+        def _default_network_name(self):
+            return "host"
+
+        @default("use_internal_ip")
+        def _default_use_internal_ip(self):
+            # True only so DockerSpawner asks for no port bindings, which the host network
+            # refuses; the address itself comes from get_ip_and_port below, not from podman.
+            return True
+
+        @default("remove")
+        def _default_remove(self):
+            return True
+
+        @default("prefix")
+        def _default_prefix(self):
+            return "cnbi"
+
+        @default("ip")
+        def _default_ip(self):
+            return "127.0.0.1"
+
+        @default("host_ip")
+        def _default_host_ip(self):
+            return "127.0.0.1"
+
+        @default("pull_policy")
+        def _default_pull_policy(self):
+            # Built images live in local storage and their digest references cannot be pulled
+            # by tag; a missing image should say so rather than try a registry.
+            return "never"
+
+        _clients: dict = {}
+
+        @property
+        def client(self):
+            """One docker API client per socket (DockerSpawner keeps one per class)."""
+            import docker
+
+            kwargs = {"version": "auto", **self.client_kwargs}
+            key = json.dumps(kwargs, sort_keys=True, default=str)
+            if key not in PodmanSpawner._clients:
+                PodmanSpawner._clients[key] = docker.APIClient(**kwargs)
+            return PodmanSpawner._clients[key]
+
+        def _pick_port(self) -> int:
+            low, high = self.port_range
+            if low and high:
+                return random_port_in(low, high)
+            return random_port()
+
+        async def create_object(self):
+            # a fresh port for every start: another server may hold the last one now
+            self.port = self._pick_port()
+            return await super().create_object()
+
+        async def get_ip_and_port(self):
+            # host network: no port mapping to ask podman about
+            return self.ip, self.port
+
+        async def stop(self, now=False):
+            await super().stop(now=now)
+            # auto_remove races with our remove; wait until the name is free for the next start
+            for _ in range(50):
+                if await self.get_object() is None:
+                    return
+                await asyncio.sleep(0.1)
+
+else:  # pragma: no cover
+    PodmanSpawner = None
+
+
+def random_port_in(low: int, high: int) -> int:
+    import socket
+
+    for port in range(low, high):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high})")

@@ -1,0 +1,101 @@
+"""The reconciler on its own (no hub): pushing Ready images to a registry, and the build log."""
+
+import asyncio
+import json
+
+import pytest
+
+from cnbi_hub import model
+from cnbi_hub.controller.buildlog import BuildLog
+from cnbi_hub.controller.reconciler import Reconciler
+from cnbi_hub.store.sqlite import SQLImageStore
+from tests.hubfixtures import CA_BUNDLE
+
+pytestmark = pytest.mark.podman
+
+
+async def test_ready_image_is_pushed_with_its_digest(tmp_path, local_registry, notebook_base_images, podman_env):
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    events = []
+    reconciler = Reconciler(
+        store=store, publish=events.append, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE,
+        push_registry=f"{local_registry.host}/pushed",
+    )
+    await reconciler.start()
+    try:
+        obj = model.validate_new_object(
+            {"metadata": {"name": "pushed-image"},
+             "spec": {"buildType": "PackageList", "baseImage": notebook_base_images["user"],
+                      "packageVersions": ["tabulate==0.9.0"]}},
+            creator="pusher",
+        )
+        await store.create(obj)
+        for _ in range(600):
+            current = await store.get("pushed-image")
+            if model.phase_of(current) in model.TERMINAL_PHASES:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await reconciler.stop()
+    status = current["status"]
+    assert status["phase"] == "Ready", json.dumps(status.get("conditions"), indent=1)
+    repository, digest = status["image"].split("@")
+    assert repository == f"{local_registry.host}/pushed/pushed-image"
+    result = local_registry.skopeo_inspect(f"pushed/pushed-image:{status['specHash'].split(':')[1][:12]}")
+    assert result["Digest"] == digest
+    log_lines = [e[1]["line"] for e in events if e[0] == "log"]
+    assert any("pushing" in line for line in log_lines)
+    assert any(line.startswith("==> Building -> Ready") for line in log_lines)
+
+
+def test_build_log_keeps_head_and_tail():
+    log = BuildLog(head=3, tail=4)
+    for i in range(20):
+        log.append(f"line {i}")
+    assert log.dropped == 13
+    assert log.text().splitlines() == ["line 0", "line 1", "line 2", "[... 13 lines not kept ...]",
+                                       "line 16", "line 17", "line 18", "line 19"]
+    assert BuildLog(initial_text="a\nb\n").text() == "a\nb\n"
+
+
+async def drive_to_end(store, name, timeout_s=300):
+    for _ in range(int(timeout_s * 2)):
+        current = await store.get(name)
+        if model.phase_of(current) in model.TERMINAL_PHASES:
+            return current
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{name} did not finish: {current['status']}")
+
+
+async def test_import_honours_the_pull_secret(tmp_path, auth_registry, notebook_base_images, podman_env):
+    from tests.infra_podman import podman
+
+    destination = f"{auth_registry.host}/private/notebook:1"
+    pushed = podman("push", "--quiet", "--tls-verify=false", f"--authfile={auth_registry.authfile()}",
+                    notebook_base_images["user"], f"docker://{destination}", env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "registry-creds.json").write_text(json.dumps(auth_registry.auth_json))
+
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    reconciler = Reconciler(store=store, work_dir=str(tmp_path / "builds"), pull_secrets_dir=str(secrets))
+    await reconciler.start()
+    try:
+        for name, secret in (("with-secret", "registry-creds"), ("without-secret", None), ("bad-secret", "nope")):
+            spec = {"buildType": "ImageImport", "fromImage": destination}
+            if secret:
+                spec["imagePullSecret"] = {"name": secret}
+            await store.create(model.validate_new_object({"metadata": {"name": name}, "spec": spec}, creator="u"))
+        results = {name: await drive_to_end(store, name) for name in ("with-secret", "without-secret", "bad-secret")}
+    finally:
+        await reconciler.stop()
+    assert results["with-secret"]["status"]["phase"] == "Ready", results["with-secret"]["status"]
+    assert results["with-secret"]["status"]["image"].startswith(f"{auth_registry.host}/private/notebook@sha256:")
+    for name, reason in (("without-secret", "ImageUnauthorized"), ("bad-secret", "ImagePullFailed")):
+        status = results[name]["status"]
+        assert status["phase"] == "Failed" and status["failedPhase"] == "Prepare"
+        failure = [c for c in status["conditions"] if c["type"] == model.CONDITION_IMAGE_IMPORT_READY][0]
+        assert failure["reason"] == reason, failure
+    assert "nope" in [c for c in results["bad-secret"]["status"]["conditions"]
+                      if c["type"] == model.CONDITION_IMAGE_IMPORT_READY][0]["message"]

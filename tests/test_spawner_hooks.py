@@ -1,0 +1,248 @@
+"""Spawner hooks against a real hub and cnbi service: the real KubeSpawner class renders its form
+from our profile_list, and real DockerSpawner/PodmanSpawner instances resolve allowed images."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+import socket
+
+import pytest
+from dockerspawner import DockerSpawner
+from jupyterhub import orm
+from jupyterhub.tests.utils import add_user
+from tornado import web
+from traitlets.config import Config
+
+from cnbi_hub import model
+from cnbi_hub.spawner import (
+    LABEL_IMAGE,
+    CNBISpawnerHooks,
+    PodmanSpawner,
+    configure_dockerspawner,
+    configure_kubespawner,
+)
+
+MINIMAL = "quay.io/jupyter/minimal-notebook:2024-10-07"
+ADMIN_PROFILES = [
+    {"display_name": "Minimal (admin)", "slug": "minimal", "description": "The admin's own choice",
+     "kubespawner_override": {"image": MINIMAL}},
+]
+
+
+def make_hooks(hub, **traits) -> CNBISpawnerHooks:
+    """Hooks configured as hubconfig.configure left them in the hub's config, plus `traits`."""
+    traits.setdefault("admin_profiles", ADMIN_PROFILES)
+    traits.setdefault("cache_seconds", 0)
+    return CNBISpawnerHooks(config=hub.app.config, **traits)
+
+
+def real_user(hub, name):
+    orm_user = orm.User.find(hub.app.db, name) or add_user(hub.app.db, hub.app, name=name)
+    return hub.app.users[orm_user]
+
+
+def profile_slugs(form: str) -> list[str]:
+    return re.findall(r'name="profile"\s+id="profile-item-([^"]+)"', form)
+
+
+@pytest.fixture
+async def three_images(make_ready_image):
+    """kalice's private image, kbob's private image, kcarol's image shared with everyone."""
+    alice_img = await make_ready_image("kalice", "Pandas lab", packages=["pandas==2.2.3", "six==1.16.0"],
+                                       description="Data frames")
+    bob_img = await make_ready_image("kbob", "Bobs secret", packages=["attrs==24.2.0"])
+    shared_img = await make_ready_image("kcarol", "Shared <b>stats</b>", packages=["scipy==1.14.1"],
+                                        shared=True, description="<script>alert(1)</script>")
+    return alice_img, bob_img, shared_img
+
+
+async def test_kubespawner_form_offers_admin_profiles_then_own_and_shared_images(hub, three_images, make_kubespawner):
+    alice_img, bob_img, shared_img = three_images
+    spawner = make_kubespawner("kalice", make_hooks(hub))
+    form = await spawner.get_options_form()
+
+    slugs = profile_slugs(form)
+    alice_slug, shared_slug = f"cnbi-{model.name_of(alice_img)}", f"cnbi-{model.name_of(shared_img)}"
+    assert slugs[0] == "minimal"  # the admin's profile first
+    assert set(slugs[1:]) == {alice_slug, shared_slug}
+    assert f"cnbi-{model.name_of(bob_img)}" not in form and "Bobs secret" not in form
+    assert "Pandas lab" in form and "pandas 2.2.3" in form and "Data frames" in form
+    assert "Shared by kcarol" in form
+    # user-written texts reach other users' forms: they must arrive escaped
+    assert "<script>alert" not in form and "&lt;script&gt;alert(1)" in form
+    assert "<b>stats</b>" not in form and "Shared &lt;b&gt;stats&lt;/b&gt;" in form
+    assert "cnbi-notice" not in form  # the service answered
+
+    # the user picks their image on the form; the hub parses it and KubeSpawner applies it
+    spawner.user_options = spawner.run_options_from_form({"profile": [alice_slug]})
+    assert spawner.user_options == {"profile": alice_slug}
+    await spawner.load_user_options()
+    reference = alice_img["status"]["image"]
+    assert "@sha256:" in reference and spawner.image == reference
+    assert spawner.extra_labels[LABEL_IMAGE] == model.name_of(alice_img)
+    env = spawner.get_env()
+    assert env["CNBI_IMAGE"] == model.name_of(alice_img)
+    assert env["JUPYTER_IMAGE"] == reference
+
+
+async def test_kubespawner_refuses_someone_elses_private_image(hub, three_images, make_kubespawner):
+    alice_img, bob_img, _ = three_images
+    spawner = make_kubespawner("kbob", make_hooks(hub))
+    spawner.user_options = spawner.run_options_from_form({"profile": [f"cnbi-{model.name_of(alice_img)}"]})
+    with pytest.raises(ValueError, match="No such profile"):
+        await spawner.load_user_options()
+    assert spawner.image != alice_img["status"]["image"]
+    # the REST/query option names the image: a clear 404 before anything starts
+    with pytest.raises(web.HTTPError) as e:
+        await spawner._run_apply_user_options({"cnbi_image": model.name_of(alice_img)})
+    assert e.value.status_code == 404
+
+
+async def test_kubespawner_one_profile_layout_chooses_the_image_as_an_option(hub, three_images, make_kubespawner):
+    alice_img, _, shared_img = three_images
+    spawner = make_kubespawner("kalice", make_hooks(hub, layout="one-profile"))
+    form = await spawner.get_options_form()
+    assert profile_slugs(form) == ["minimal", "cnbi-images"]
+    select = re.search(r'<select name="profile-option-cnbi-images--image".*?</select>', form, re.S).group(0)
+    assert set(re.findall(r'<option value="([^"]+)"', select)) == {model.name_of(alice_img), model.name_of(shared_img)}
+
+    form_data = {"profile": ["cnbi-images"], "profile-option-cnbi-images--image": [model.name_of(shared_img)]}
+    spawner.user_options = spawner.run_options_from_form(form_data)
+    await spawner.load_user_options()
+    assert spawner.image == shared_img["status"]["image"]
+    assert spawner.environment["CNBI_IMAGE"] == model.name_of(shared_img)
+
+
+@pytest.mark.parametrize("layout", ["profile-per-image", "one-profile"])
+async def test_kubespawner_cnbi_image_option_from_query_or_rest_starts_that_image(hub, three_images, make_kubespawner, layout):
+    _, _, shared_img = three_images
+    name = model.name_of(shared_img)
+    spawner = make_kubespawner("kalice", make_hooks(hub, layout=layout))
+    # /hub/spawn?cnbi_image=<name>: JupyterHub hands the query to options_from_query
+    assert spawner.options_from_query({"cnbi_image": [name]}) == {"cnbi_image": name}
+    # REST: POST /hub/api/users/kalice/server {"cnbi_image": name} sets user_options as given;
+    # the hub then runs apply_user_options before start, which loads the profile
+    spawner.user_options = {"cnbi_image": name}
+    await spawner._run_apply_user_options(spawner.user_options)
+    await spawner.load_user_options()
+    assert spawner.image == shared_img["status"]["image"]
+    assert spawner.environment["JUPYTER_IMAGE"] == shared_img["status"]["image"]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/services/cnbi/"
+
+
+async def test_service_down_keeps_admin_profiles_with_a_notice(hub, three_images, make_kubespawner):
+    hooks = make_hooks(hub, service_url=closed_port_url())
+    spawner = make_kubespawner("kalice", hooks)
+    form = await spawner.get_options_form()
+    assert profile_slugs(form) == ["minimal"]
+    assert "cnbi-notice" in form and "Custom images are not available right now" in form
+    spawner.user_options = spawner.run_options_from_form({"profile": ["minimal"]})
+    await spawner.load_user_options()
+    assert spawner.image == MINIMAL
+    with pytest.raises(web.HTTPError) as e:
+        await spawner._run_apply_user_options({"cnbi_image": model.name_of(three_images[0])})
+    assert e.value.status_code == 503
+
+
+async def test_a_service_that_hangs_is_given_up_on(hub, make_kubespawner):
+    # accepts connections and never answers: only the request timeout ends the wait
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/services/cnbi/"
+        spawner = make_kubespawner("kalice", make_hooks(hub, service_url=url, request_timeout=0.5))
+        form = await asyncio.wait_for(spawner.get_options_form(), timeout=20)
+    assert profile_slugs(form) == ["minimal"] and "cnbi-notice" in form
+
+
+async def test_listing_is_cached_for_cache_seconds(hub, make_ready_image, make_kubespawner):
+    hooks = make_hooks(hub, cache_seconds=3600)
+    spawner = make_kubespawner("kdave", hooks)
+    assert profile_slugs(await spawner.get_options_form()) == ["minimal"]
+    new = await make_ready_image("kdave", "Fresh")
+    assert profile_slugs(await spawner.get_options_form()) == ["minimal"]  # still the cached list
+    hooks.cache_seconds = 0
+    assert profile_slugs(await spawner.get_options_form()) == ["minimal", f"cnbi-{model.name_of(new)}"]
+
+
+async def test_config_file_entry_points_use_the_hubs_config(hub, three_images, kubeconfig_without_cluster):
+    from kubespawner import KubeSpawner
+
+    alice_img = three_images[0]
+    c = copy.deepcopy(hub.app.config)
+    c.CNBISpawnerHooks.admin_profiles = ADMIN_PROFILES
+    configure_kubespawner(c)
+    CNBISpawnerHooks.clear_instance()
+    try:
+        spawner = KubeSpawner(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        form = await spawner.get_options_form()
+        assert profile_slugs(form)[0] == "minimal"
+        assert f"cnbi-{model.name_of(alice_img)}" in profile_slugs(form)
+        await spawner._run_apply_user_options(spawner.options_from_query({"cnbi_image": [model.name_of(alice_img)]}))
+        await spawner.load_user_options()
+        assert spawner.image == alice_img["status"]["image"]
+    finally:
+        CNBISpawnerHooks.clear_instance()
+
+
+@pytest.mark.parametrize("spawner_class", [DockerSpawner, PodmanSpawner])
+async def test_dockerspawner_allowed_images_and_cnbi_image_option(hub, three_images, spawner_class):
+    alice_img, bob_img, shared_img = three_images
+    base = "localhost/cnbi/notebook-base:py311-user"
+    c = copy.deepcopy(hub.app.config)
+    c.CNBISpawnerHooks.admin_images = {"Notebook base": base}
+    c.CNBISpawnerHooks.cache_seconds = 0
+    configure_dockerspawner(c, spawner_class.__name__)
+    CNBISpawnerHooks.clear_instance()
+    try:
+        spawner = spawner_class(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        form = await spawner.get_options_form()
+        allowed = spawner._get_allowed_images()  # DockerSpawner's own evaluation of the callable
+        assert list(allowed)[0] == "Notebook base" and allowed["Notebook base"] == base
+        assert allowed[f"Pandas lab ({model.name_of(alice_img)})"] == alice_img["status"]["image"]
+        assert shared_img["status"]["image"] in allowed.values()
+        assert bob_img["status"]["image"] not in allowed.values()
+        assert "&lt;b&gt;stats" in form and "<b>stats" not in form
+
+        # the form posts a display key; DockerSpawner resolves it with check_allowed
+        options = spawner.run_options_from_form({"image": [f"Pandas lab ({model.name_of(alice_img)})"]})
+        await spawner._run_apply_user_options(options)
+        assert await spawner.check_allowed(options["image"]) == alice_img["status"]["image"]
+        assert spawner.environment["CNBI_IMAGE"] == model.name_of(alice_img)
+
+        # ?cnbi_image=<name> (or REST user_options) names the image instead
+        spawner = spawner_class(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        spawner.user_options = spawner.options_from_query({"cnbi_image": [model.name_of(shared_img)]})
+        await spawner._run_apply_user_options(spawner.user_options)
+        assert await spawner.check_allowed(spawner.user_options["image"]) == shared_img["status"]["image"]
+        assert spawner.environment["JUPYTER_IMAGE"] == shared_img["status"]["image"]
+
+        with pytest.raises(web.HTTPError) as e:
+            await spawner._run_apply_user_options({"cnbi_image": model.name_of(bob_img)})
+        assert e.value.status_code == 404
+    finally:
+        CNBISpawnerHooks.clear_instance()
+
+
+async def test_dockerspawner_form_when_the_service_is_down(hub):
+    c = Config()
+    c.CNBISpawnerHooks.service_url = closed_port_url()
+    c.CNBISpawnerHooks.api_token = "unused"
+    c.CNBISpawnerHooks.admin_images = {"Notebook base": "localhost/cnbi/notebook-base:py311-user"}
+    configure_dockerspawner(c, "PodmanSpawner")
+    CNBISpawnerHooks.clear_instance()
+    try:
+        spawner = PodmanSpawner(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        form = await spawner.get_options_form()
+        assert "cnbi-notice" in form and "Notebook base" in form
+        assert spawner._get_allowed_images() == {"Notebook base": "localhost/cnbi/notebook-base:py311-user"}
+    finally:
+        CNBISpawnerHooks.clear_instance()
