@@ -138,6 +138,25 @@ async def test_identical_request_is_reused_without_building(hub, builder_token):
     print(f"identical request reached Ready in {elapsed:.2f}s")
 
 
+async def test_adding_a_package_builds_on_the_previous_generation(hub, builder_token, podman_env):
+    first = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
+                                              "packageVersions": ["text-unidecode==1.3"]})
+    first_obj = await wait_for(hub, builder_token, first)
+    assert model.phase_of(first_obj) == "Ready", explain(first_obj)
+    second = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
+                                               "packageVersions": ["text-unidecode==1.3", "toolz==0.12.1"]})
+    obj = await wait_for(hub, builder_token, second)
+    assert model.phase_of(obj) == "Ready", explain(obj)
+    assert obj["status"]["layeredOn"] == {"name": first, "image": first_obj["status"]["image"]}
+    logs = (await hub.api("GET", f"api/images/{second}/logs", builder_token)).body.decode()
+    assert "1 packages to add" in logs
+    result = run_in(obj["status"]["image"], "python", "-c", "import text_unidecode, toolz", podman_env=podman_env)
+    assert result.returncode == 0, result.stderr
+    # the same packages as a full build: the manifest lists both as requested
+    visible = {p["name"].lower() for p in obj["status"]["packages"] if p["visible"]}
+    assert visible == {"text-unidecode", "toolz"}
+
+
 async def test_unresolvable_fails_in_resolving_with_uvs_message(hub, builder_token):
     name = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
                                              "packageVersions": ["tabulate==999"]})

@@ -223,3 +223,27 @@ async def test_lock_installs_with_require_hashes_and_no_deps(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0
     assert "hash" in proc.stderr.lower()
+
+
+LOCK_A = """\
+tabulate==0.9.0 \\
+    --hash=sha256:aaa \\
+    --hash=sha256:bbb
+toolz==0.12.1 \\
+    --hash=sha256:ccc
+"""
+LOCK_B = LOCK_A + """\
+text-unidecode==1.3 \\
+    --hash=sha256:ddd
+"""
+
+
+def test_lock_difference_is_the_added_entries_with_their_hashes():
+    from cnbi_hub.controller.resolve import lock_difference, lock_entries
+
+    assert set(lock_entries(LOCK_B)) == {("tabulate", "0.9.0"), ("toolz", "0.12.1"), ("text-unidecode", "1.3")}
+    assert lock_difference(LOCK_B, LOCK_A) == "text-unidecode==1.3 \\\n    --hash=sha256:ddd\n"
+    # the old lock pins something the new one does not: no layering
+    assert lock_difference(LOCK_A, LOCK_B) is None
+    assert lock_difference(LOCK_A.replace("0.12.1", "1.0.0"), LOCK_A) is None
+    assert lock_difference(LOCK_A, "") is None

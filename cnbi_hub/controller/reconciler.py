@@ -39,7 +39,15 @@ from .registry import (
     RegistryUnreachable,
     credentials_for,
 )
-from .resolve import IndexSettings, ResolutionError, constraints_from_pip_list, resolve_lock, validate_requirement
+from .resolve import (
+    IndexSettings,
+    ResolutionError,
+    constraints_from_pip_list,
+    lock_difference,
+    lock_entries,
+    resolve_lock,
+    validate_requirement,
+)
 from .statemachine import Outcome, advance, queued, restart
 
 BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
@@ -367,6 +375,12 @@ class Reconciler(LoggingConfigurable):
         credentials = credentials_for(ref.registry, documents, ref.repository) if documents else None
         return await client.exists(ref, auth=(credentials.username, credentials.password) if credentials else None)
 
+    async def _artifact_or_none(self, name: str, kind: str) -> str | None:
+        try:
+            return await self.store.get_artifact(name, kind)
+        except NotFound:
+            return None
+
     def _write_authfile(self, obj, registry, credentials) -> str:
         import base64
         import tempfile
@@ -508,6 +522,10 @@ class Reconciler(LoggingConfigurable):
         if reused is not None:
             observed.update(reused)
             return Outcome(True, "Reused", f"identical to {reused['reusedFrom']}", observed, skip_to=PHASE_READY)
+        previous = await self.find_previous_generation(obj, lock.text, status["resolvedBaseImage"])
+        if previous is not None:
+            observed["layeredOn"] = previous
+            say(f"{previous['name']} has a subset of these packages: building on it, installing only the rest")
         return Outcome(True, "LockResolved", f"{len(lock.packages)} packages", observed)
 
     async def _resolve_lock_cached(self, requirements: list[str], info):
@@ -541,6 +559,30 @@ class Reconciler(LoggingConfigurable):
             }
         return None
 
+    async def find_previous_generation(self, obj: dict, lock_text: str, base: str) -> dict | None:
+        """A Ready PackageList image on the same base whose lock is a subset of `lock_text`.
+
+        Building FROM it and installing only the missing entries gives the same packages as a
+        full build, in a fraction of the time. Only PackageList images qualify: their content
+        is the base plus their lock and nothing of their owner's, so sharing layers across
+        users reveals nothing.
+        """
+        if obj["spec"]["buildType"] != "PackageList":
+            return None
+        best = None
+        for other in await self.store.list(phase=PHASE_READY, build_type="PackageList"):
+            status = other.get("status") or {}
+            if status.get("resolvedBaseImage") != base or not status.get("image") or status.get("layeredOn"):
+                continue
+            old_lock = await self._artifact_or_none(model.name_of(other), "lock")
+            delta = lock_difference(lock_text, old_lock or "")
+            if not delta or not await self.builder.local_digest(status["image"]):
+                continue
+            size = len(old_lock)
+            if best is None or size > best[0]:
+                best = (size, {"name": model.name_of(other), "image": status["image"]})
+        return best[1] if best else None
+
     def target_repository(self, name: str, uid: str) -> str:
         registry = self.push_registry.rstrip("/") if self.push_registry else "localhost/cnbi"
         return f"{registry}/{name}"
@@ -570,11 +612,13 @@ class Reconciler(LoggingConfigurable):
         for check in checks:
             code, out, err = await self.builder.run_check(image, check)
             result = interpret_check(check, code, out, err)
+            if result.ok and check.name == "packages":
+                pip_list = json.loads(out.strip().splitlines()[-1])
+                say(f"check packages: ok, {len(pip_list)} installed")
+                continue
             say(f"check {check.name}: {'ok' if result.ok else 'FAILED'} {result.message}")
             if not result.ok:
                 return Outcome(False, "ValidationFailed", f"check {check.name} failed: {result.message}")
-            if check.name == "packages":
-                pip_list = json.loads(out.strip().splitlines()[-1])
         observed = {"packages": manifest_from_pip_list(pip_list, requested)}
         if self.push_registry and spec["buildType"] != "ImageImport":
             tagged = image.split("@")[0] + ":" + status["specHash"].split(":")[-1][:12]
@@ -593,6 +637,17 @@ class Reconciler(LoggingConfigurable):
         repository = self.target_repository(name, uid)
         target = f"{repository}:{status['specHash'].split(':')[-1][:12]}"
         lock_text = await self.store.get_artifact(name, "lock")
+        build_from = status.get("resolvedBaseImage")
+        layered = status.get("layeredOn")
+        if layered:
+            # install only what the previous generation lacks, on top of it
+            old_lock = await self._artifact_or_none(layered["name"], "lock")
+            delta = lock_difference(lock_text or "", old_lock or "")
+            if delta and await self.builder.local_digest(layered["image"]):
+                build_from, lock_text = layered["image"], delta
+                say(f"building on {layered['image']}: {len(lock_entries(delta))} packages to add")
+            else:
+                say(f"{layered['name']} is gone: building from the base image")
         checkout = self._context_dir(uid) / "checkout"
         extras = set(status.get("recipeExtras", []))
         apt_packages = ()
@@ -603,7 +658,7 @@ class Reconciler(LoggingConfigurable):
         recipe = status.get("recipe")
         observations = BuildObservations(
             # a repository with its own Containerfile names its base there
-            resolved_base_image=status.get("resolvedBaseImage") or "scratch@sha256:" + "0" * 64,
+            resolved_base_image=build_from or "scratch@sha256:" + "0" * 64,
             base_user=(info.user if info else "") or "root",
             python_path=info.python_path if info else "/usr/bin/python3",
             python_env_owned_by_user=info.env_owned_by_user if info else False,

@@ -155,6 +155,40 @@ def packages_from_lock(lock_text: str) -> list[tuple[str, str]]:
     return packages
 
 
+def lock_entries(lock_text: str) -> dict[tuple[str, str], str]:
+    """{(canonical name, version): the entry's text with its hash lines} of a uv lock."""
+    entries: dict[tuple[str, str], str] = {}
+    current: list[str] = []
+
+    def close():
+        if current:
+            match = _LOCK_LINE_RE.match(current[0])
+            if match:
+                entries[(canonicalize_name(match.group(1)), match.group(2))] = "\n".join(current) + "\n"
+
+    for line in lock_text.splitlines():
+        if line[:1].isspace():
+            current.append(line)  # a hash continuation of the entry above
+            continue
+        close()
+        current = [line] if line.strip() and not line.lstrip().startswith("#") else []
+    close()
+    return entries
+
+
+def lock_difference(new_lock: str, old_lock: str) -> str | None:
+    """The entries of `new_lock` that `old_lock` lacks, when `old_lock` is a subset of it.
+
+    An image built from `old_lock` plus these entries holds exactly the packages of a build
+    from `new_lock`: that is what lets a rebuild install only what changed. None when the old
+    lock pins anything the new one does not (a removal or another version).
+    """
+    new, old = lock_entries(new_lock), lock_entries(old_lock)
+    if not old or not set(old) <= set(new):
+        return None
+    return "".join(text for key, text in new.items() if key not in old)
+
+
 def explain_uv_error(stderr: str) -> str:
     """Keep the part of uv's stderr a user can act on: from ``error:`` on, minus decoration."""
     lines = stderr.splitlines()
