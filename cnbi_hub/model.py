@@ -312,7 +312,7 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
         raise InvalidObject("spec.gitRef is not a valid branch, tag or commit name", "spec.gitRef")
     if spec["buildType"] != "PackageList" and packages:
         raise InvalidObject(
-            f"spec.packageVersions is only used with buildType PackageList", "spec.packageVersions"
+            "spec.packageVersions is only used with buildType PackageList", "spec.packageVersions"
         )
 
     annotations = dict(metadata.get("annotations") or {})

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from .proc import run_process
+
 __all__ = [
     "GitError",
     "GitRefNotFound",
@@ -130,21 +132,11 @@ def _git_argv(url: str | None, *args: str) -> list[str]:
 async def _run_git(
     argv: list[str], *, cwd: str | None = None, timeout: float
 ) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        cwd=cwd,
-        env=_git_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        done = await run_process(argv, cwd=cwd, env=_git_env(), timeout=timeout)
     except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise GitError(f"git did not answer within {timeout:g}s") from None
-    return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+    return done.returncode, done.stdout, done.stderr
 
 
 def _git_message(stderr: str) -> str:

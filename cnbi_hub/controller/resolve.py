@@ -23,6 +23,8 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from .proc import run_process
+
 __all__ = [
     "IndexSettings",
     "InvalidRequirementError",
@@ -308,24 +310,14 @@ async def resolve_lock(
         work = Path(workdir)
         (work / "requirements.in").write_text("\n".join(lines) + "\n")
         (work / "constraints.txt").write_text("\n".join(constraint_lines) + "\n")
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=workdir,
-            env=_uv_env(settings),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
         try:
-            _, stderr = await asyncio.wait_for(proc.communicate(), timeout)
+            done = await run_process(argv, cwd=workdir, env=_uv_env(settings), timeout=timeout)
         except asyncio.TimeoutError:
-            proc.kill()
-            await proc.wait()
             raise ResolutionError(
                 f"resolving took longer than {timeout:g}s; try fewer or more tightly pinned packages"
             ) from None
-        if proc.returncode != 0:
-            raise ResolutionError(explain_uv_error(stderr.decode("utf-8", "replace")))
+        if done.returncode != 0:
+            raise ResolutionError(explain_uv_error(done.stderr))
         text = (work / "requirements.lock").read_text()
 
     return LockResult(

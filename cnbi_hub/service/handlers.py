@@ -20,7 +20,7 @@ from tornado.escape import xhtml_escape as escape
 from tornado.iostream import StreamClosedError
 
 from .. import model
-from ..store.base import AlreadyExists, NotFound, StoreError
+from ..store.base import AlreadyExists, NotFound
 
 SCOPE_IMAGES = "custom:cnbi:images"
 SCOPE_ADMIN = "custom:cnbi:admin"
