@@ -146,11 +146,19 @@ class BuildClock:
         self.run_step: float | None = None
         self.installed: float | None = None
         self.committed: float | None = None
+        #: the RUN step came from the layer cache: the build measured nothing
+        self.cached = False
         self.notes: list[str] = []
 
     def __call__(self, line: str) -> None:
         now = time.perf_counter()
         stripped = line.strip()
+        if (
+            self.run_step is not None
+            and self.installed is None
+            and "Using cache" in stripped
+        ):
+            self.cached = True
         if (
             stripped.startswith("STEP ")
             and ": RUN " in stripped
@@ -306,6 +314,10 @@ class Bench:
         finally:
             self.builder.no_cache = False
         end = time.perf_counter()
+        if clock.cached:
+            raise RunFailed(
+                f"our {name} build reused a cached install layer; not a measurement"
+            )
         verify_image(target, imports)
         parts = {
             "resolve": resolved - start,
@@ -362,6 +374,10 @@ class Bench:
         if code != 0:
             raise RunFailed(
                 f"the plain {name} build failed (exit {code}):\n{_tail(tail)}"
+            )
+        if clock.cached:
+            raise RunFailed(
+                f"the plain {name} build reused a cached install layer; not a measurement"
             )
         verify_image(target, imports)
         return Timing(end - start, clock.parts(end), [], target)
@@ -431,10 +447,12 @@ class Bench:
             "plain",
             await self.plain(FAIL_PACKAGES, f"fail{rep}", None, cold=False),
         )
+        # a later repetition must not find this one's layers in the cache
+        await self.cleanup()
 
     async def cleanup(self) -> None:
-        for image in self.tagged:
-            await self.builder.remove_image(image)
+        while self.tagged:
+            await self.builder.remove_image(self.tagged.pop())
 
 
 def print_table(results: dict) -> bool:

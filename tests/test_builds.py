@@ -238,6 +238,27 @@ async def test_git_repository_builds(hub, builder_token, sample_git_repos, podma
     assert result.stdout.strip() == "hello from a git repository"
 
 
+async def test_git_repository_with_apt_txt_and_postbuild(hub, builder_token, make_git_repo, podman_env):
+    # repo2docker's conventions: apt.txt installs libmagic, which python-magic needs to import
+    # (without it the import check fails, see above); postBuild runs as the image's user
+    repo = make_git_repo("apt-and-postbuild", {
+        "requirements.txt": "python-magic==0.4.27\n",
+        "apt.txt": "# the C library\nlibmagic1\n",
+        "postBuild": "#!/bin/sh\nset -e\necho \"postBuild ran as $(id -un)\" > \"$HOME/postbuild.txt\"\n",
+    })
+    name = await create(hub, builder_token, {"buildType": "GitRepository", "repository": repo.url,
+                                             "baseImage": USER_BASE})
+    obj = await wait_for(hub, builder_token, name)
+    assert model.phase_of(obj) == "Ready", explain(obj)
+    assert obj["status"]["recipe"] == "requirements"
+    assert obj["status"]["recipeExtras"] == ["apt", "postbuild"]
+    result = run_in(obj["status"]["image"], "sh", "-c",
+                    "python -c 'import magic; print(magic.from_buffer(b\"%PDF-1.4\"))'; cat $HOME/postbuild.txt",
+                    podman_env=podman_env)
+    assert result.returncode == 0, result.stderr
+    assert "PDF document" in result.stdout and "postBuild ran as jovyan" in result.stdout
+
+
 async def test_missing_git_ref_fails_in_prepare(hub, builder_token, sample_git_repos):
     name = await create(hub, builder_token, {
         "buildType": "GitRepository", "repository": sample_git_repos["requirements"].url,
