@@ -17,7 +17,9 @@ is paid by us, not by the baseline):
   cache into the layer). Both cold builds use ``--no-cache``, so no layer another build left
   in the shared storage is reused.
 * ``warm``: the same list plus seaborn, built with the layer cache and (ours) the uv caches
-  the cold run filled: a new lock for us, a changed requirements.txt for the baseline.
+  the cold run filled: a changed requirements.txt for the baseline; for us what the reconciler
+  does on such a rebuild: a new lock, and a build FROM the cold image installing only the
+  lock difference (``lock_difference``).
 * ``fail``: time to Failed for ``scikit-learn==999`` (with pandas and matplotlib): ours is
   ``resolve_lock`` raising ResolutionError (empty uv cache again), the baseline is its
   podman build failing in ``pip install``. For information, ours is also timed with the
@@ -68,6 +70,7 @@ from cnbi_hub.controller.resolve import (
     ResolutionError,
     constraints_from_pip_list,
     resolve_lock,
+    lock_difference,
 )
 
 BASE = "localhost/cnbi/notebook-base:py311-user"
@@ -224,6 +227,7 @@ class Bench:
             workdir / "podman-tmp", ca_bundle=CA_BUNDLE, build_timeout=BUILD_TIMEOUT
         )
         self.tagged: list[str] = []
+        self.built: dict[str, tuple[str, str]] = {}  # name -> (image@digest, lock text)
         self.settings = IndexSettings(ca_bundle=CA_BUNDLE)
         self.pinned = ""
         self.info = None
@@ -264,8 +268,10 @@ class Bench:
     # --- ours: the reconciler's Resolving + Building work ---------------------------------------
 
     async def ours(
-        self, packages: list[str], name: str, imports: str, cold: bool
+        self, packages: list[str], name: str, imports: str, cold: bool, previous: tuple | None = None
     ) -> Timing:
+        """Our path; with `previous` = (image@digest, its lock), the reconciler's rebuild:
+        FROM the previous generation, installing only the lock difference."""
         info = self.info
         start = time.perf_counter()
         lock = await resolve_lock(
@@ -285,14 +291,20 @@ class Bench:
             "spec": {"buildType": "PackageList", "packageVersions": packages},
         }
         target = self.target(f"ours-{name}")
+        build_from, lock_text = self.pinned, lock.text
+        if previous is not None:
+            delta = lock_difference(lock.text, previous[1])
+            if not delta:
+                raise RunFailed("the warm lock is not a superset of the cold one: nothing to layer on")
+            build_from, lock_text = previous[0], delta
         observations = BuildObservations(
-            resolved_base_image=self.pinned,
+            resolved_base_image=build_from,
             base_user=info.user or "root",
             python_path=info.python_path,
             python_env_owned_by_user=info.env_owned_by_user,
             spec_hash=spec_hash(obj, self.pinned, lock.sha256),
             target=target,
-            lock_text=lock.text,
+            lock_text=lock_text,
             base_uid=info.uid,
         )
         plan = plan_build(obj, observations)
@@ -308,7 +320,7 @@ class Bench:
         clock = BuildClock("Installed ")
         self.builder.no_cache = cold
         try:
-            await self.builder.build(plan, context, secret_files, clock)
+            digest = await self.builder.build(plan, context, secret_files, clock)
         except BuildError as err:
             raise RunFailed(f"our {name} build failed: {err}") from None
         finally:
@@ -325,6 +337,7 @@ class Bench:
             **clock.parts(end),
         }
         notes = [f"{len(lock.packages)} pins"] + clock.notes
+        self.built[name] = (f"{target.rsplit(':', 1)[0]}@{digest}", lock.text)
         return Timing(end - start, parts, notes, target)
 
     # --- the baseline: a plain Containerfile with pip install ---------------------------------
@@ -431,7 +444,8 @@ class Bench:
         record(
             "warm",
             "ours",
-            await self.ours(WARM_PACKAGES, f"warm{rep}", WARM_IMPORTS, cold=False),
+            await self.ours(WARM_PACKAGES, f"warm{rep}", WARM_IMPORTS, cold=False,
+                            previous=self.built[f"cold{rep}"]),
         )
         record(
             "warm",
