@@ -157,6 +157,23 @@ async def test_adding_a_package_builds_on_the_previous_generation(hub, builder_t
     assert visible == {"text-unidecode", "toolz"}
 
 
+async def test_rebuild_runs_a_finished_image_again(hub, builder_token):
+    # a set no other test builds, so this one cannot finish at once by reuse
+    name = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
+                                             "packageVersions": ["tabulate==0.8.10"]})
+    r = await hub.api("POST", f"api/images/{name}/rebuild", builder_token)
+    assert r.code == 409 and "wait" in r.json()["message"]  # not finished yet
+    first = await wait_for(hub, builder_token, name)
+    assert model.phase_of(first) == "Ready", explain(first)
+    r = await hub.api("POST", f"api/images/{name}/rebuild", builder_token)
+    assert r.code == 200 and model.phase_of(r.json()) == "Pending"
+    assert r.json()["status"]["rebuildOf"] == first["status"]["image"]
+    again = await wait_for(hub, builder_token, name)
+    assert model.phase_of(again) == "Ready", explain(again)
+    assert again["status"]["completionTime"] >= first["status"]["completionTime"]
+    assert (await hub.api("POST", f"api/images/{name}/rebuild", hub.token("someone-else"))).code == 404
+
+
 async def test_unresolvable_fails_in_resolving_with_uvs_message(hub, builder_token):
     name = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
                                              "packageVersions": ["tabulate==999"]})
