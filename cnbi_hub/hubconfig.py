@@ -10,10 +10,13 @@ the scopes of single-user servers' tokens (the Lab extension calls the service w
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 
 SERVICE_NAME = "cnbi"
+FORWARDED_ENVIRONMENT = ("SSL_CERT_FILE", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "UV_INDEX_URL",
+                         "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "https_proxy", "http_proxy", "no_proxy")
 SCOPE_IMAGES = "custom:cnbi:images"
 SCOPE_ADMIN = "custom:cnbi:admin"
 ADMIN_ROLE = "cnbi-admin"
@@ -47,7 +50,10 @@ def configure(
     """
     service_access = f"access:services!service={SERVICE_NAME}"
     command = [python, "-m", "cnbi_hub.service"]
-    env = dict(environment or {})
+    # JupyterHub starts services with a clean environment: carry over how this machine reaches
+    # package indexes (a mirror, a proxy's CA), which resolving and builds need too
+    env = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
+    env.update(environment or {})
     if service_config:
         # JSON in the environment carries lists and dicts intact (a command line would not)
         env["CNBI_SERVICE_CONFIG"] = json.dumps(service_config)

@@ -57,3 +57,15 @@ def test_generate_config_writes_every_option_with_help(tmp_path):
     for option in ("max_images_per_user", "base_images", "db_url", "allowed_git_schemes", "heartbeat_interval"):
         assert f"# c.CNBIService.{option} = " in text
     assert "How many images one user may have at once" in text
+
+
+def test_service_inherits_how_this_machine_reaches_package_indexes(monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", "/etc/ssl/certs/corporate.pem")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example.org/simple")
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    c = Config()
+    configure(c, environment={"EXTRA": "1"})
+    env = [s for s in c.JupyterHub.services if s["name"] == "cnbi"][0]["environment"]
+    assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/corporate.pem"
+    assert env["PIP_INDEX_URL"] == "https://mirror.example.org/simple"
+    assert env["EXTRA"] == "1" and "HTTPS_PROXY" not in env

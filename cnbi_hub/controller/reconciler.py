@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import time
 from pathlib import Path
 from typing import Callable
@@ -70,19 +71,32 @@ class Reconciler(LoggingConfigurable):
     ).tag(config=True)
 
     index_url = Unicode(
-        "", help="Package index URL for resolving and installing (e.g. a corporate mirror). Empty: PyPI."
+        help="""Package index URL for resolving and installing (e.g. a corporate mirror).
+        Default: $UV_INDEX_URL or $PIP_INDEX_URL if set, else PyPI."""
     ).tag(config=True)
+
+    @default("index_url")
+    def _default_index_url(self):
+        return os.environ.get("UV_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or ""
 
     extra_index_urls = List(Unicode(), help="Further package indexes, searched after index_url.").tag(config=True)
 
     ca_bundle = Unicode(
         help="""PEM CA bundle trusted when reaching package indexes, in resolving and in builds
-        (mounted as a build secret, never stored in the image). Default: $SSL_CERT_FILE if set."""
+        (mounted as a build secret, never stored in the image). Default: $SSL_CERT_FILE, else
+        the machine's own trust store, so a corporate proxy's CA that the admin installed on
+        the host is trusted by builds too."""
     ).tag(config=True)
 
     @default("ca_bundle")
     def _default_ca_bundle(self):
-        return os.environ.get("SSL_CERT_FILE", "")
+        if os.environ.get("SSL_CERT_FILE"):
+            return os.environ["SSL_CERT_FILE"]
+        paths = ssl.get_default_verify_paths()
+        for candidate in (paths.cafile, paths.openssl_cafile):
+            if candidate and os.path.isfile(candidate):
+                return candidate
+        return ""
 
     push_registry = Unicode(
         "",
