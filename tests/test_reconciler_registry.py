@@ -99,3 +99,24 @@ async def test_import_honours_the_pull_secret(tmp_path, auth_registry, notebook_
         assert failure["reason"] == reason, failure
     assert "nope" in [c for c in results["bad-secret"]["status"]["conditions"]
                       if c["type"] == model.CONDITION_IMAGE_IMPORT_READY][0]["message"]
+
+
+async def test_cancelled_check_leaves_no_container(notebook_base_images, podman_env):
+    """A DELETE during validation cancels the check: its container must go too."""
+    from cnbi_hub.controller.builders.podman import PodmanBuilder
+    from cnbi_hub.controller.checks import Check
+    from tests.infra_podman import podman
+
+    builder = PodmanBuilder()
+    task = asyncio.ensure_future(builder.run_check(notebook_base_images["user"], Check("slow", ("sleep", "60"))))
+    for _ in range(100):  # wait until the container runs
+        names = podman("ps", "--format", "{{.Names}}", env=podman_env).stdout.split()
+        if any(n.startswith("cnbi-run-") for n in names):
+            break
+        await asyncio.sleep(0.1)
+    assert any(n.startswith("cnbi-run-") for n in names), names
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    left = podman("ps", "-a", "--format", "{{.Names}}", env=podman_env).stdout.split()
+    assert not [n for n in left if n.startswith("cnbi-run-")], left

@@ -13,6 +13,7 @@ import asyncio
 import ctypes
 import json
 import os
+import secrets
 import shutil
 import signal
 from dataclasses import dataclass, field
@@ -164,10 +165,12 @@ class PodmanBuilder(LoggingConfigurable):
         if reference in self._inspections:
             return self._inspections[reference]
         user = await self.image_user(reference)
-        code, out, err = await self._run(
-            "run", "--rm", "--network=host", "--entrypoint=sh", reference,
-            "-c", _FIND_PYTHON, _INSPECT_PROGRAM, timeout=self.check_timeout,
-        )
+        try:
+            code, out, err = await self._run_container(
+                "--entrypoint=sh", reference, "-c", _FIND_PYTHON, _INSPECT_PROGRAM, timeout=self.check_timeout
+            )
+        except asyncio.TimeoutError:
+            raise BuildError(f"inspecting {reference} took longer than {self.check_timeout:.0f} s")
         if code != 0:
             raise BuildError(f"could not inspect {reference}: {_last_lines(err or out)}")
         try:
@@ -259,12 +262,22 @@ class PodmanBuilder(LoggingConfigurable):
         """Run one acceptance check inside `image` as the image's own user."""
         entrypoint, *args = check.argv
         try:
-            return await self._run(
-                "run", "--rm", "--network=host", f"--entrypoint={entrypoint}", image, *args,
-                timeout=self.check_timeout,
-            )
+            return await self._run_container(f"--entrypoint={entrypoint}", image, *args, timeout=self.check_timeout)
         except asyncio.TimeoutError:
             return 124, "", f"the check took longer than {self.check_timeout:.0f} s"
+
+    async def _run_container(self, *args: str, timeout: float) -> tuple[int, str, str]:
+        """`podman run --rm` on the host network, removing the container if we stop waiting:
+        killing the podman client (timeout, DELETE) would leave the container itself behind."""
+        name = f"cnbi-run-{secrets.token_hex(6)}"
+        try:
+            return await self._run("run", "--rm", f"--name={name}", "--network=host", *args, timeout=timeout)
+        except BaseException:
+            await asyncio.shield(self.remove_container(name))
+            raise
+
+    async def remove_container(self, name: str) -> None:
+        await self._run("rm", "--force", "--time=0", "--ignore", name)
 
 
 def _stop_when_parent_dies() -> None:
