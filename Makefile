@@ -32,6 +32,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 
 venv: $(PY)
+	$(PY) -m pip install -q hatchling hatch-jupyter-builder editables
 	$(PY) -m pip install -q -e ".[test,docker,kubernetes,lab]"
 
 # JupyterHub's proxy is a Node program; keep it inside .venv rather than installing globally.

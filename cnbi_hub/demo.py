@@ -29,6 +29,7 @@ from jupyterhub.utils import random_port
 from .spawner import PodmanService
 
 BASE_IMAGE = "localhost/cnbi/notebook-base:py311-user"
+LAB_IMAGE = "localhost/cnbi/notebook-lab:py311"  # the base plus cnbi_hub's own Lab panel
 DEMO_LABEL = "cnbi-hub.io/demo-run"
 HUB_STOP_TIMEOUT = 90  # stopping servers removes their containers; give it time
 MAX_SOCKET_PATH = 100  # unix socket paths are limited to 107 bytes
@@ -41,6 +42,9 @@ from cnbi_hub.spawner import configure_dockerspawner
 
 c.JupyterHub.bind_url = {bind_url!r}
 c.JupyterHub.hub_ip = "127.0.0.1"
+# free ports, not 8081/8001: the demo must not collide with another hub on this machine
+c.JupyterHub.hub_port = {hub_port!r}
+c.ConfigurableHTTPProxy.api_url = {proxy_api_url!r}
 c.JupyterHub.db_url = {db_url!r}
 c.JupyterHub.cookie_secret_file = {cookie_file!r}
 c.ConfigurableHTTPProxy.pid_file = {proxy_pid!r}
@@ -71,9 +75,9 @@ configure(
 def base_image_list() -> list[dict]:
     return [
         {
-            "image": BASE_IMAGE,
+            "image": LAB_IMAGE,
             "displayName": "Notebook base (Debian, Python 3.11)",
-            "description": "JupyterLab and jupyterhub on Debian bookworm; you may pip install into it",
+            "description": "JupyterLab, jupyterhub and the Image Builder on Debian bookworm; you may pip install into it",
         }
     ]
 
@@ -96,7 +100,9 @@ def write_config(data_dir: Path, ip: str, port: int, base_images: list[dict], po
             cookie_file=str(data_dir / "jupyterhub_cookie_secret"),
             proxy_pid=str(data_dir / "jupyterhub-proxy.pid"),
             podman_socket=str(podman_socket),
-            base_image=BASE_IMAGE,
+            base_image=LAB_IMAGE,
+            hub_port=random_port(),
+            proxy_api_url=f"http://127.0.0.1:{random_port()}",
             demo_label=DEMO_LABEL,
             run_id=run_id,
             admin_images={b["displayName"]: b["image"] for b in base_images},
@@ -116,6 +122,10 @@ def ensure_notebook_base_image() -> None:
         print(f"  building the local notebook base image {BASE_IMAGE} from Debian packages "
               "(no container registry is reachable here; about 3 minutes, once)...", flush=True)
     ensure_base_images(["user"], builder=builder)
+    # servers show the Image Builder only if cnbi_hub is in their image, as jupyterhub must be
+    from .labimage import ensure_lab_image
+
+    print(f"  adding the Image Builder to it: {ensure_lab_image(BASE_IMAGE)}", flush=True)
 
 
 def remove_demo_containers(podman: PodmanService, run_id: str) -> list[str]:

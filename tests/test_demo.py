@@ -141,6 +141,12 @@ def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_
             assert time.monotonic() < deadline, f"server never answered: {lab.status_code} {lab.url} {lab.text[:300]}"
             time.sleep(1)
         assert demo_containers() == [f"cnbi-{USERNAME}"]
+        # the server runs in the image with cnbi_hub: the Lab panel's route answers from inside
+        # the container, forwarding to the cnbi service with the server's own token
+        assert '"cnbi-hub"' in lab.text or "cnbi-hub" in lab.text  # the Lab extension is federated
+        panel_api = session.get(base + f"user/{USERNAME}/cnbi/api/base-images", timeout=30)
+        assert panel_api.status_code == 200, panel_api.text[:300]
+        assert panel_api.json()["items"][0]["image"] == "localhost/cnbi/notebook-lab:py311"
 
         tree = descendants(demo.pid)
         commands = " ".join(command_of(pid) for pid in tree)
