@@ -150,11 +150,14 @@ def stop_hub(hub: subprocess.Popen, proxy_pid_file: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(hub.pid, signal.SIGKILL)  # the hub's own session: its proxy and service too
         hub.wait()
-        # the proxy may have left the hub's group; its pid file says which process it is
-        try:
-            os.kill(int(proxy_pid_file.read_text().strip()), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
+    # A hub that stopped cleanly removed its proxy's pid file; one that crashed (or failed to
+    # start) left the proxy running in its own session, and the pid file says which it is.
+    try:
+        pid = int(proxy_pid_file.read_text().strip())
+        if b"configurable-http-proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv=None) -> int:
