@@ -62,6 +62,8 @@ c.PodmanSpawner.http_timeout = 120
 # a label naming this run: the demo removes whatever still carries it when it stops
 c.PodmanSpawner.extra_create_kwargs = {{"labels": {{{demo_label!r}: {run_id!r}}}}}
 configure_dockerspawner(c, "PodmanSpawner")
+# "Start a server with this image" opens a new server named after the image
+c.JupyterHub.allow_named_servers = True
 c.CNBISpawnerHooks.admin_images = {admin_images!r}
 
 configure(

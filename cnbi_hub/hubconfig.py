@@ -54,6 +54,9 @@ def configure(
     # package indexes (a mirror, a proxy's CA), which resolving and builds need too
     env = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
     env.update(environment or {})
+    service_config = dict(service_config or {})
+    # the Lab panel starts named servers when the hub allows them (set that before this call)
+    service_config.setdefault("named_servers", bool(c.JupyterHub.get("allow_named_servers", False)))
     if service_config:
         # JSON in the environment carries lists and dicts intact (a command line would not)
         env["CNBI_SERVICE_CONFIG"] = json.dumps(service_config)

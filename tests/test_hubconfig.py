@@ -69,3 +69,13 @@ def test_service_inherits_how_this_machine_reaches_package_indexes(monkeypatch):
     assert env["SSL_CERT_FILE"] == "/etc/ssl/certs/corporate.pem"
     assert env["PIP_INDEX_URL"] == "https://mirror.example.org/simple"
     assert env["EXTRA"] == "1" and "HTTPS_PROXY" not in env
+
+
+def test_named_servers_setting_reaches_the_service():
+    import json
+
+    c = Config()
+    c.JupyterHub.allow_named_servers = True
+    configure(c)
+    env = [s for s in c.JupyterHub.services if s["name"] == "cnbi"][0]["environment"]
+    assert json.loads(env["CNBI_SERVICE_CONFIG"])["named_servers"] is True

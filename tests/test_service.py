@@ -210,6 +210,11 @@ async def test_per_user_limit(hub, tokens, clean):
     assert (await hub.api("POST", "api/images", tokens["bob"], package_list("six"))).code == 201
 
 
+async def test_settings_tell_the_panel_about_named_servers(hub, tokens):
+    r = await hub.api("GET", "api/settings", tokens["alice"])
+    assert r.code == 200 and r.json() == {"namedServers": False}  # the test hub does not allow them
+
+
 async def test_base_images_lists_the_admin_choice(hub, tokens):
     r = await hub.api("GET", "api/base-images", tokens["alice"])
     assert r.code == 200

@@ -137,6 +137,14 @@ class CNBIService(Application):
             )
         return checked
 
+    named_servers = Bool(
+        False,
+        help="""Whether the hub allows named servers (`c.JupyterHub.allow_named_servers`).
+
+        The Lab panel then starts a new server named after the image, leaving the one it runs
+        in alone. `cnbi_hub.hubconfig.configure` copies the hub's setting here.""",
+    ).tag(config=True)
+
     max_images_per_user = Integer(
         20, help="How many images one user may have at once; creating more answers 409."
     ).tag(config=True)
@@ -219,6 +227,7 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/lock"), handlers.ImageArtifactHandler, {"kind": "lock"}),
             (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
+            (route("api/settings"), handlers.SettingsHandler),
             (route("api/check-image"), handlers.CheckImageHandler),
             (route("metrics"), handlers.MetricsHandler),
             (route("api/openapi.yaml"), handlers.OpenAPIHandler),

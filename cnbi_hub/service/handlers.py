@@ -399,6 +399,13 @@ class MetricsHandler(APIHandler):
         self.finish(generate_latest())
 
 
+class SettingsHandler(APIHandler):
+    """GET api/settings: what the Lab panel needs to know about the hub."""
+
+    def get(self):
+        self.write_json({"namedServers": self.cnbi.named_servers})
+
+
 class BaseImagesHandler(APIHandler):
     async def get(self):
         self.write_json({"items": self.cnbi.base_images})

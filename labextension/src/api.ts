@@ -13,6 +13,11 @@ import type {
 } from './model';
 
 /** An answer of the service that is not a success: `{message, field}` with its status. */
+export interface IServiceSettings {
+  /** The hub allows named servers: start a new one per image, keep the running one. */
+  namedServers: boolean;
+}
+
 export class CnbiApiError extends Error {
   constructor(status: number, message: string, field?: string) {
     super(message);
@@ -161,6 +166,11 @@ export class CnbiApi {
 
   baseImages(): Promise<{ items: IBaseImage[] }> {
     return this.json('base-images');
+  }
+
+  /** How the hub is set up, as far as the panel needs to know. */
+  serviceSettings(): Promise<IServiceSettings> {
+    return this.json('settings');
   }
 
   checkImage(image: string): Promise<ICheckImageResult> {

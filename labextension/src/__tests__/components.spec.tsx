@@ -202,7 +202,8 @@ describe('ImageBuilder panel', () => {
     fireEvent.click(screen.getByTestId('cnbi-copy-ref'));
     expect(actions.copied).toEqual(['localhost:5000/cnbi/alice/built@sha256:def']);
     fireEvent.click(screen.getByTestId('cnbi-spawn'));
-    expect(actions.opened).toEqual(['/hub/spawn?cnbi_image=built']);
+    // the service says the hub allows named servers: a new server named after the image
+    expect(actions.opened).toEqual(['/hub/spawn/alice/built?cnbi_image=built']);
     fireEvent.click(screen.getByTestId('cnbi-delete'));
     await waitFor(() => expect(screen.queryByTestId('cnbi-image-row')).toBeNull());
     expect(actions.confirms).toEqual(['Display built']);
@@ -212,5 +213,7 @@ describe('ImageBuilder panel', () => {
 
   it('builds the hub spawn URL', () => {
     expect(spawnUrl('/hub', 'a b')).toBe('/hub/spawn?cnbi_image=a%20b');
+    expect(spawnUrl('/hub/', 'img-1', 'alice', true)).toBe('/hub/spawn/alice/img-1?cnbi_image=img-1');
+    expect(spawnUrl('/hub/', 'img-1', 'alice', false)).toBe('/hub/spawn?cnbi_image=img-1');
   });
 });

@@ -131,6 +131,9 @@ export class TestCnbiService {
       this.images.unshift(created);
       return this.json(res, 201, created);
     }
+    if (path === 'settings') {
+      return this.json(res, 200, { namedServers: true });
+    }
     if (path === 'base-images') {
       return this.json(res, 200, {
         items: [

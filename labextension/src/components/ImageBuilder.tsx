@@ -33,6 +33,7 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
   const [loadError, setLoadError] = React.useState<string | null>(null);
   const [selected, setSelected] = React.useState<string | null>(null);
   const [creating, setCreating] = React.useState(false);
+  const [namedServers, setNamedServers] = React.useState(false);
 
   const upsert = React.useCallback((image: ICustomNBImage) => {
     setImages(list => {
@@ -50,6 +51,13 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
     setImages(list => list.filter(i => nameOf(i) !== name));
     setSelected(s => (s === name ? null : s));
   }, []);
+
+  React.useEffect(() => {
+    api.serviceSettings().then(
+      settings => setNamedServers(!!settings.namedServers),
+      () => setNamedServers(false) // an older service: the default server's spawn page
+    );
+  }, [api]);
 
   React.useEffect(() => {
     api.listImages().then(
@@ -141,6 +149,8 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
             api={api}
             image={current}
             hubPrefix={hubPrefix}
+            currentUser={currentUser}
+            namedServers={namedServers}
             actions={actions}
             eventSourceFactory={eventSourceFactory}
             onUpdate={upsert}

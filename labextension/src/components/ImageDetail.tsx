@@ -28,6 +28,9 @@ export interface IImageDetailProps {
   api: CnbiApi;
   image: ICustomNBImage;
   hubPrefix: string;
+  /** The hub user and whether the hub allows named servers (for the spawn link). */
+  currentUser?: string;
+  namedServers?: boolean;
   actions: IPanelActions;
   eventSourceFactory?: EventSourceFactory;
   /** Every new version of the object seen on the stream (the list shows it too). */
@@ -36,13 +39,22 @@ export interface IImageDetailProps {
   onRebuilt: (image: ICustomNBImage) => void;
 }
 
-export function spawnUrl(hubPrefix: string, name: string): string {
+/**
+ * Where "Start a server with this image" goes. With named servers, a new server named after
+ * the image (the user keeps the one this panel runs in); without, the default server's spawn
+ * page, which only helps once that server is stopped.
+ */
+export function spawnUrl(hubPrefix: string, name: string, user?: string, namedServers?: boolean): string {
   const prefix = hubPrefix.endsWith('/') ? hubPrefix : hubPrefix + '/';
-  return `${prefix}spawn?cnbi_image=${encodeURIComponent(name)}`;
+  const query = `cnbi_image=${encodeURIComponent(name)}`;
+  if (namedServers && user) {
+    return `${prefix}spawn/${encodeURIComponent(user)}/${encodeURIComponent(name)}?${query}`;
+  }
+  return `${prefix}spawn?${query}`;
 }
 
 export function ImageDetail(props: IImageDetailProps): JSX.Element {
-  const { api, image, hubPrefix, actions, onUpdate, onDeleted, onRebuilt } = props;
+  const { api, image, hubPrefix, currentUser, namedServers, actions, onUpdate, onDeleted, onRebuilt } = props;
   const name = nameOf(image);
   const phase = phaseOf(image);
   const [buffer] = React.useState(() => new LogBuffer());
@@ -223,7 +235,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
           className="jp-mod-styled jp-mod-accept cnbi-button"
           data-testid="cnbi-spawn"
           disabled={phase !== 'Ready'}
-          onClick={() => actions.openUrl(spawnUrl(hubPrefix, name))}
+          onClick={() => actions.openUrl(spawnUrl(hubPrefix, name, currentUser, namedServers))}
         >
           Start a server with this image
         </button>
