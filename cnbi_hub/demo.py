@@ -26,6 +26,8 @@ from pathlib import Path
 
 from jupyterhub.utils import random_port
 
+from .baseimage import BaseImageError
+from .labimage import LabImageError
 from .spawner import PodmanService
 
 BASE_IMAGE = "localhost/cnbi/notebook-base:py311-user"
@@ -196,7 +198,11 @@ def main(argv=None) -> int:
     print(f"  starting podman's API service on {podman.socket_path}", flush=True)
     podman.start()
     try:
-        ensure_notebook_base_image()
+        try:
+            ensure_notebook_base_image()
+        except (BaseImageError, LabImageError) as e:
+            print(f"  cannot prepare the notebook image: {e}", file=sys.stderr, flush=True)
+            return 1
         if stopping:
             return 0
         config = write_config(data_dir, args.ip, args.port, base_image_list(), podman.socket_path, run_id)

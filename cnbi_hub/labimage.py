@@ -78,6 +78,12 @@ def ensure_lab_image(from_image: str = DEFAULT_FROM) -> str:
     if _podman("image", "exists", keyed).returncode == 0:
         _podman("tag", keyed, reference)
         return reference
+    # `jupyter labextension develop` links the installed extension to the build output, and
+    # an editable install then writes install.json into it; the wheel maps the root one there
+    # too, and hatchling refuses the duplicate. The build output is generated: drop the copy.
+    stray = root / "cnbi_hub" / "labextension" / "install.json"
+    if stray.is_file() and (root / "install.json").is_file():
+        stray.unlink()
     with tempfile.TemporaryDirectory(prefix="cnbi-labimage-") as context:
         built = subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
