@@ -12,6 +12,8 @@ export PATH := $(VENV)/bin:$(PATH)
 demo: install
 	$(PY) -m cnbi_hub.demo
 
+# the UI tests drive Debian's Chromium: the test run installs it too
+test: SYSTEM_DEPS_ARGS = --browser
 test: install js
 	$(VENV)/bin/jlpm test
 	$(PY) -m pytest $(PYTEST_ARGS)
