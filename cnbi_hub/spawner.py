@@ -654,7 +654,7 @@ if DockerSpawner is not None:
         def _pick_port(self) -> int:
             low, high = self.port_range
             if low and high:
-                return random_port_in(low, high)
+                return free_port_in(low, high)
             return random_port()
 
         async def create_object(self):
@@ -678,7 +678,8 @@ else:  # pragma: no cover
     PodmanSpawner = None
 
 
-def random_port_in(low: int, high: int) -> int:
+def free_port_in(low: int, high: int) -> int:
+    """The first port in [low, high) that nothing on 127.0.0.1 listens on."""
     import socket
 
     for port in range(low, high):

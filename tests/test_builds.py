@@ -292,6 +292,10 @@ async def test_check_image(hub, builder_token, registry_with_base, local_registr
     assert r.json()["digest"].startswith("sha256:") and "linux/amd64" in r.json()["platforms"]
     r = await hub.api("GET", f"api/check-image?image={local_registry.host}/nothing/here:1", builder_token)
     assert r.code == 200 and r.json() == {"exists": False, "digest": None, "platforms": []}
+    r = await hub.api("GET", f"api/check-image?image={USER_BASE}", builder_token)  # this machine's storage
+    assert r.json()["exists"] is True and r.json()["platforms"] == ["linux/amd64"]
+    r = await hub.api("GET", "api/check-image?image=localhost/cnbi/not-here:1", builder_token)
+    assert r.json() == {"exists": False, "digest": None, "platforms": []}
     r = await hub.api("GET", "api/check-image?image=Not%20An%20Image", builder_token)
     assert r.code == 422 and r.json()["field"] == "image"
 

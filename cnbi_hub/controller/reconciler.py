@@ -10,11 +10,13 @@ ones the cluster operator uses.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
 import shutil
 import ssl
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -328,9 +330,10 @@ class Reconciler(LoggingConfigurable):
         offered = ", ".join(sorted({e["pythonVersion"] for e in self.base_images if e.get("pythonVersion")})) or "none"
         raise LookupError(f"no base image offers Python {wanted} (offered: {offered}); ask your admin or name spec.baseImage")
 
-    def _auth_documents(self, obj: dict) -> list[dict]:
+    def _auth_documents(self, obj: dict | None) -> list[dict]:
+        """Credentials documents for pulling: the object's pull secret first, then the auth file."""
         documents = []
-        secret = (obj["spec"].get("imagePullSecret") or {}).get("name")
+        secret = ((obj or {}).get("spec", {}).get("imagePullSecret") or {}).get("name")
         if secret:
             # a DNS name, as Secret names are: never a path that could leave the directory
             if not _SECRET_NAME.match(secret) or not self.pull_secrets_dir:
@@ -347,28 +350,30 @@ class Reconciler(LoggingConfigurable):
         host = ref.registry.rsplit(":", 1)[0] if not ref.registry.startswith("[") else ref.registry.split("]")[0] + "]"
         return host in LOOPBACK_HOSTS or ref.registry in self.insecure_registries
 
+    def _registry_access(self, ref: ImageReference, documents: list[dict]):
+        """(client, credentials or None, insecure) for one image's registry."""
+        insecure = self._is_insecure(ref)
+        client = self.registry
+        if insecure and ref.registry not in client.insecure_registries:
+            client = RegistryClient(parent=self, insecure_registries=[*client.insecure_registries, ref.registry])
+        credentials = credentials_for(ref.registry, documents, ref.repository) if documents else None
+        return client, credentials, insecure
+
     async def pin_image(self, text: str, obj: dict) -> tuple[str, str]:
         """`text` -> (name@digest, digest), pulled into local storage. Raises with a message
         that says what is wrong: missing, unauthorized, unreachable."""
         ref = parse_image_reference(text)
         if ref.registry == "localhost":
             # podman's own namespace: such images live only in this machine's storage
-            digest = await self.builder.local_digest(str(ref))
-            if not digest:
+            local = await self.builder.local_image(str(ref))
+            if not local:
                 raise ImageNotFound(f"image {text} does not exist in this machine's image storage")
-            return str(ref.with_digest(digest)), digest
-        insecure = self._is_insecure(ref)
-        client = self.registry
-        if insecure and ref.registry not in client.insecure_registries:
-            client = RegistryClient(parent=self, insecure_registries=[*client.insecure_registries, ref.registry])
-        documents = self._auth_documents(obj)
-        credentials = credentials_for(ref.registry, documents, ref.repository) if documents else None
-        resolved = await client.resolve(ref, auth=(credentials.username, credentials.password) if credentials else None)
+            return str(ref.with_digest(local.digest)), local.digest
+        client, credentials, insecure = self._registry_access(ref, self._auth_documents(obj))
+        resolved = await client.resolve(ref, auth=credentials and (credentials.username, credentials.password))
         pinned = str(ref.with_digest(resolved.digest))
         if not await self.builder.local_digest(pinned):
-            authfile = None
-            if credentials:
-                authfile = self._write_authfile(obj, ref.registry, credentials)
+            authfile = _write_authfile(ref.registry, credentials) if credentials else None
             try:
                 await self.builder.pull(pinned, tls_verify=not insecure, authfile=authfile)
             finally:
@@ -380,30 +385,18 @@ class Reconciler(LoggingConfigurable):
         """`GET api/check-image`: does this image exist, and as what digest and platforms."""
         ref = parse_image_reference(text)
         if ref.registry == "localhost":
-            digest = await self.builder.local_digest(str(ref))
-            return {"exists": bool(digest), "digest": digest, "platforms": ["linux/amd64"] if digest else []}
-        client = self.registry
-        if self._is_insecure(ref) and ref.registry not in client.insecure_registries:
-            client = RegistryClient(parent=self, insecure_registries=[*client.insecure_registries, ref.registry])
-        documents = [json.loads(Path(self.auth_file).read_text())] if self.auth_file and os.path.isfile(self.auth_file) else []
-        credentials = credentials_for(ref.registry, documents, ref.repository) if documents else None
-        return await client.exists(ref, auth=(credentials.username, credentials.password) if credentials else None)
+            local = await self.builder.local_image(str(ref))
+            if not local:
+                return {"exists": False, "digest": None, "platforms": []}
+            return {"exists": True, "digest": local.digest, "platforms": [local.platform]}
+        client, credentials, _ = self._registry_access(ref, self._auth_documents(None))
+        return await client.exists(ref, auth=credentials and (credentials.username, credentials.password))
 
     async def _artifact_or_none(self, name: str, kind: str) -> str | None:
         try:
             return await self.store.get_artifact(name, kind)
         except NotFound:
             return None
-
-    def _write_authfile(self, obj, registry, credentials) -> str:
-        import base64
-        import tempfile
-
-        token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
-        fd, path = tempfile.mkstemp(prefix="cnbi-auth-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"auths": {registry: {"auth": token}}}, f)
-        return path
 
     async def prepare(self, obj: dict) -> Outcome:
         spec = obj["spec"]
@@ -610,7 +603,7 @@ class Reconciler(LoggingConfigurable):
         if spec["buildType"] == "ImageImport":
             image = status["resolvedBaseImage"]
         else:
-            requested = requirement_names(self.requirements_of(obj) or [])
+            requested = requested_distribution_names(self.requirements_of(obj) or [])
             try:
                 image = await self._build_image(obj, info, say)
                 if own_containerfile:
@@ -701,8 +694,13 @@ class Reconciler(LoggingConfigurable):
         return f"{repository}@{digest}"
 
 
-def requirement_names(requirements: list[str]) -> list[str]:
-    return requested_distribution_names(requirements)
+def _write_authfile(registry: str, credentials) -> str:
+    """A private auth.json for one pull: credentials never go on podman's command line."""
+    token = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    fd, path = tempfile.mkstemp(prefix="cnbi-auth-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"auths": {registry: {"auth": token}}}, f)
+    return path
 
 
 def _pip_section_of_environment(checkout: Path) -> list[str]:

@@ -15,11 +15,14 @@ from typing import Any
 
 from jupyterhub.services.auth import HubOAuthenticated
 from jupyterhub.utils import url_path_join
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.escape import xhtml_escape as escape
 from tornado.iostream import StreamClosedError
 
 from .. import model
+from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
+from ..imageref import parse_image_reference
 from ..store.base import AlreadyExists, NotFound
 
 SCOPE_IMAGES = "custom:cnbi:images"
@@ -370,9 +373,6 @@ class CheckImageHandler(APIHandler):
     """GET api/check-image?image=REF: whether an image exists (Renku's images?image_url=)."""
 
     async def get(self):
-        from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
-        from ..imageref import parse_image_reference
-
         text = self.get_argument("image", "")
         try:
             parse_image_reference(text.strip())
@@ -391,8 +391,6 @@ class MetricsHandler(APIHandler):
     """GET metrics: Prometheus metrics (admins)."""
 
     def get(self):
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
         if not self.is_admin:
             raise FieldError(403, f"metrics are for admins ({SCOPE_ADMIN})")
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)

@@ -51,7 +51,13 @@ class ImageStore(Protocol):
 
     async def get(self, name: str) -> dict: ...
 
-    async def list(self) -> list[dict]: ...
+    async def list(
+        self, *, owner: str | None = None, include_shared: bool = False, phase: str | None = None,
+        build_type: str | None = None,
+    ) -> list[dict]:
+        """Oldest first; `owner` limits to one creator (plus shared images with `include_shared`)."""
+
+    async def count(self, owner: str) -> int: ...
 
     async def replace(self, obj: dict) -> dict:
         """Write metadata/spec; obj's resourceVersion must be current."""

@@ -21,6 +21,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     select,
     update,
 )
@@ -105,15 +106,6 @@ class SQLImageStore:
         with Session(self.engine) as session:
             return self._object(self._row(session, name))
 
-    async def exists(self, name: str) -> bool:
-        with Session(self.engine) as session:
-            return (
-                session.scalar(
-                    select(ImageRow.id).where(ImageRow.namespace == self.namespace, ImageRow.name == name)
-                )
-                is not None
-            )
-
     async def list(
         self,
         *,
@@ -137,10 +129,8 @@ class SQLImageStore:
 
     async def count(self, owner: str) -> int:
         with Session(self.engine) as session:
-            return len(
-                session.scalars(
-                    select(ImageRow.id).where(ImageRow.namespace == self.namespace, ImageRow.owner == owner)
-                ).all()
+            return session.scalar(
+                select(func.count(ImageRow.id)).where(ImageRow.namespace == self.namespace, ImageRow.owner == owner)
             )
 
     # --- writing ---------------------------------------------------------------------------

@@ -40,6 +40,12 @@ class ImageMissing(BuildError):
 
 
 @dataclass
+class LocalImage:
+    digest: str
+    platform: str  # "linux/amd64"
+
+
+@dataclass
 class BaseImageInfo:
     """What Prepare learns from running a base image once (cached per digest)."""
 
@@ -140,6 +146,14 @@ class PodmanBuilder(LoggingConfigurable):
             raise
 
     # --- images in local storage ------------------------------------------------------------
+
+    async def local_image(self, reference: str) -> "LocalImage | None":
+        """Digest and platform of an image in local storage, or None."""
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}} {{.Os}}/{{.Architecture}}", reference)
+        parts = out.split()
+        if code != 0 or len(parts) != 2:
+            return None
+        return LocalImage(digest=parts[0], platform=parts[1])
 
     async def local_digest(self, reference: str) -> str | None:
         code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}}", reference)
