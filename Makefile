@@ -7,9 +7,11 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 
-.PHONY: demo test install system-deps venv proxy js
+.PHONY: demo test install install-demo system-deps venv venv-demo proxy js
 
-demo: install
+# the demo installs what the hub needs (dockerspawner for PodmanSpawner, JupyterLab); the tests
+# install the rest (pytest, KubeSpawner, kopf...)
+demo: install-demo
 	$(PY) -m cnbi_hub.demo
 
 # the UI tests drive Debian's Chromium: the test run installs it too
@@ -25,6 +27,8 @@ js: venv
 
 install: system-deps venv proxy
 
+install-demo: system-deps venv-demo proxy
+
 system-deps:
 	@if [ "$$(id -u)" -eq 0 ]; then scripts/install-system-deps $(SYSTEM_DEPS_ARGS); \
 	else scripts/install-system-deps $(SYSTEM_DEPS_ARGS) || echo "(continuing: tests that need these will say so)"; fi
@@ -33,8 +37,14 @@ $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
+BUILD_TOOLS := hatchling hatch-jupyter-builder editables
+
+venv-demo: $(PY)
+	$(PY) -m pip install -q $(BUILD_TOOLS)
+	$(PY) -m pip install -q -e ".[docker,lab]"
+
 venv: $(PY)
-	$(PY) -m pip install -q hatchling hatch-jupyter-builder editables
+	$(PY) -m pip install -q $(BUILD_TOOLS)
 	$(PY) -m pip install -q -e ".[test,docker,kubernetes,lab]"
 
 # JupyterHub's proxy is a Node program; keep it inside .venv rather than installing globally.

@@ -48,6 +48,7 @@ from traitlets import Dict, Set, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from .containers import podman_environ
+from .trust import machine_ca_bundle
 
 DEBIAN_VARIANT = "debian"
 NOTEBOOK_VARIANTS = ("user", "root")
@@ -177,7 +178,9 @@ FROM {from_image}
 ARG PIP_INDEX_URL=https://pypi.org/simple
 RUN useradd --create-home --no-log-init --uid {NOTEBOOK_UID} --gid {NOTEBOOK_GID} \\
       --shell /bin/bash {NOTEBOOK_USER} \\
- && install -d -o {venv_owner} -g {NOTEBOOK_GID} -m 0755 {VENV_PATH}
+ && install -d -o {venv_owner} -g {NOTEBOOK_GID} -m 0755 {VENV_PATH} \\
+ && echo 'export VIRTUAL_ENV={VENV_PATH} PATH="{VENV_PATH}/bin:$PATH"' > /etc/profile.d/00-notebook-venv.sh
+# ^ Lab's terminal runs a login shell, and /etc/profile resets PATH: put the venv back on it
 USER {install_user}
 # The CA bundle is a build secret (readable by the installing user), never part of a layer.
 RUN --mount=type=secret,id={CA_SECRET_ID},mode=0444 \\
@@ -278,14 +281,7 @@ class BaseImageBuilder(LoggingConfigurable):
 
     @default("ca_bundle")
     def _default_ca_bundle(self) -> str:
-        for candidate in (
-            os.environ.get("PIP_CERT", ""),
-            os.environ.get("SSL_CERT_FILE", ""),
-            "/etc/ssl/certs/ca-certificates.crt",
-        ):
-            if candidate and os.path.isfile(candidate):
-                return candidate
-        return ""
+        return machine_ca_bundle()
 
     # Variants this builder has already built or found, so a run checks each only once.
     _ensured = Set()

@@ -5,7 +5,7 @@ cnbi_hub's podman config), the local notebook base image if it is missing (built
 packages: no container registry is needed), and JupyterHub on 127.0.0.1 with the cnbi service
 (embedded mode: builds run here with podman), PodmanSpawner (servers in containers on the host
 network, one free port each on 127.0.0.1) and the cnbi spawn-form hooks, and a demo login (any
-user name, one printed password; `admin` is an admin).
+user name with one printed password; `admin`, a hub admin, with a second one).
 
 Ctrl-C (or SIGTERM) stops everything it started: the hub stops the servers (their containers
 are removed), the proxy and the service; then the podman API service stops. Containers carry a
@@ -50,8 +50,9 @@ c.ConfigurableHTTPProxy.api_url = {proxy_api_url!r}
 c.JupyterHub.db_url = {db_url!r}
 c.JupyterHub.cookie_secret_file = {cookie_file!r}
 c.ConfigurableHTTPProxy.pid_file = {proxy_pid!r}
-c.JupyterHub.authenticator_class = "dummy"
-c.DummyAuthenticator.password = os.environ["CNBI_DEMO_PASSWORD"]
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.user_password = os.environ["CNBI_DEMO_PASSWORD"]
+c.SharedPasswordAuthenticator.admin_password = os.environ["CNBI_DEMO_ADMIN_PASSWORD"]
 c.Authenticator.allow_all = True
 c.Authenticator.admin_users = {{"admin"}}
 
@@ -180,7 +181,8 @@ def main(argv=None) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(6)
-    password = secrets.token_urlsafe(9)
+    password = secrets.token_urlsafe(9)  # 12 characters: the shared user password needs 8
+    admin_password = secrets.token_urlsafe(24)  # 32 characters, as SharedPasswordAuthenticator asks of admins
 
     stopping = False
 
@@ -206,14 +208,15 @@ def main(argv=None) -> int:
         if stopping:
             return 0
         config = write_config(data_dir, args.ip, args.port, base_image_list(), podman.socket_path, run_id)
-        env = dict(os.environ, CNBI_DEMO_PASSWORD=password)
+        env = dict(os.environ, CNBI_DEMO_PASSWORD=password, CNBI_DEMO_ADMIN_PASSWORD=admin_password)
         # its own session: Ctrl-C reaches only us, and we stop the hub in order
         hub = subprocess.Popen(
             [sys.executable, "-m", "jupyterhub", "-f", str(config)], cwd=data_dir, env=env, start_new_session=True
         )
         print(
             f"\n  cnbi_hub demo: http://{args.ip}:{args.port}/\n"
-            f"  log in as any user name (admin: 'admin') with password: {password}\n"
+            f"  log in as any user name with password: {password}\n"
+            f"  the hub admin 'admin' logs in with password: {admin_password}\n"
             "  then open the Image Builder from the JupyterLab launcher. Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -41,8 +41,9 @@ def configure(
     url: where the service listens (keep it on 127.0.0.1).
     service_config: CNBIService options, e.g. {"base_images": [...], "data_dir": "/srv/cnbi"};
       passed to the service as JSON in $CNBI_SERVICE_CONFIG, so they need no config file.
-    admin_users: who gets `custom:cnbi:admin` (every image; sharing). Default: the hub's
-      Authenticator.admin_users as configured so far.
+    admin_users: users who get `custom:cnbi:admin` (every image; sharing) without being hub
+      admins. Hub admins need no listing: the service reads the `admin` flag of the user model
+      at each request, so they are cnbi admins whatever the order of the config lines.
     environment: extra environment variables for the service process.
     server_service_url: how single-user servers reach the service (the Lab extension calls it
       there). Default: `url` + `/services/cnbi/`, right when servers share the hub's host network;
@@ -92,15 +93,13 @@ def configure(
     extra = set(c.JupyterHub.get("extra_user_scopes", set()))
     c.JupyterHub.extra_user_scopes = extra | {service_access, SCOPE_IMAGES}
 
-    if admin_users is None:
-        admin_users = c.Authenticator.get("admin_users", set())
     roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") not in (ADMIN_ROLE, HOOKS_ROLE)]
     roles.append(
         {
             "name": ADMIN_ROLE,
             "description": "Administer the image builder",
             "scopes": [SCOPE_ADMIN, service_access],
-            "users": sorted(admin_users),
+            "users": sorted(admin_users or ()),
         }
     )
     roles.append(

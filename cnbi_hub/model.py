@@ -41,6 +41,8 @@ ANNOTATION_CREATOR = "opendatahub.io/notebook-image-creator"
 # Our own additions live under one prefix.
 PREFIX = "cnbi-hub.io"
 ANNOTATION_SHARED = f"{PREFIX}/shared"
+# JupyterHub groups the image is shared with: comma-separated, sorted
+ANNOTATION_SHARED_WITH_GROUPS = f"{PREFIX}/shared-with-groups"
 LABEL_OWNER = f"{PREFIX}/owner"
 
 PHASE_PENDING = "Pending"
@@ -86,17 +88,25 @@ _GIT_REF = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/+-]{1,256}(?<![./])
 
 
 class InvalidObject(ValueError):
-    """Input that cannot become a CustomNBImage. `field` names the part at fault."""
+    """Input that cannot become a CustomNBImage. `field` names the part at fault.
 
-    def __init__(self, message: str, field: str | None = None):
+    The message is a plain sentence that never starts with the field's path (clients show it
+    next to the field); `related_field` names a second part involved, e.g. the earlier entry of a
+    duplicated package.
+    """
+
+    def __init__(self, message: str, field: str | None = None, related_field: str | None = None):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.related_field = related_field
 
     def to_json(self) -> dict:
         body = {"message": self.message}
         if self.field:
             body["field"] = self.field
+        if self.related_field:
+            body["relatedField"] = self.related_field
         return body
 
 
@@ -152,72 +162,89 @@ def _check_spec_schema(spec) -> None:
         raise InvalidObject(f"{where} has more than {err.validator_value} entries", where)
     if err.validator == "maxLength":
         raise InvalidObject(f"{where} is longer than {err.validator_value} characters", where)
-    raise InvalidObject(f"{where}: {err.message}", where)
+    raise InvalidObject(f"{where} is not valid: {err.message}", where)
 
 
 def _check_cross_field_rules(spec: dict) -> None:
     """The CRD's x-kubernetes-validations, stated again for embedded mode."""
     build_type = spec["buildType"]
     if build_type == "ImageImport" and not spec.get("fromImage"):
-        raise InvalidObject("spec.fromImage is required for buildType ImageImport", "spec.fromImage")
+        raise InvalidObject("name the image to import", "spec.fromImage")
     if build_type == "PackageList":
         if not spec.get("packageVersions"):
-            raise InvalidObject(
-                "spec.packageVersions must list at least one package for buildType PackageList",
-                "spec.packageVersions",
-            )
+            raise InvalidObject("list at least one package to install", "spec.packageVersions")
         if ("baseImage" in spec) == ("runtimeEnvironment" in spec):
             raise InvalidObject(
                 "buildType PackageList needs exactly one of spec.baseImage and spec.runtimeEnvironment",
                 "spec.baseImage",
             )
     if build_type == "GitRepository" and not spec.get("repository"):
-        raise InvalidObject("spec.repository is required for buildType GitRepository", "spec.repository")
+        raise InvalidObject("name the git repository to build", "spec.repository")
+
+
+_VERSION_OPERATOR_AT_END = re.compile(r"(===|==|~=|!=|>=|<=|>|<)\s*$")
+
+
+def explain_invalid_requirement(text: str, error: Exception) -> str:
+    """packaging's parser error, in words a notebook user acts on (`numpy==` → a version is missing)."""
+    missing_version = _VERSION_OPERATOR_AT_END.search(text)
+    if missing_version:
+        return f"a version is missing after {missing_version.group(1)}"
+    if not re.match(r"^[A-Za-z0-9]", text):
+        return f"{text!r} does not start with a package name"
+    if re.match(r"^[A-Za-z0-9._-]+\s+[A-Za-z0-9._-]+$", text):
+        return f"{text!r} looks like several packages: put one package on each line"
+    detail = str(error).splitlines()[0].strip().rstrip(".")
+    return f"{text!r} is not a package requirement such as 'pandas>=2' ({detail[:1].lower() + detail[1:]})"
 
 
 def check_requirement(text: str, where: str, policy: ValidationPolicy) -> Requirement:
-    """One PEP 508 requirement, nothing else: no pip options, paths or (by default) URLs."""
+    """One PEP 508 requirement, nothing else: no pip options, paths or (by default) URLs.
+
+    Messages name no position: the field does (the Lab panel turns it into a line number)."""
+    if not isinstance(text, str):
+        raise InvalidObject(f"a package must be text, not {type(text).__name__}", where)
     stripped = text.strip()
     if not stripped:
-        raise InvalidObject(f"{where} is empty", where)
+        raise InvalidObject("the entry is empty: name a package", where)
     if stripped.startswith("-"):
         raise InvalidObject(
-            f"{where}: pip options such as {stripped.split()[0]!r} are not allowed; list one package per entry",
-            where,
+            f"pip options such as {stripped.split()[0]!r} are not allowed: list one package per line", where
         )
     if stripped.startswith((".", "/", "~")) or "\\" in stripped:
-        raise InvalidObject(f"{where}: local paths are not allowed, name a package", where)
+        raise InvalidObject("local paths are not allowed: name a package from the index", where)
     try:
         req = Requirement(stripped)
     except InvalidRequirement as e:
-        first_line = str(e).splitlines()[0]
-        raise InvalidObject(f"{where}: {stripped!r} is not a PEP 508 requirement ({first_line})", where)
+        raise InvalidObject(explain_invalid_requirement(stripped, e), where)
     if req.url and not policy.allow_package_urls:
-        raise InvalidObject(f"{where}: direct URLs are not allowed, name a package from the index", where)
+        raise InvalidObject("direct URLs are not allowed: name a package from the index", where)
     return req
+
+
+_FIELD_WORDS = {"spec.baseImage": "the base image", "spec.fromImage": "the image to import"}
 
 
 def check_image_reference(text, where: str) -> str:
     if not isinstance(text, str):
-        raise InvalidObject(f"{where} must be a string", where)
+        raise InvalidObject(f"{_FIELD_WORDS.get(where, where)} must be text", where)
     try:
         return str(parse_image_reference(text.strip()))
     except ValueError as e:
-        raise InvalidObject(f"{where}: {e}", where)
+        raise InvalidObject(f"{_FIELD_WORDS.get(where, where)}: {e}", where)
 
 
 def check_git_repository(url: str, policy: ValidationPolicy) -> None:
     where = "spec.repository"
     if url != url.strip() or any(c.isspace() for c in url) or url.startswith("-"):
-        raise InvalidObject(f"{where} must be a URL without spaces", where)
+        raise InvalidObject("the repository URL must not contain spaces or start with '-'", where)
     parts = urlsplit(url)
     if parts.scheme not in policy.allowed_git_schemes:
-        allowed = ", ".join(policy.allowed_git_schemes)
-        raise InvalidObject(
-            f"{where}: scheme {parts.scheme or '(none)'!r} is not allowed (allowed: {allowed})", where
-        )
+        allowed = ", ".join(f"{s}://" for s in policy.allowed_git_schemes)
+        found = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise InvalidObject(f"the repository URL must start with {allowed} (it has {found})", where)
     if parts.scheme != "file" and not parts.hostname:
-        raise InvalidObject(f"{where} must name a host", where)
+        raise InvalidObject("the repository URL must name a host, e.g. https://github.com/org/repo", where)
 
 
 def check_dns_label(name, where: str = "metadata.name") -> str:
@@ -296,23 +323,27 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
     packages = spec.get("packageVersions") or []
     if len(packages) > policy.max_packages:
         raise InvalidObject(
-            f"spec.packageVersions has more than {policy.max_packages} entries", "spec.packageVersions"
+            f"at most {policy.max_packages} packages may be listed", "spec.packageVersions"
         )
     for i, text in enumerate(packages):
         where = f"spec.packageVersions[{i}]"
         req = check_requirement(text, where, policy)
         key = canonicalize_name(req.name)
         if key in seen:
-            raise InvalidObject(f"{where}: {req.name} is already listed at entry {seen[key]}", where)
+            raise InvalidObject(f"{req.name} is already listed", where, f"spec.packageVersions[{seen[key]}]")
         seen[key] = i
         packages[i] = text.strip()
     if "repository" in spec:
         check_git_repository(spec["repository"], policy)
     if "gitRef" in spec and not _GIT_REF.match(spec["gitRef"]):
-        raise InvalidObject("spec.gitRef is not a valid branch, tag or commit name", "spec.gitRef")
+        raise InvalidObject(
+            "the git ref must be a branch, tag or commit name (letters, digits, '.', '_', '/', '+', '-'; "
+            "not starting with '-', no '..')",
+            "spec.gitRef",
+        )
     if spec["buildType"] != "PackageList" and packages:
         raise InvalidObject(
-            "spec.packageVersions is only used with buildType PackageList", "spec.packageVersions"
+            "packages are listed only for buildType PackageList (a repository lists its own)", "spec.packageVersions"
         )
 
     annotations = dict(metadata.get("annotations") or {})
@@ -321,7 +352,9 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
     description = annotations.get(ANNOTATION_DESCRIPTION, "")
     check_display_text(display_name, description)
     annotations[ANNOTATION_CREATOR] = creator
-    annotations.pop(ANNOTATION_SHARED, None)  # sharing is an admin decision, made by PATCH
+    # sharing is decided afterwards, by PATCH (everyone: admins; groups: admins and the owner)
+    annotations.pop(ANNOTATION_SHARED, None)
+    annotations.pop(ANNOTATION_SHARED_WITH_GROUPS, None)
     labels[LABEL_OWNER] = owner_label_value(creator)
 
     clean_meta = {"annotations": annotations, "labels": labels}
@@ -369,7 +402,47 @@ def description_of(obj: dict) -> str:
 
 
 def is_shared(obj: dict) -> bool:
+    """Shared with everyone."""
     return obj["metadata"].get("annotations", {}).get(ANNOTATION_SHARED) == "true"
+
+
+def shared_groups_of(obj: dict) -> list[str]:
+    """The JupyterHub groups an image is shared with."""
+    text = obj["metadata"].get("annotations", {}).get(ANNOTATION_SHARED_WITH_GROUPS, "")
+    return [g for g in text.split(",") if g]
+
+
+def with_shared_groups(annotations: dict, groups) -> dict:
+    """`annotations` with the shared-with-groups annotation set to `groups` (removed when empty)."""
+    out = dict(annotations)
+    names = sorted(set(groups))
+    if names:
+        out[ANNOTATION_SHARED_WITH_GROUPS] = ",".join(names)
+    else:
+        out.pop(ANNOTATION_SHARED_WITH_GROUPS, None)
+    return out
+
+
+# JupyterHub accepts most group names; ours end up in an annotation joined by commas
+_GROUP_NAME = re.compile(r"^[^,\s]{1,255}$")
+
+
+def check_group_names(groups, where: str = "sharedWithGroups") -> list[str]:
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise InvalidObject("sharedWithGroups must be a list of group names", where)
+    for i, group in enumerate(groups):
+        if not _GROUP_NAME.match(group):
+            raise InvalidObject(f"{group!r} is not a group name (no spaces or commas)", f"{where}[{i}]")
+    return sorted(set(groups))
+
+
+def may_use(obj: dict, username: str, groups=()) -> bool:
+    """Whether a (non-admin) user may see and start an image: their own, or shared with them."""
+    return (
+        creator_of(obj) == username
+        or is_shared(obj)
+        or bool(set(groups) & set(shared_groups_of(obj)))
+    )
 
 
 def phase_of(obj: dict) -> str:

@@ -11,8 +11,13 @@ away the upstream connection is closed at once instead of at the next heartbeat.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import posixpath
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from urllib.parse import parse_qsl, unquote, urlencode
 
 from jupyter_server.base.handlers import APIHandler
@@ -25,6 +30,7 @@ from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from traitlets import Bool, Float, Unicode, default
 
 from ._version import __version__
+from .environment import PIP_LIST_PROGRAM, environment_difference
 
 NOT_UNDER_HUB_MESSAGE = (
     "not running under JupyterHub: the Image Builder needs the hub's cnbi service"
@@ -270,6 +276,86 @@ class CNBIApiForwardHandler(ExtensionHandlerMixin, APIHandler):
         await self.forward()
 
 
+def list_distributions(python: str, timeout: float = 60) -> list[dict]:
+    """`{name, version}` of every distribution `python` sees (its environment and user site)."""
+    result = subprocess.run([python, "-c", PIP_LIST_PROGRAM], capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"listing packages failed: {result.stderr.strip()[-300:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def server_image_info(environ: dict[str, str]) -> dict:
+    """Which image this server runs: the CustomNBImage's name (set by the cnbi spawner hooks) and
+    the reference the spawner started (KubeSpawner and DockerSpawner set JUPYTER_IMAGE[_SPEC])."""
+    return {
+        "cnbiImage": environ.get("CNBI_IMAGE") or None,
+        "jupyterImage": environ.get("JUPYTER_IMAGE") or environ.get("JUPYTER_IMAGE_SPEC") or None,
+        "serverName": environ.get("JUPYTERHUB_SERVER_NAME", ""),
+    }
+
+
+class ServerInfoHandler(ExtensionHandlerMixin, APIHandler):
+    """GET {base_url}cnbi/server-info: the image this server runs on (the Lab status bar shows it)."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.finish(json.dumps(server_image_info(dict(os.environ))))
+
+
+class EnvironmentHandler(ExtensionHandlerMixin, APIHandler):
+    """GET {base_url}cnbi/environment: what the user installed into this running server since it
+    started on its image, as pinned requirements for a new image on that image."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        app = self.extensionapp
+        info = server_image_info(dict(os.environ))
+        base_image = info["jupyterImage"]
+        baseline, source = None, "startup"
+        if info["cnbiImage"] and app.service_url:
+            image = await self._image_from_service(info["cnbiImage"])
+            if image is not None:
+                status = image.get("status") or {}
+                base_image = status.get("image") or base_image
+                if status.get("packages"):
+                    baseline, source = status["packages"], "manifest"
+        if not base_image:
+            raise web.HTTPError(409, "this server's image is not known (the spawner did not say which it is): "
+                                     "there is nothing to build on")
+        if baseline is None:
+            try:
+                baseline = await asyncio.wrap_future(app.startup_distributions)
+            except Exception as e:
+                raise web.HTTPError(500, f"the packages this server started with are not known: {e}")
+        try:
+            current = await asyncio.to_thread(list_distributions, app.environment_python)
+        except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired) as e:
+            raise web.HTTPError(500, f"could not list this server's packages: {e}")
+        difference = environment_difference(baseline, current)
+        self.finish(json.dumps({"baseImage": base_image, "cnbiImage": info["cnbiImage"], "baseline": source,
+                                **difference}))
+
+    async def _image_from_service(self, name: str) -> dict | None:
+        app = self.extensionapp
+        request = HTTPRequest(
+            app.service_url + "api/images/" + name,
+            headers={"Authorization": f"token {app.api_token}", "Accept": "application/json"},
+            connect_timeout=app.connect_timeout, request_timeout=30, validate_cert=app.validate_cert,
+        )
+        try:
+            response = await SimpleAsyncHTTPClient().fetch(request)
+            return json.loads(response.body)
+        except Exception as e:  # the image was deleted, or the service is down: use the start-up list
+            self.log.warning("cnbi_hub: could not read image %s from the service: %s", name, e)
+            return None
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else self._reason
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"message": message}))
+
+
 class CNBIServerExtension(ExtensionApp):
     """Serves the Image Builder's API gateway at ``{base_url}cnbi/api/``."""
 
@@ -317,7 +403,24 @@ class CNBIServerExtension(ExtensionApp):
         """,
     ).tag(config=True)
 
+    environment_python = Unicode(
+        help="""The Python whose packages "Save this environment as an image" compares with the
+        image's: where the user's `pip install` goes. Default: this server's own Python, which is
+        the kernel's in notebook images (one environment for server, kernel and terminal).""",
+    ).tag(config=True)
+
+    @default("environment_python")
+    def _default_environment_python(self) -> str:
+        return sys.executable
+
+    startup_distributions: Future
+
     def initialize_settings(self) -> None:
+        # what the server started with: the baseline for servers on images that are not
+        # CustomNBImages (those have a manifest); listed in a thread so start-up does not wait
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cnbi-startup")
+        self.startup_distributions = pool.submit(list_distributions, self.environment_python)
+        pool.shutdown(wait=False)
         if self.service_url and not self.service_url.endswith("/"):
             self.service_url += "/"
         if self.service_url:
@@ -327,3 +430,5 @@ class CNBIServerExtension(ExtensionApp):
 
     def initialize_handlers(self) -> None:
         self.handlers.append((r"/cnbi/api/(.*)", CNBIApiForwardHandler))
+        self.handlers.append((r"/cnbi/server-info", ServerInfoHandler))
+        self.handlers.append((r"/cnbi/environment", EnvironmentHandler))

@@ -47,6 +47,7 @@ from traitlets import Dict, Enum, Float, Integer, List, Unicode, default
 from traitlets.config import SingletonConfigurable
 
 from . import model
+from .trust import machine_ca_bundle
 
 USER_OPTION = "cnbi_image"  # ?cnbi_image=<name> on /hub/spawn, or a REST user_options key
 ENV_IMAGE_NAME = "CNBI_IMAGE"
@@ -305,13 +306,14 @@ class CNBISpawnerHooks(SingletonConfigurable):
 
     # -- the service --------------------------------------------------------------------------
 
-    async def images_for(self, username: str) -> ImageListing:
-        """The Ready images `username` may start (own and shared), cached `cache_seconds`."""
+    async def images_for(self, username: str, groups=()) -> ImageListing:
+        """The Ready images `username` (a member of `groups`) may start: their own, and those
+        shared with everyone or with one of the groups; cached `cache_seconds`."""
         now = time.monotonic()
         cached = self._listings.get(username)
         if cached is not None and now - cached.fetched_at < self.cache_seconds:
             return cached
-        listing = await self._fetch(username, now)
+        listing = await self._fetch(username, sorted(groups), now)
         self._listings[username] = listing
         return listing
 
@@ -319,13 +321,13 @@ class CNBISpawnerHooks(SingletonConfigurable):
         """The last listing fetched for `username`, without asking (for synchronous hooks)."""
         return self._listings.get(username) or ImageListing()
 
-    async def _fetch(self, username: str, now: float) -> ImageListing:
+    async def _fetch(self, username: str, groups: list[str], now: float) -> ImageListing:
         if not (self.service_url and self.api_token):
             return ImageListing(error="the cnbi service URL or token is not configured", fetched_at=now)
-        url = url_concat(
-            url_path_join(self.service_url, "api/images"),
-            {"phase": model.PHASE_READY, "visibleTo": username},
-        )
+        query = {"phase": model.PHASE_READY, "visibleTo": username}
+        if groups:
+            query["groups"] = ",".join(groups)
+        url = url_concat(url_path_join(self.service_url, "api/images"), query)
         request = HTTPRequest(
             url,
             headers={"Authorization": f"token {self.api_token}", "Accept": "application/json"},
@@ -341,9 +343,9 @@ class CNBISpawnerHooks(SingletonConfigurable):
         ready = tuple(obj for obj in items if image_reference(obj))
         return ImageListing(images=ready, fetched_at=now)
 
-    async def chosen_image(self, username: str, name: str) -> dict:
+    async def chosen_image(self, username: str, name: str, groups=()) -> dict:
         """The Ready image `name` that `username` may start, or an HTTP error they can act on."""
-        listing = await self.images_for(username)
+        listing = await self.images_for(username, groups)
         obj = listing.find(name)
         if obj is None and listing.error:
             raise web.HTTPError(503, f"Image {name} cannot be started now: the image service did not answer. Try again in a minute.")
@@ -361,7 +363,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
     async def profile_list(self, spawner) -> list[dict]:
         """KubeSpawner.profile_list: the admin's profiles, then the user's images."""
         username = spawner.user.name
-        listing = await self.images_for(username)
+        listing = await self.images_for(username, groups_of(spawner.user))
         images = sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o)))
         profiles = copy.deepcopy(list(self.admin_profiles))
         if self.layout == LAYOUT_ONE_PROFILE:
@@ -396,7 +398,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         name = first_value((user_options or {}).get(USER_OPTION))
         if not name:
             return
-        await self.chosen_image(spawner.user.name, name)
+        await self.chosen_image(spawner.user.name, name, groups_of(spawner.user))
         spawner.user_options = {**user_options, **self.profile_options_for(name)}
 
     # -- DockerSpawner --------------------------------------------------------------------------
@@ -415,7 +417,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
 
     async def dockerspawner_options_form(self, spawner) -> str:
         """DockerSpawner.options_form: a choice of image, with a notice when the service is down."""
-        listing = await self.images_for(spawner.user.name)
+        listing = await self.images_for(spawner.user.name, groups_of(spawner.user))
         allowed = self.allowed_images(spawner)
         if len(allowed) <= 1 and not listing.error:
             return ""  # nothing to choose: start straight away, as DockerSpawner does
@@ -436,10 +438,10 @@ class CNBISpawnerHooks(SingletonConfigurable):
         """Spawner.apply_user_options: refresh the listing allowed_images reads, map `cnbi_image`
         to its allowed_images key, and name the chosen cnbi image in the server's environment."""
         user_options = dict(user_options or {})
-        listing = await self.images_for(spawner.user.name)
+        listing = await self.images_for(spawner.user.name, groups_of(spawner.user))
         name = first_value(user_options.get(USER_OPTION))
         if name:
-            obj = await self.chosen_image(spawner.user.name, name)
+            obj = await self.chosen_image(spawner.user.name, name, groups_of(spawner.user))
             user_options["image"] = allowed_image_key(obj)
             spawner.user_options = user_options
         else:
@@ -447,6 +449,11 @@ class CNBISpawnerHooks(SingletonConfigurable):
             obj = next((o for o in listing.images if key and allowed_image_key(o) == key), None)
         if obj is not None:
             spawner.environment = {**spawner.environment, **image_environment(obj)}
+
+
+def groups_of(user) -> list[str]:
+    """The JupyterHub group names of a hub user (jupyterhub.user.User or its orm row)."""
+    return sorted(getattr(group, "name", str(group)) for group in (getattr(user, "groups", None) or []))
 
 
 def hooks_for(spawner) -> CNBISpawnerHooks:
@@ -573,6 +580,8 @@ class PodmanService:
             self.process.wait()
 
 
+SERVER_CA_PATH = "/etc/cnbi/ca-certificates.crt"
+
 try:
     from dockerspawner import DockerSpawner
 except ImportError:  # the [docker] extra is not installed: the hooks above still work
@@ -601,6 +610,57 @@ if DockerSpawner is not None:
             help="""`[low, high)` ports to pick a server's port from; `[0, 0]` lets the OS pick a
             free one. Servers share the host network, so each needs its own port.""",
         ).tag(config=True)
+
+        home_volume_name_template = Unicode(
+            "cnbi-home-{username}",
+            help="""Name of the podman volume that holds a user's home, the same for every server
+            of theirs (default and named, on any image), so files survive a server's stop and a
+            change of image. DockerSpawner's fields work in it: {username}, {raw_username},
+            {servername} (a per-server volume, if you want one), {prefix}. Empty: no home volume.
+
+            A new volume starts as a copy of the image's home directory (podman copies it up on
+            first use). Deleting an image or stopping a server never removes it; remove one with
+            `podman volume rm cnbi-home-<user>`.""",
+        ).tag(config=True)
+
+        home_mount_point = Unicode(
+            "/home/jovyan",
+            help="""Where the home volume is mounted in the server's container: the notebook user's
+            home, /home/jovyan in the Jupyter Docker Stacks convention that the images built here
+            follow. Set it for images whose user lives elsewhere.""",
+        ).tag(config=True)
+
+        ca_bundle = Unicode(
+            help="""PEM CA bundle mounted read-only into every server (at
+            /etc/cnbi/ca-certificates.crt, named by PIP_CERT, SSL_CERT_FILE and
+            REQUESTS_CA_BUNDLE), so `pip install` in a user's terminal trusts the same package
+            index as the builds do (a TLS-intercepting proxy, a private mirror).
+            Default: this machine's bundle (cnbi_hub.trust.machine_ca_bundle). Empty: none.""",
+        ).tag(config=True)
+
+        @default("ca_bundle")
+        def _default_ca_bundle(self):
+            return machine_ca_bundle()
+
+        @default("volumes")
+        def _default_volumes(self):
+            volumes = {}
+            if self.home_volume_name_template:
+                volumes[self.home_volume_name_template] = self.home_mount_point
+            if self.ca_bundle:
+                volumes[self.ca_bundle] = {"bind": SERVER_CA_PATH, "mode": "ro"}
+            return volumes
+
+        def get_env(self):
+            env = super().get_env()
+            if self.ca_bundle:
+                for name in ("PIP_CERT", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"):
+                    env.setdefault(name, SERVER_CA_PATH)
+            # the package index the hub's machine uses (a mirror) is the users' index too
+            for name in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
+                if os.environ.get(name):
+                    env.setdefault(name, os.environ[name])
+            return env
 
         @default("client_kwargs")
         def _default_client_kwargs(self):

@@ -97,6 +97,13 @@ async def test_package_list_reaches_ready_with_manifest_lock_and_logs(hub, build
 
     result = run_in(status["image"], "python", "-c", "import tabulate, toolz; print(tabulate.__version__)", podman_env=podman_env)
     assert result.returncode == 0 and result.stdout.strip() == "0.9.0", result.stderr
+    # JupyterLab's terminal is a login shell: there too `python` is the image's, with its packages
+    result = run_in(status["image"], "bash", "-lc", "python -c 'import tabulate; print(tabulate.__version__)'",
+                    podman_env=podman_env)
+    assert result.returncode == 0 and result.stdout.strip() == "0.9.0", result.stderr
+    assert "check login-shell: ok" in (await hub.api("GET", f"api/images/{name}/logs", builder_token)).body.decode()
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", status["image"], env=podman_env).stdout)
+    assert status["imageSize"] == size > 100_000_000
     # packages went in as the image's own user (user-owned environment), and it still is
     result = run_in(status["image"], "sh", "-c", "id -un; stat -c %U /opt/venv/lib/python3.11/site-packages/tabulate/__init__.py",
                     podman_env=podman_env)
@@ -155,6 +162,68 @@ async def test_adding_a_package_builds_on_the_previous_generation(hub, builder_t
     # the same packages as a full build: the manifest lists both as requested
     visible = {p["name"].lower() for p in obj["status"]["packages"] if p["visible"]}
     assert visible == {"text-unidecode", "toolz"}
+
+
+async def test_rebuild_keeps_each_run_and_names_the_build_really_reused(hub, builder_token):
+    """A is built; B, identical, reuses A's build; A is rebuilt and finds B's image — which is
+    its own earlier build, so it names nobody. Each run keeps its times; the log separates runs."""
+    spec = {"buildType": "PackageList", "baseImage": USER_BASE, "packageVersions": ["tabulate==0.8.9"]}
+    a = await create(hub, builder_token, spec, display="A")
+    first = await wait_for(hub, builder_token, a)
+    assert model.phase_of(first) == "Ready", explain(first)
+    assert "reusedFrom" not in first["status"] and first["status"].get("run", 1) == 1
+    b = await create(hub, builder_token, spec, display="B")
+    b_obj = await wait_for(hub, builder_token, b)
+    assert b_obj["status"]["reusedFrom"] == a
+
+    r = await hub.api("POST", f"api/images/{a}/rebuild", builder_token)
+    assert r.code == 200
+    assert r.json()["status"]["run"] == 2
+    assert [run["run"] for run in r.json()["status"]["runs"]] == [1]
+    again = await wait_for(hub, builder_token, a)
+    assert model.phase_of(again) == "Ready", explain(again)
+    status = again["status"]
+    assert "reusedFrom" not in status  # B's image is A's own earlier build: nobody else's
+    assert status["image"] == first["status"]["image"]
+    earlier = status["runs"][0]
+    assert earlier["startTime"] == first["status"]["startTime"]
+    assert earlier["completionTime"] == first["status"]["completionTime"]
+    assert earlier["phase"] == "Ready" and status["startTime"] >= earlier["completionTime"]
+    logs = (await hub.api("GET", f"api/images/{a}/logs", builder_token)).body.decode().splitlines()
+    separators = [i for i, line in enumerate(logs) if line.startswith("=== Run 2 · rebuild requested by ")]
+    assert len(separators) == 1
+    before, after = logs[:separators[0]], logs[separators[0] + 1:]
+    assert any("==> Building -> Ready" in line for line in before)  # run 1's log is kept above
+    assert any("==> Resolving -> Ready (Reused)" in line for line in after)
+    # B still names A, which really built the image
+    assert (await hub.api("GET", f"api/images/{b}", builder_token)).json()["status"]["reusedFrom"] == a
+
+
+async def test_cancel_during_building_stops_the_build_and_keeps_the_image_record(hub, builder_token, podman_env):
+    name = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
+                                             "packageVersions": ["scipy", "tabulate==0.8.7"]})
+    await building(hub, builder_token, name)
+    await asyncio.sleep(1.0)
+    r = await hub.api("POST", f"api/images/{name}/cancel", builder_token, {})
+    assert r.code == 200, r.body
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        listing = podman("ps", "-a", "--external", "--format", "{{.Names}} {{.Image}}", env=podman_env).stdout
+        builds = [line for line in listing.splitlines() if "buildah" in line or name in line]
+        if not builds:
+            break
+        await asyncio.sleep(1)
+    assert not builds, builds
+    images = podman("images", "--format", "{{.Repository}}", env=podman_env).stdout.split()
+    assert f"localhost/cnbi/{name}" not in images
+    obj = (await hub.api("GET", f"api/images/{name}", builder_token)).json()  # cancel is not delete
+    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building"
+    assert any(c["reason"] == "Cancelled" and c["message"].startswith("cancelled by b-")
+               for c in obj["status"]["conditions"])
+    # a cancelled image can be built again
+    r = await hub.api("POST", f"api/images/{name}/rebuild", builder_token)
+    assert r.code == 200 and r.json()["status"]["runs"][-1]["reason"] == "Cancelled"
+    await hub.api("POST", f"api/images/{name}/cancel", builder_token, {})
 
 
 async def test_rebuild_runs_a_finished_image_again(hub, builder_token):
@@ -288,14 +357,17 @@ async def test_missing_git_ref_fails_in_prepare(hub, builder_token, sample_git_r
 
 async def test_check_image(hub, builder_token, registry_with_base, local_registry):
     r = await hub.api("GET", f"api/check-image?image={registry_with_base['user']}", builder_token)
-    assert r.code == 200 and r.json()["exists"] is True
+    assert r.code == 200 and r.json()["exists"] is True and r.json()["result"] == "found"
     assert r.json()["digest"].startswith("sha256:") and "linux/amd64" in r.json()["platforms"]
     r = await hub.api("GET", f"api/check-image?image={local_registry.host}/nothing/here:1", builder_token)
-    assert r.code == 200 and r.json() == {"exists": False, "digest": None, "platforms": []}
+    assert r.code == 200
+    assert {k: r.json()[k] for k in ("result", "exists", "digest", "platforms")} == {
+        "result": "notFound", "exists": False, "digest": None, "platforms": []}
+    assert "was not found" in r.json()["message"]
     r = await hub.api("GET", f"api/check-image?image={USER_BASE}", builder_token)  # this machine's storage
-    assert r.json()["exists"] is True and r.json()["platforms"] == ["linux/amd64"]
+    assert r.json()["exists"] is True and r.json()["platforms"] == ["linux/amd64"] and r.json()["result"] == "found"
     r = await hub.api("GET", "api/check-image?image=localhost/cnbi/not-here:1", builder_token)
-    assert r.json() == {"exists": False, "digest": None, "platforms": []}
+    assert r.json()["result"] == "notFound" and r.json()["exists"] is False
     r = await hub.api("GET", "api/check-image?image=Not%20An%20Image", builder_token)
     assert r.code == 422 and r.json()["field"] == "image"
 

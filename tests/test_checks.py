@@ -68,6 +68,7 @@ def test_plan_checks_shape():
         "singleuser",
         "python-version",
         "imports",
+        "login-shell",
         "home-writable",
         "packages",
     ]
@@ -187,3 +188,26 @@ def test_requested_distribution_names():
         "pandas",
         "scikit-learn",
     ]
+
+
+def test_login_shell_check_fails_where_the_profile_resets_path(tmp_path):
+    """On this machine /etc/profile resets PATH for a login shell, as Debian's does in an image:
+    a venv that is only on the environment's PATH is lost there, and the check says so."""
+    check = by_name(plan_checks([], sys.executable))["login-shell"]
+    venv_bin = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=venv_bin + ":/usr/bin:/bin", HOME=str(tmp_path))
+    result = subprocess.run(check.argv, capture_output=True, text=True, env=env, timeout=30)
+    outcome = interpret_check(check, result.returncode, result.stdout, result.stderr)
+    assert not outcome.ok
+    assert "does not find" in outcome.message and "jupyter" in outcome.message
+
+
+def test_login_shell_check_passes_when_a_profile_script_restores_the_venv(tmp_path):
+    check = by_name(plan_checks([], sys.executable))["login-shell"]
+    venv_bin = Path(sys.executable).parent
+    (tmp_path / ".profile").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    (tmp_path / ".bash_profile").write_text(f'export PATH="{venv_bin}:$PATH"\n')
+    env = dict(os.environ, HOME=str(tmp_path))
+    result = subprocess.run(check.argv, capture_output=True, text=True, env=env, timeout=30)
+    outcome = interpret_check(check, result.returncode, result.stdout, result.stderr)
+    assert outcome.ok, outcome.message

@@ -19,6 +19,7 @@ from tests.infra_podman import free_port
 
 pytestmark = pytest.mark.podman
 
+REPO = Path(__file__).resolve().parent.parent
 USERNAME = "demotester"
 
 
@@ -103,6 +104,8 @@ def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_
     tree: set[int] = set()
     try:
         password = output.wait_for(r"with password: (\S+)", demo, timeout=300).group(1)
+        admin_password = output.wait_for(r"'admin' logs in with password: (\S+)", demo, timeout=30).group(1)
+        assert len(admin_password) >= 32 and admin_password != password
         session = requests.Session()
         deadline = time.monotonic() + 120
         while True:  # the hub is up once its login page answers
@@ -127,6 +130,18 @@ def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_
 
         health = session.get(base + "services/cnbi/health", timeout=30)
         assert health.status_code == 200
+
+        # the hub admin logs in with the admin password (not the users' one) and is a cnbi admin
+        admin = requests.Session()
+        xsrf_admin = re.search(r'name="_xsrf"\s+value="([^"]+)"', admin.get(base + "hub/login", timeout=30).text).group(1)
+        r = admin.post(base + "hub/login", data={"username": "admin", "password": password, "_xsrf": xsrf_admin},
+                       allow_redirects=False, timeout=30)
+        assert r.status_code == 403
+        r = admin.post(base + "hub/login", data={"username": "admin", "password": admin_password, "_xsrf": xsrf_admin},
+                       allow_redirects=False, timeout=30)
+        assert r.status_code == 302, r.text
+        page = admin.get(base + "services/cnbi/", timeout=30)  # through the service's OAuth login
+        assert page.status_code == 200 and "All users" in page.text, page.text[:500]
 
         # one image to choose from and no custom images yet: /hub/spawn starts it straight away
         r = session.get(base + "hub/spawn", allow_redirects=False, timeout=60)
@@ -167,3 +182,14 @@ def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_
     assert left == {}, left
     assert demo_containers() == []
     assert "cnbi_hub demo stopped." in "".join(output.lines)
+
+
+def test_make_demo_installs_only_what_the_hub_needs():
+    """`make demo` installs the hub's extras (PodmanSpawner's dockerspawner, JupyterLab), not the
+    test tools or KubeSpawner and kopf, which only `make test` needs."""
+    dry_run = subprocess.run(["make", "-n", "demo"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert dry_run.returncode == 0, dry_run.stderr
+    installs = [line for line in dry_run.stdout.splitlines() if "pip install" in line and "-e " in line]
+    assert installs == [f'{REPO}/.venv/bin/python -m pip install -q -e ".[docker,lab]"'], installs
+    dry_run = subprocess.run(["make", "-n", "test"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert '-e ".[test,docker,kubernetes,lab]"' in dry_run.stdout

@@ -24,7 +24,8 @@ def test_configure_registers_service_scopes_and_roles():
     assert set(c.JupyterHub.custom_scopes) == {"custom:cnbi:images", "custom:cnbi:admin"}
     assert {"access:services!service=cnbi", "custom:cnbi:images"} <= c.JupyterHub.extra_user_scopes
     roles = [r for r in c.JupyterHub.load_roles if r["name"] == "cnbi-admin"]
-    assert len(roles) == 1 and roles[0]["users"] == ["root-admin"]
+    # hub admins are cnbi admins through their user model's admin flag, not a list copied now
+    assert len(roles) == 1 and roles[0]["users"] == []
     assert "custom:cnbi:admin" in roles[0]["scopes"]
     assert "access:services!service=cnbi" in c.Spawner.server_token_scopes
     assert "custom:cnbi:images" in c.Spawner.server_token_scopes
@@ -79,3 +80,10 @@ def test_named_servers_setting_reaches_the_service():
     configure(c)
     env = [s for s in c.JupyterHub.services if s["name"] == "cnbi"][0]["environment"]
     assert json.loads(env["CNBI_SERVICE_CONFIG"])["named_servers"] is True
+
+
+def test_extra_cnbi_admins_are_listed_in_the_role():
+    c = Config()
+    configure(c, admin_users={"image-curator"})
+    role = [r for r in c.JupyterHub.load_roles if r["name"] == "cnbi-admin"][0]
+    assert role["users"] == ["image-curator"]

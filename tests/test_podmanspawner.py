@@ -14,10 +14,12 @@ import time
 import docker
 import pytest
 import pytest_asyncio
+from jupyterhub.tests.utils import AsyncSession
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cnbi_hub import model
 from cnbi_hub.spawner import CNBISpawnerHooks, PodmanSpawner, configure_dockerspawner
+from tests.infra_podman import podman
 
 pytestmark = pytest.mark.podman
 
@@ -186,3 +188,138 @@ async def test_someone_elses_private_image_is_refused(podman_hub, podman_client,
     assert r.code == 404, r.body
     assert b"No ready image named" in r.body
     assert podman_client.containers(all=True, filters={"name": "cnbi-pod"}) == []
+
+
+ROOT_BASE = "localhost/cnbi/notebook-base:py311-root"
+
+
+async def wait_ready_image(hub, token, name, timeout=900):
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = (await hub.api("GET", f"api/images/{name}", token)).json()
+        if model.phase_of(obj) in model.TERMINAL_PHASES:
+            assert model.phase_of(obj) == model.PHASE_READY, json.dumps(obj["status"], indent=1)
+            return obj
+        assert time.monotonic() < deadline, f"{name} did not finish building: {obj.get('status')}"
+        await asyncio.sleep(1)
+
+
+def exec_in(client, container_id, *argv, environment=None):
+    exec_id = client.exec_create(container_id, list(argv), environment=environment)
+    output = client.exec_start(exec_id).decode()
+    return client.exec_inspect(exec_id)["ExitCode"], output
+
+
+async def test_home_survives_a_stop_and_a_change_of_image(podman_hub, podman_client, make_ready_image, podman_env):
+    """A file made in a server on one image is there in the next server on another image: the
+    user's home is one podman volume, mounted in every server of theirs; deleting an image
+    leaves it alone."""
+    hub, username = podman_hub, "homekeeper"  # DockerSpawner escapes names: '-' would be '-2d'
+    volume = f"cnbi-home-{username}"
+    podman("volume", "rm", "--force", volume, env=podman_env)  # a leftover from an earlier run
+    other = await make_ready_image(username, "Root-owned Python", image=ROOT_BASE)
+    try:
+        token, container, _ = await start_and_check(hub, podman_client, username, {}, USER_BASE)
+        mounts = {m["Destination"]: m for m in container["Mounts"]}
+        assert mounts["/home/jovyan"]["Name"] == volume
+        # the machine's CA bundle, read-only, so pip in a terminal trusts the package index
+        assert mounts["/etc/cnbi/ca-certificates.crt"]["RW"] is False
+        r = await hub_request(hub, "PUT", f"user/{username}/api/contents/kept.txt", token,
+                              body={"type": "file", "format": "text", "content": "still here"})
+        assert r.code in (200, 201), r.body
+        await stop_and_check(hub, podman_client, username, token)
+
+        token, container, env = await start_and_check(hub, podman_client, username,
+                                                      {"cnbi_image": model.name_of(other)}, ROOT_BASE)
+        assert env["CNBI_IMAGE"] == model.name_of(other)
+        assert {m["Destination"]: m.get("Name") for m in container["Mounts"]}["/home/jovyan"] == volume
+        r = await hub_request(hub, "GET", f"user/{username}/api/contents/kept.txt", token)
+        assert r.code == 200 and json.loads(r.body)["content"] == "still here"
+        # the image's own home files came along on the volume's first use (podman copies them up)
+        code, output = exec_in(podman_client, container["Id"], "sh", "-c", "ls -A /home/jovyan; id -un")
+        assert code == 0 and "kept.txt" in output and "jovyan" in output
+        # deleting the image the server runs on touches no volume
+        assert (await hub.api("DELETE", f"api/images/{model.name_of(other)}", token)).code == 204
+        await stop_and_check(hub, podman_client, username, token)
+        assert podman("volume", "exists", volume, env=podman_env).returncode == 0
+    finally:
+        podman("volume", "rm", "--force", volume, env=podman_env)
+
+
+@pytest.fixture(scope="module")
+def lab_image(notebook_base_images):
+    """The notebook base plus cnbi_hub (its server extension serves cnbi/environment)."""
+    from cnbi_hub.labimage import ensure_lab_image
+
+    return ensure_lab_image(USER_BASE)
+
+
+async def test_save_this_environment_as_an_image(podman_hub, podman_client, lab_image, podman_env):
+    """In a server on a built image the user `pip install`s a package in a terminal (a login
+    shell), saves the environment as an image, and a server on that new image imports it."""
+    hub, username = podman_hub, "envsaver"
+    token = hub.token(username)
+    body = {"metadata": {"annotations": {model.ANNOTATION_DISPLAY_NAME: "toolz"}},
+            "spec": {"buildType": "PackageList", "baseImage": lab_image, "packageVersions": ["toolz==0.12.1"]}}
+    r = await hub.api("POST", "api/images", token, body)
+    assert r.code == 201, r.body
+    first = await wait_ready_image(hub, token, model.name_of(r.json()))
+    created = [model.name_of(first)]
+    try:
+        token, container, env = await start_and_check(hub, podman_client, username,
+                                                      {"cnbi_image": model.name_of(first)}, first["status"]["image"])
+        # the terminal: a login shell; pip trusts this machine's package index through the CA
+        # bundle PodmanSpawner mounts into every server
+        assert env["PIP_CERT"] == "/etc/cnbi/ca-certificates.crt"
+        code, output = exec_in(podman_client, container["Id"], "bash", "-lc",
+                               "pip install --quiet --disable-pip-version-check tabulate==0.9.0")
+        assert code == 0, output
+
+        r = await hub_request(hub, "GET", f"user/{username}/cnbi/environment", token)
+        assert r.code == 200, r.body
+        saved = json.loads(r.body)
+        assert saved["baseline"] == "manifest" and saved["cnbiImage"] == model.name_of(first)
+        assert saved["baseImage"] == first["status"]["image"]
+        assert saved["requirements"] == ["tabulate==0.9.0"], saved
+        assert saved["added"] == [{"name": "tabulate", "version": "0.9.0"}]
+        await stop_and_check(hub, podman_client, username, token)
+
+        body = {"metadata": {"annotations": {model.ANNOTATION_DISPLAY_NAME: "toolz + what I installed"}},
+                "spec": {"buildType": "PackageList", "baseImage": saved["baseImage"],
+                         "packageVersions": saved["requirements"]}}
+        r = await hub.api("POST", "api/images", token, body)
+        assert r.code == 201, r.body
+        second = await wait_ready_image(hub, token, model.name_of(r.json()))
+        created.append(model.name_of(second))
+        token, container, env = await start_and_check(hub, podman_client, username,
+                                                      {"cnbi_image": model.name_of(second)}, second["status"]["image"])
+        code, output = exec_in(podman_client, container["Id"], "bash", "-lc",
+                               "python -c 'import tabulate, toolz; print(tabulate.__version__)'")
+        assert code == 0 and output.strip().endswith("0.9.0"), output
+        await stop_and_check(hub, podman_client, username, token)
+    finally:
+        for name in created:
+            await hub.api("DELETE", f"api/images/{name}", token)
+        podman("volume", "rm", "--force", f"cnbi-home-{username}", env=podman_env)
+
+
+async def test_spawn_page_takes_the_image_as_an_opt_prefixed_option(podman_hub, podman_client, make_ready_image,
+                                                                    caplog):
+    """The panel's link `/hub/spawn?opt-cnbi_image=<name>` starts the server on the image, and
+    the hub logs no "User options should be prefixed with `opt-`" warning."""
+    hub, username = podman_hub, "optuser"
+    image = await make_ready_image(username, "Spawned from a link", image=USER_BASE)
+    token = hub.token(username)
+    session = AsyncSession()  # a browser: the hub's login cookie, as when the panel opens the link
+    session.cookies.update(await hub.app.login_user(username))
+    caplog.clear()
+    r = await session.get(hub.url + f"hub/spawn/{username}?opt-cnbi_image={model.name_of(image)}",
+                          allow_redirects=False)
+    assert r.status_code == 302, r.text
+    assert "/spawn-pending/" in r.headers["Location"]
+    await wait_for_server(hub, username, token)
+    container = container_of(podman_client, hub.app.users[username].spawner.container_name)
+    env = dict(line.split("=", 1) for line in container["Config"]["Env"])
+    assert env["CNBI_IMAGE"] == model.name_of(image)
+    assert "prefixed with `opt-`" not in caplog.text
+    await stop_and_check(hub, podman_client, username, token)

@@ -179,9 +179,21 @@ def test_packages_from_lock_and_error_trimming():
         "      conclude that your requirements are unsatisfiable.\n"
     )
     message = explain_uv_error(stderr)
-    assert message.startswith("No solution found")
-    assert "Because there is no version of six==999" in message
+    assert message.splitlines() == [
+        "No solution found when resolving dependencies:",
+        "Because there is no version of six==999 and you require six==999, we can conclude that your "
+        "requirements are unsatisfiable.",
+    ]
     assert "warning" not in message and "Resolved 3" not in message
+    # uv's plain output (no terminal): its first sentence has no end of its own
+    plain = ("error: No solution found when resolving dependencies\n"
+             "  cause: Because pandsa was not found in the package registry and you require pandsa, we can "
+             "conclude that your requirements are unsatisfiable.\n")
+    assert explain_uv_error(plain).splitlines() == [
+        "No solution found when resolving dependencies:",
+        "Because pandsa was not found in the package registry and you require pandsa, we can conclude that "
+        "your requirements are unsatisfiable.",
+    ]
 
 
 def test_validate_requirement_accepts_markers_and_extras():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 
 import pytest
 import pytest_asyncio
@@ -18,6 +19,11 @@ from jupyter_server.serverapp import ServerApp
 from tornado import httpserver, web
 from tornado.httpclient import AsyncHTTPClient
 
+from cnbi_hub.serverextension import (
+    EnvironmentHandler,
+    ServerInfoHandler,
+    list_distributions,
+)
 from cnbi_hub.serverextension import (
     NOT_UNDER_HUB_MESSAGE,
     CNBIApiForwardHandler,
@@ -44,6 +50,7 @@ class Upstream:
         self.release_second_event = asyncio.Event()
         self.stream_client_gone = asyncio.Event()
         self.url = ""
+        self.manifest: list[dict] = []
 
 
 class RecordingHandler(web.RequestHandler):
@@ -78,6 +85,19 @@ class RecordingHandler(web.RequestHandler):
         self.finish({"method": self.request.method, "echo": self.request.body.decode()})
 
     get = post = patch = delete = answer
+
+
+class ImageManifestHandler(web.RequestHandler):
+    """GET api/images/on-<x>: a Ready image whose manifest is `upstream.manifest`."""
+
+    def initialize(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+
+    def get(self, name: str) -> None:
+        self.upstream.requests.append({"method": "GET", "path": self.request.path,
+                                       "authorization": self.request.headers.get("Authorization")})
+        self.finish({"metadata": {"name": name}, "status": {
+            "phase": "Ready", "image": f"localhost/cnbi/{name}@sha256:" + "a" * 64, "packages": self.upstream.manifest}})
 
 
 class SlowEventsHandler(web.RequestHandler):
@@ -117,6 +137,7 @@ async def upstream():
     app = web.Application(
         [
             (r"/services/cnbi/api/images/([^/]+)/events", SlowEventsHandler, {"upstream": state}),
+            (r"/services/cnbi/api/images/(on-[a-z-]+)", ImageManifestHandler, {"upstream": state}),
             (r"/services/cnbi/api/.*", RecordingHandler, {"upstream": state}),
         ]
     )
@@ -358,9 +379,13 @@ def extension_handlers() -> list[tuple[str, type]]:
     return [(pattern, handler) for pattern, handler, *_ in ext.handlers]
 
 
-def test_every_extension_handler_is_the_authenticated_forwarder():
+def test_extension_handlers_are_the_forwarder_and_two_local_routes():
     handlers = extension_handlers()
-    assert handlers == [(r"/cnbi/api/(.*)", CNBIApiForwardHandler)]
+    assert handlers == [
+        (r"/cnbi/api/(.*)", CNBIApiForwardHandler),
+        (r"/cnbi/server-info", ServerInfoHandler),
+        (r"/cnbi/environment", EnvironmentHandler),
+    ]
 
 
 @pytest.mark.asyncio
@@ -378,7 +403,7 @@ async def test_every_handler_method_requires_authentication(start_server, upstre
             r = await fetch(base + path, token="wrong-token", method=method, body=body)
             assert r.code == 403, (method, path, r.code)
             checked += 1
-    assert checked == 5
+    assert checked == 7
     assert upstream.requests == []
 
 
@@ -413,3 +438,64 @@ def test_forwarded_query_keeps_everything_else_as_sent():
     assert forwarded_query("phase=Ready&dryRun=true") == "phase=Ready&dryRun=true"
     assert forwarded_query("_xsrf=2%7Cabc") == ""
     assert forwarded_query("xtoken=1&token=2") == "xtoken=1"
+
+
+@pytest.mark.asyncio
+async def test_server_info_names_the_image_the_server_runs_on(start_server, upstream, monkeypatch):
+    monkeypatch.setenv("CNBI_IMAGE", "pandas-x7k2p")
+    monkeypatch.setenv("JUPYTER_IMAGE", "localhost/cnbi/pandas-x7k2p@sha256:" + "b" * 64)
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/server-info")
+    assert r.code == 200
+    assert json.loads(r.body) == {"cnbiImage": "pandas-x7k2p", "jupyterImage": "localhost/cnbi/pandas-x7k2p@sha256:" + "b" * 64,
+                                  "serverName": ""}
+    assert (await fetch(base + "cnbi/server-info", token=None)).code == 403
+
+
+@pytest.mark.asyncio
+async def test_environment_lists_what_was_installed_over_the_images_manifest(start_server, upstream, monkeypatch):
+    """The image's manifest lacks one package this environment has and pins another one at an
+    older version: saving the environment pins exactly those two."""
+    installed = list_distributions(sys.executable)
+    by_name = {p["name"].lower(): p for p in installed}
+    added, changed = by_name["tabulate"] if "tabulate" in by_name else by_name["pyyaml"], by_name["packaging"]
+    upstream.manifest = [
+        {"name": p["name"], "version": "0.0.1" if p is changed else p["version"], "visible": False}
+        for p in installed if p is not added
+    ] + [{"name": "only-in-the-image", "version": "1.0", "visible": True}]
+    monkeypatch.setenv("CNBI_IMAGE", "on-built")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "the-servers-hub-token")
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/environment")
+    assert r.code == 200, r.body
+    body = json.loads(r.body)
+    assert body["baseline"] == "manifest" and body["cnbiImage"] == "on-built"
+    assert body["baseImage"] == "localhost/cnbi/on-built@sha256:" + "a" * 64  # the image by digest
+    assert body["added"] == [{"name": added["name"], "version": added["version"]}]
+    assert body["changed"] == [{"name": changed["name"], "from": "0.0.1", "to": changed["version"]}]
+    assert body["removed"] == [{"name": "only-in-the-image", "version": "1.0"}]
+    assert sorted(body["requirements"]) == sorted(
+        [f"{added['name']}=={added['version']}", f"{changed['name']}=={changed['version']}"])
+    assert upstream.requests[-1]["authorization"] == "token the-servers-hub-token"
+
+
+@pytest.mark.asyncio
+async def test_environment_of_a_server_on_another_image_compares_with_its_start(start_server, upstream, monkeypatch):
+    monkeypatch.delenv("CNBI_IMAGE", raising=False)
+    monkeypatch.setenv("JUPYTER_IMAGE_SPEC", "quay.io/jupyter/minimal-notebook:2024-10-07")
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/environment")
+    assert r.code == 200, r.body
+    body = json.loads(r.body)
+    assert body["baseline"] == "startup" and body["baseImage"] == "quay.io/jupyter/minimal-notebook:2024-10-07"
+    assert body["added"] == [] and body["changed"] == [] and body["requirements"] == []
+
+
+@pytest.mark.asyncio
+async def test_environment_without_a_known_image_is_409_with_a_message(start_server, upstream, monkeypatch):
+    for var in ("CNBI_IMAGE", "JUPYTER_IMAGE", "JUPYTER_IMAGE_SPEC"):
+        monkeypatch.delenv(var, raising=False)
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/environment")
+    assert r.code == 409
+    assert "image is not known" in json.loads(r.body)["message"]

@@ -167,6 +167,37 @@ async def test_bad_input_gets_4xx_with_field_and_stores_nothing(hub, tokens, bod
     assert (await hub.api("GET", "api/images", tokens["carol"])).json()["items"] == []
 
 
+PLAIN_MESSAGES = [
+    (["pandas", "numpy", "pandas>=2"], "spec.packageVersions[2]", "pandas is already listed", "spec.packageVersions[0]"),
+    (["numpy=="], "spec.packageVersions[0]", "a version is missing after ==", None),
+    (["six", "numpy pandas"], "spec.packageVersions[1]",
+     "'numpy pandas' looks like several packages: put one package on each line", None),
+]
+
+
+@pytest.mark.parametrize("packages,field,message,related", PLAIN_MESSAGES)
+async def test_package_messages_are_plain_words_without_the_field_path(hub, tokens, packages, field, message,
+                                                                       related, clean):
+    body = {"spec": {"buildType": "PackageList", "baseImage": BASE, "packageVersions": packages}}
+    r = await hub.api("POST", "api/images?dryRun=true", tokens["carol"], body)
+    assert r.code == 422
+    assert r.json() == {"message": message, "field": field, **({"relatedField": related} if related else {})}
+
+
+@pytest.mark.parametrize("spec", [
+    {"buildType": "GitRepository", "repository": "ssh://host/repo"},
+    {"buildType": "GitRepository", "repository": "https://github.com/a/b", "gitRef": "--upload-pack=x"},
+    {"buildType": "PackageList", "baseImage": BASE, "packageVersions": []},
+    {"buildType": "ImageImport", "fromImage": "UPPER/case"},
+])
+async def test_no_message_starts_with_its_field_path(hub, tokens, spec, clean):
+    r = await hub.api("POST", "api/images?dryRun=true", tokens["carol"], {"spec": spec})
+    assert r.code == 422
+    error = r.json()
+    assert not error["message"].startswith(error["field"]), error
+    assert error["message"].count("spec.") == 0, error
+
+
 async def test_malformed_json_and_huge_bodies(hub, tokens, clean):
     r = await hub.api("POST", "api/images", tokens["carol"], raw=b"{not json")
     assert r.code == 400 and "JSON" in r.json()["message"]
@@ -210,9 +241,50 @@ async def test_per_user_limit(hub, tokens, clean):
     assert (await hub.api("POST", "api/images", tokens["bob"], package_list("six"))).code == 201
 
 
+async def test_cancel_stops_the_work_and_says_who(hub, tokens, clean):
+    """An import whose registry accepts the connection and never answers hangs in Prepare:
+    cancelling it ends Failed/Cancelled "cancelled by alice", the engine drops the registry
+    connection (its work stopped), never overwrites the cancellation, and a second cancel is 409."""
+    connected, dropped = asyncio.Event(), asyncio.Event()
+
+    async def silent_registry(reader, writer):
+        connected.set()
+        await reader.read()  # until the client goes away
+        dropped.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent_registry, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        body = {"spec": {"buildType": "ImageImport", "fromImage": f"127.0.0.1:{port}/silent/image:1"}}
+        name = (await hub.api("POST", "api/images", tokens["alice"], body)).json()["metadata"]["name"]
+        await asyncio.wait_for(connected.wait(), 60)
+        assert model.phase_of((await hub.api("GET", f"api/images/{name}", tokens["alice"])).json()) == "Prepare"
+        assert (await hub.api("POST", f"api/images/{name}/cancel", tokens["bob"], {})).code == 404
+        r = await hub.api("POST", f"api/images/{name}/cancel", tokens["alice"], {})
+        assert r.code == 200, r.body
+        obj = r.json()
+        assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Prepare"
+        cancelled = [c for c in obj["status"]["conditions"] if c["reason"] == "Cancelled"]
+        assert cancelled and cancelled[0]["message"] == "cancelled by alice"
+        await asyncio.wait_for(dropped.wait(), 30)  # the engine's work on it stopped
+        await asyncio.sleep(0.5)
+        again = (await hub.api("GET", f"api/images/{name}", tokens["alice"])).json()
+        assert model.phase_of(again) == "Failed" and again["status"]["conditions"] == obj["status"]["conditions"]
+        logs = (await hub.api("GET", f"api/images/{name}/logs", tokens["alice"])).body.decode()
+        assert "==> cancelled by alice" in logs
+        r = await hub.api("POST", f"api/images/{name}/cancel", tokens["alice"], {})
+        assert r.code == 409 and "already finished" in r.json()["message"]
+    finally:
+        server.close()
+
+
 async def test_settings_tell_the_panel_about_named_servers(hub, tokens):
     r = await hub.api("GET", "api/settings", tokens["alice"])
-    assert r.code == 200 and r.json() == {"namedServers": False}  # the test hub does not allow them
+    assert r.code == 200
+    assert r.json() == {"namedServers": False,  # the test hub does not allow them
+                        "user": {"name": "alice", "admin": False, "groups": []}}
+    assert (await hub.api("GET", "api/settings", tokens[ADMIN])).json()["user"]["admin"] is True
 
 
 async def test_base_images_lists_the_admin_choice(hub, tokens):

@@ -195,6 +195,11 @@ def plan_checks(
         )
     checks += [
         Check(
+            "login-shell",
+            ("sh", "-c", LOGIN_SHELL_PROGRAM),
+            "JupyterLab's terminal runs a login shell, which must find python and jupyter on its PATH",
+        ),
+        Check(
             "home-writable",
             (python_path, "-c", _HOME_WRITABLE_PROGRAM),
             "the notebook user must be able to write its home directory",
@@ -206,6 +211,24 @@ def plan_checks(
         ),
     ]
     return checks
+
+
+# JupyterLab's terminal starts `$SHELL -l` (bash or sh): /etc/profile may reset PATH there, so a
+# venv on the image's ENV PATH alone is lost and `python` is "command not found" in the terminal.
+LOGIN_SHELL_PROGRAM = r"""
+for shell in bash sh; do
+  if command -v "$shell" >/dev/null 2>&1; then
+    exec "$shell" -lc 'missing=""
+      for tool in python jupyter; do command -v "$tool" >/dev/null 2>&1 || missing="$missing $tool"; done
+      if [ -n "$missing" ]; then
+        echo "a login shell ($0) does not find$missing on its PATH ($PATH)" >&2; exit 1
+      fi
+      echo "a login shell finds $(command -v python) and $(command -v jupyter)"'
+  fi
+done
+echo "the image has no shell" >&2
+exit 1
+"""
 
 
 def _tail(text: str, lines: int = 5) -> str:

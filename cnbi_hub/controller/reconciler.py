@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +27,8 @@ from traitlets.config import LoggingConfigurable
 from .. import model
 from ..imageref import ImageReference, parse_image_reference
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_READY, PHASE_RESOLVING
-from ..store.base import NotFound
+from ..store.base import NotFound, modify_status
+from ..trust import machine_ca_bundle
 from . import gitsource
 from .buildlog import BuildLog
 from .buildplan import BuildObservations, PlanError, plan_build, spec_hash, uv_config_toml
@@ -51,7 +51,7 @@ from .resolve import (
     resolve_lock,
     validate_requirement,
 )
-from .statemachine import Outcome, advance, queued, restart
+from .statemachine import Outcome, advance, queued, restart, run_separator
 
 BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
 PHASE_SECONDS = Histogram(
@@ -86,19 +86,13 @@ class Reconciler(LoggingConfigurable):
     ca_bundle = Unicode(
         help="""PEM CA bundle trusted when reaching package indexes, in resolving and in builds
         (mounted as a build secret, never stored in the image). Default: $SSL_CERT_FILE, else
-        the machine's own trust store, so a corporate proxy's CA that the admin installed on
-        the host is trusted by builds too."""
+        the machine's own trust store (cnbi_hub.trust.machine_ca_bundle), so a corporate
+        proxy's CA that the admin installed on the host is trusted by builds too."""
     ).tag(config=True)
 
     @default("ca_bundle")
     def _default_ca_bundle(self):
-        if os.environ.get("SSL_CERT_FILE"):
-            return os.environ["SSL_CERT_FILE"]
-        paths = ssl.get_default_verify_paths()
-        for candidate in (paths.cafile, paths.openssl_cafile):
-            if candidate and os.path.isfile(candidate):
-                return candidate
-        return ""
+        return machine_ca_bundle()
 
     push_registry = Unicode(
         "",
@@ -187,6 +181,17 @@ class Reconciler(LoggingConfigurable):
                         self.log.info("image %s deleted during its build: stopping it", model.name_of(event.object))
                         task.cancel()
                     await self.schedule()
+                elif event.type == "MODIFIED" and model.phase_of(event.object) in model.TERMINAL_PHASES:
+                    task = self._tasks.get(uid)
+                    if task and model.phase_of(event.object) == model.PHASE_FAILED:
+                        # someone cancelled the build (api/images/{name}/cancel): stop its work
+                        name = model.name_of(event.object)
+                        reason = _cancel_message(event.object)
+                        if reason:
+                            self._log_line(name, uid, f"==> {reason}")
+                            self.log.info("image %s: %s", name, reason)
+                            task.cancel()
+                    await self.schedule()
                 elif event.type == "ADDED" or (
                     event.type == "MODIFIED" and model.phase_of(event.object) == PHASE_PENDING and uid not in self._tasks
                 ):
@@ -231,6 +236,12 @@ class Reconciler(LoggingConfigurable):
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
 
     async def _drive_phases(self, name: str, uid: str) -> None:
+        try:
+            separator = run_separator((await self.store.get(name)).get("status") or {})
+        except NotFound:
+            return
+        if separator:
+            self._log_line(name, uid, separator)
         while True:
             try:
                 obj = await self.store.get(name)
@@ -248,7 +259,7 @@ class Reconciler(LoggingConfigurable):
             if status["phase"] in model.TERMINAL_PHASES:
                 BUILDS.labels("reused" if status.get("reusedFrom") else status["phase"].lower()).inc()
                 await self._save_log(name, uid)
-            if not await self._write_status(name, uid, status):
+            if not await self._write_status(name, uid, status, expected_phase=phase):
                 return
 
     async def _work(self, phase: str, obj: dict) -> Outcome:
@@ -266,15 +277,24 @@ class Reconciler(LoggingConfigurable):
             self.log.exception("%s of %s failed", phase, model.name_of(obj))
             return Outcome(False, "InternalError", f"{type(e).__name__}: {e}")
 
-    async def _write_status(self, name: str, uid: str, status: dict) -> bool:
-        try:
-            current = await self.store.get(name)
+    async def _write_status(self, name: str, uid: str, status: dict, expected_phase: str | None = None) -> bool:
+        """Write `status` unless the object is gone, was replaced, or (with `expected_phase`)
+        left that phase meanwhile: a build that was cancelled stays cancelled."""
+
+        def change(current: dict) -> dict | None:
             if current["metadata"]["uid"] != uid:
-                return False
-            await self.store.update_status(name, status)
-            return True
+                return None
+            if expected_phase is not None and model.phase_of(current) != expected_phase:
+                return None
+            written.append(True)
+            return status
+
+        written: list[bool] = []
+        try:
+            await modify_status(self.store, name, change)
         except NotFound:
             return False
+        return bool(written)
 
     def _log_line(self, name: str, uid: str, line: str) -> None:
         log = self._logs.get(uid)
@@ -528,7 +548,9 @@ class Reconciler(LoggingConfigurable):
         reused = await self.find_reusable(obj, key)
         if reused is not None:
             observed.update(reused)
-            return Outcome(True, "Reused", f"identical to {reused['reusedFrom']}", observed, skip_to=PHASE_READY)
+            message = (f"identical to {reused['reusedFrom']}" if reused.get("reusedFrom")
+                       else "unchanged since the previous run: keeping its image")
+            return Outcome(True, "Reused", message, observed, skip_to=PHASE_READY)
         previous = await self.find_previous_generation(obj, lock.text, status["resolvedBaseImage"])
         if previous is not None:
             observed["layeredOn"] = previous
@@ -552,18 +574,26 @@ class Reconciler(LoggingConfigurable):
 
     async def find_reusable(self, obj: dict, key: str) -> dict | None:
         """Status fields of a Ready image built from the same effective input, if its image is
-        still here: the second identical request needs no build at all."""
+        still here: the second identical request needs no build at all.
+
+        `reusedFrom` names the image that really built it (an image that itself reused one
+        passes on the name of the one it reused); when that is this image's own earlier run,
+        nothing is named: the run keeps its previous image.
+        """
+        own_name, own_uid = model.name_of(obj), obj["metadata"]["uid"]
         for other in await self.store.list(phase=PHASE_READY):
             status = other.get("status") or {}
-            if status.get("specHash") != key or not status.get("image"):
+            if other["metadata"]["uid"] == own_uid or status.get("specHash") != key or not status.get("image"):
                 continue
             if not self.push_registry and not await self.builder.local_digest(status["image"]):
                 continue
-            return {
-                "image": status["image"],
-                "packages": status.get("packages", []),
-                "reusedFrom": model.name_of(other),
-            }
+            built_by = status.get("reusedFrom") or model.name_of(other)
+            found = {"image": status["image"], "packages": status.get("packages", [])}
+            if status.get("imageSize"):
+                found["imageSize"] = status["imageSize"]
+            if built_by != own_name:
+                found["reusedFrom"] = built_by
+            return found
         return None
 
     async def find_previous_generation(self, obj: dict, lock_text: str, base: str) -> dict | None:
@@ -636,6 +666,9 @@ class Reconciler(LoggingConfigurable):
                 return Outcome(False, "PushFailed", str(e))
             image = f"{image.split('@')[0]}@{digest}"
         observed["image"] = image
+        size = await self.builder.image_size(image)
+        if size:
+            observed["imageSize"] = size
         return Outcome(True, "Validated", f"all {len(checks)} checks passed", observed)
 
     async def _build_image(self, obj: dict, info, say) -> str:
@@ -692,6 +725,13 @@ class Reconciler(LoggingConfigurable):
         say(f"building {target}")
         digest = await self.builder.build(plan, context, secret_files, say)
         return f"{repository}@{digest}"
+
+
+def _cancel_message(obj: dict) -> str | None:
+    for condition in (obj.get("status") or {}).get("conditions", []):
+        if condition.get("reason") == "Cancelled":
+            return condition.get("message") or "cancelled"
+    return None
 
 
 def _write_authfile(registry: str, credentials) -> str:

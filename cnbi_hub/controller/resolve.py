@@ -191,23 +191,36 @@ def lock_difference(new_lock: str, old_lock: str) -> str | None:
     return "".join(text for key, text in new.items() if key not in old)
 
 
+_UV_ITEM_STARTS = ("×", "╰─▶", "├─▶", "error:", "cause:", "hint:")
+
+
 def explain_uv_error(stderr: str) -> str:
-    """Keep the part of uv's stderr a user can act on: from ``error:`` on, minus decoration."""
+    """Keep the part of uv's stderr a user can act on: from ``error:`` on, minus decoration.
+
+    One line per statement of uv's (its terminal wrapping undone), each ending like a sentence,
+    so "...resolving dependencies:" and "Because ..." stay apart however a client shows them.
+    """
     lines = stderr.splitlines()
     for i, line in enumerate(lines):
-        stripped = line.strip()
-        if stripped.startswith(("error:", "×")):
+        if line.strip().startswith(("error:", "×")):
             lines = lines[i:]
             break
-    kept = []
+    items: list[str] = []
     for line in lines:
-        stripped = line.strip().lstrip("×╰─▶│ ").strip()
-        if not stripped or stripped.startswith("warning:"):
+        raw = line.strip()
+        if not raw or raw.startswith("warning:"):
             continue
+        text = raw.lstrip("×╰├─▶│ ").strip()
         for prefix in ("error: ", "cause: "):
-            stripped = stripped.removeprefix(prefix)
-        kept.append(stripped)
-    message = "\n".join(kept).strip() or "uv failed without an explanation"
+            text = text.removeprefix(prefix)
+        if raw.startswith(_UV_ITEM_STARTS) or not items:
+            items.append(text)
+        else:
+            items[-1] += " " + text  # uv wrapped a long sentence onto this line
+    for i, item in enumerate(items):
+        if item and item[-1] not in ".:!?)":
+            items[i] = item + (":" if i + 1 < len(items) else ".")
+    message = "\n".join(items).strip() or "uv failed without an explanation"
     if len(message) > _MAX_MESSAGE:
         message = message[: _MAX_MESSAGE - 3] + "..."
     return message

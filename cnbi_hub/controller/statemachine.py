@@ -157,3 +157,61 @@ def queued(obj: dict, position: int) -> dict | None:
     if status.get("queuePosition") == position:
         return None
     return {**copy.deepcopy(status), "queuePosition": position}
+
+
+def cancelled(obj: dict, by: str, now: str | None = None) -> dict | None:
+    """Status of an unfinished image its owner (or an admin) cancelled: Failed, reason
+    Cancelled, saying who; None when it already finished (nothing to cancel)."""
+    now = now or model.now_iso()
+    status = copy.deepcopy(obj.get("status") or model.initial_status())
+    phase = status.get("phase", PHASE_PENDING)
+    if phase in model.TERMINAL_PHASES:
+        return None
+    status = model.set_condition(
+        status,
+        Condition(CONDITION_BUILDING, "False", "Cancelled", f"cancelled by {by}", lastTransitionTime=now,
+                  observedGeneration=obj["metadata"].get("generation")),
+    )
+    status["phase"] = PHASE_FAILED
+    status.setdefault("phaseTimes", {})[PHASE_FAILED] = now
+    status["completionTime"] = now
+    status["failedPhase"] = phase
+    status.pop("queuePosition", None)
+    return status
+
+
+# how many earlier runs an image remembers (each a few hundred bytes)
+MAX_REMEMBERED_RUNS = 20
+
+
+def rebuilt(obj: dict, by: str, now: str | None = None) -> dict:
+    """Status of a finished image sent through its phases again: a new run, numbered, with the
+    finished run kept in `runs` (its own times, outcome and what it reused)."""
+    now = now or model.now_iso()
+    old = obj.get("status") or {}
+    finished = {"run": old.get("run", 1), "phase": old.get("phase")}
+    for key in ("startTime", "completionTime", "reusedFrom", "image"):
+        if old.get(key):
+            finished[key] = old[key]
+    reasons = [c for c in old.get("conditions", []) if c.get("reason")]
+    if reasons:
+        latest = max(reasons, key=lambda c: c.get("lastTransitionTime", ""))
+        finished["reason"] = latest["reason"]
+    status = model.initial_status()
+    status["phaseTimes"] = {PHASE_PENDING: now}
+    status["run"] = finished["run"] + 1
+    status["runs"] = (list(old.get("runs", [])) + [finished])[-MAX_REMEMBERED_RUNS:]
+    status["rebuildOf"] = old.get("image")
+    status["rebuildRequestedBy"] = by
+    status["rebuildRequestedAt"] = now
+    return status
+
+
+def run_separator(status: dict) -> str | None:
+    """The log line that opens a rebuild's run (the panel draws it as a rule); None for run 1."""
+    run = status.get("run", 1)
+    if run <= 1:
+        return None
+    who = status.get("rebuildRequestedBy")
+    why = f"rebuild requested by {who}" if who else "rebuild"
+    return f"=== Run {run} · {why} · {status.get('rebuildRequestedAt') or model.now_iso()} ==="

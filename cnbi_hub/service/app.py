@@ -25,7 +25,7 @@ from ..imageref import parse_image_reference
 from ..controller.reconciler import Reconciler
 from ..store.base import ChangeBroadcaster
 from ..store.sqlite import SQLImageStore
-from . import handlers
+from . import handlers, pages
 
 
 def _service_url():
@@ -226,6 +226,7 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/logs"), handlers.ImageArtifactHandler, {"kind": "log"}),
             (route(rf"api/images/{name}/lock"), handlers.ImageArtifactHandler, {"kind": "lock"}),
             (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
+            (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
             (route("api/settings"), handlers.SettingsHandler),
             (route("api/check-image"), handlers.CheckImageHandler),
@@ -233,7 +234,8 @@ class CNBIService(Application):
             (route("api/openapi.yaml"), handlers.OpenAPIHandler),
             (route("health"), handlers.HealthHandler),
             (route("oauth_callback"), HubOAuthCallbackHandler),
-            (self.service_prefix.rstrip("/") + r"/?", handlers.HomeHandler),
+            (route(rf"images/{name}"), pages.ImagePage),
+            (self.service_prefix.rstrip("/") + r"/?", pages.ImageListPage),
         ]
         return web.Application(
             routes,

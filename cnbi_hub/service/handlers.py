@@ -17,17 +17,19 @@ from jupyterhub.services.auth import HubOAuthenticated
 from jupyterhub.utils import url_path_join
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
-from tornado.escape import xhtml_escape as escape
 from tornado.iostream import StreamClosedError
 
 from .. import model
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
-from ..store.base import AlreadyExists, NotFound
+from ..controller.statemachine import cancelled, rebuilt
+from ..store.base import AlreadyExists, NotFound, modify_status
 
 SCOPE_IMAGES = "custom:cnbi:images"
 SCOPE_ADMIN = "custom:cnbi:admin"
 MAX_BODY_BYTES = 64 * 1024
+# the logs route keeps the newest part of many runs' logs (each run's own is capped by BuildLog)
+MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
 
 
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
@@ -53,6 +55,9 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         field = getattr(exc, "field", None)
         if field:
             body["field"] = field
+        related = getattr(exc, "related_field", None)
+        if related:
+            body["relatedField"] = related
         self.finish(json.dumps(body))
 
     def write_json(self, value, status: int = 200) -> None:
@@ -67,12 +72,23 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             raise FieldError(400, f"the request body is not valid JSON: {e}")
 
 
+def newest_first(items: list[dict]) -> list[dict]:
+    """The one order of every image list: newest first, then by name (the Lab panel sorts alike)."""
+    by_name = sorted(items, key=model.name_of)
+    return sorted(by_name, key=lambda o: o["metadata"].get("creationTimestamp", ""), reverse=True)
+
+
 class FieldError(web.HTTPError):
     """An HTTP error that names the field at fault (rendered as {"message", "field"})."""
 
-    def __init__(self, status: int, message: str, field: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, related_field: str | None = None):
         super().__init__(status, message.replace("%", "%%"))
         self.field = field
+        self.related_field = related_field
+
+    @classmethod
+    def invalid(cls, error: model.InvalidObject, status: int = 422) -> "FieldError":
+        return cls(status, error.message, error.field, error.related_field)
 
 
 class APIHandler(BaseHandler):
@@ -99,10 +115,17 @@ class APIHandler(BaseHandler):
 
     @property
     def is_admin(self) -> bool:
-        return SCOPE_ADMIN in set(self.user_model.get("scopes", []))
+        """Hub admins (the user model's `admin` flag, read at each request, so it holds however
+        the hub's config was ordered) and holders of custom:cnbi:admin."""
+        return SCOPE_ADMIN in set(self.user_model.get("scopes", [])) or self.user_model.get("admin") is True
+
+    @property
+    def groups(self) -> list[str]:
+        """The caller's JupyterHub groups (the hub's identify scopes always include them)."""
+        return list(self.user_model.get("groups") or [])
 
     def may_see(self, obj: dict) -> bool:
-        return self.is_admin or model.creator_of(obj) == self.username or model.is_shared(obj)
+        return self.is_admin or model.may_use(obj, self.username, self.groups)
 
     def may_change(self, obj: dict) -> bool:
         return self.is_admin or model.creator_of(obj) == self.username
@@ -167,20 +190,24 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
         if build_type and build_type not in model.BUILD_TYPES:
             raise FieldError(422, f"buildType must be one of: {', '.join(model.BUILD_TYPES)}", "buildType")
         visible_to = self.get_argument("visibleTo", None)
+        # the spawner hooks pass the user's groups along with visibleTo (they hold the hub's user)
+        visible_groups = [g for g in self.get_argument("groups", "").split(",") if g]
         if owner and owner != self.username and not self.is_admin:
             raise FieldError(403, "only admins may list other users' images", "owner")
         if visible_to and not self.is_admin:
             raise FieldError(403, "only admins may list what another user can use", "visibleTo")
         if visible_to:
             # what a spawn form offers this user: their own images and shared ones
-            items = await self.store.list(owner=visible_to, include_shared=True, phase=phase, build_type=build_type)
+            items = await self.store.list(owner=visible_to, include_shared=True, groups=visible_groups,
+                                          phase=phase, build_type=build_type)
         elif self.is_admin:
             items = await self.store.list(owner=owner or None, phase=phase, build_type=build_type)
         else:
             items = await self.store.list(
-                owner=self.username, include_shared=not owner, phase=phase, build_type=build_type
+                owner=self.username, include_shared=not owner, groups=self.groups, phase=phase,
+                build_type=build_type,
             )
-        self.write_json({"items": items})
+        self.write_json({"items": newest_first(items)})
 
     async def post(self):
         try:
@@ -190,7 +217,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
         try:
             obj = model.validate_new_object(body, creator=self.username, policy=self.cnbi.validation_policy)
         except model.InvalidObject as e:
-            raise FieldError(422, e.message, e.field)
+            raise FieldError.invalid(e)
         if self.get_argument("dryRun", "false").lower() in ("true", "1", "all"):
             self.write_json(obj)
             return
@@ -224,7 +251,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
 class ImageHandler(BodyLimitMixin, APIHandler):
     """GET / PATCH / DELETE api/images/{name}."""
 
-    PATCH_FIELDS = {"displayName", "description", "shared"}
+    PATCH_FIELDS = {"displayName", "description", "shared", "sharedWithGroups"}
 
     def prepare(self):
         super().prepare()
@@ -252,6 +279,18 @@ class ImageHandler(BodyLimitMixin, APIHandler):
                 raise FieldError(403, f"only admins may share images ({SCOPE_ADMIN})", "shared")
             if not isinstance(changes["shared"], bool):
                 raise FieldError(422, "shared must be true or false", "shared")
+        if "sharedWithGroups" in changes:
+            try:
+                groups = model.check_group_names(changes["sharedWithGroups"])
+            except model.InvalidObject as e:
+                raise FieldError.invalid(e)
+            # owners share with their own groups; admins with any group
+            foreign = sorted(set(groups) - set(self.groups) - set(model.shared_groups_of(obj)))
+            if foreign and not self.is_admin:
+                raise FieldError(
+                    403, f"you are not a member of the group {foreign[0]}; share only with your own groups",
+                    "sharedWithGroups",
+                )
         annotations = obj["metadata"].setdefault("annotations", {})
         display_name = changes.get("displayName", annotations.get(model.ANNOTATION_DISPLAY_NAME, ""))
         description = changes.get("description", annotations.get(model.ANNOTATION_DESCRIPTION, ""))
@@ -267,6 +306,8 @@ class ImageHandler(BodyLimitMixin, APIHandler):
                 annotations[model.ANNOTATION_SHARED] = "true"
             else:
                 annotations.pop(model.ANNOTATION_SHARED, None)
+        if "sharedWithGroups" in changes:
+            obj["metadata"]["annotations"] = annotations = model.with_shared_groups(annotations, groups)
         # no resourceVersion: a PATCH applies to the current object, as a merge patch does
         obj["metadata"].pop("resourceVersion", None)
         self.write_json(await self.store.replace(obj))
@@ -349,7 +390,10 @@ class ImageArtifactHandler(APIHandler):
 
     async def get(self, name: str):
         await self.visible_image(name)
-        text = await self.store.get_artifact(name, self.kind)
+        if self.kind == "log":
+            text = await full_log(self.store, name)
+        else:
+            text = await self.store.get_artifact(name, self.kind)
         if text is None and self.kind == "lock":
             raise FieldError(404, f"image {name} has no resolved lock (yet)")
         self.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -358,15 +402,53 @@ class ImageArtifactHandler(APIHandler):
 
 class RebuildHandler(APIHandler):
     """POST api/images/{name}/rebuild: run a Ready or Failed image through its phases again
-    (fresh resolution, so newer package versions are picked up)."""
+    (fresh resolution, so newer package versions are picked up). The finished run is kept in
+    `status.runs` and its log stays above the new run's."""
 
     async def post(self, name: str):
         obj = await self.changeable_image(name)
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
-            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish")
-        status = model.initial_status()
-        status["rebuildOf"] = (obj.get("status") or {}).get("image")
-        self.write_json(await self.store.update_status(name, status))
+            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        await self.store.put_artifact(name, "log-history", await self.full_log(name))
+        await self.store.put_artifact(name, "log", "")
+        self.write_json(await self.store.update_status(name, rebuilt(obj, self.username),
+                                                       obj["metadata"]["resourceVersion"]))
+
+    async def full_log(self, name: str) -> str:
+        return await full_log(self.store, name)
+
+
+async def full_log(store, name: str) -> str:
+    """Every run's log: the earlier runs' (kept at each rebuild) and the current run's."""
+    earlier = await store.get_artifact(name, "log-history") or ""
+    current = await store.get_artifact(name, "log") or ""
+    text = earlier + ("\n" if earlier and current and not earlier.endswith("\n") else "") + current
+    if len(text) > MAX_LOG_HISTORY_CHARS:
+        text = "[earlier runs cut]\n" + text[-MAX_LOG_HISTORY_CHARS:].split("\n", 1)[-1]
+    return text
+
+
+class CancelHandler(APIHandler):
+    """POST api/images/{name}/cancel: stop a queued or running build. The image ends Failed with
+    reason Cancelled; the build's processes and half-made image are removed by the engine."""
+
+    async def post(self, name: str):
+        await self.changeable_image(name)
+        finished_as = []
+
+        def cancel(current: dict) -> dict | None:
+            status = cancelled(current, self.username)
+            if status is None:
+                finished_as.append(model.phase_of(current))
+            return status
+
+        try:
+            obj = await modify_status(self.store, name, cancel)
+        except NotFound:
+            raise FieldError(404, f"image {name} not found", "metadata.name")
+        if finished_as:
+            raise FieldError(409, f"image {name} already finished ({finished_as[-1]}); there is nothing to cancel")
+        self.write_json(obj)
 
 
 class CheckImageHandler(APIHandler):
@@ -379,11 +461,16 @@ class CheckImageHandler(APIHandler):
         except ValueError as e:
             raise FieldError(422, f"image: {e}", "image")
         try:
-            result = await self.cnbi.reconciler.check_image(text.strip())
+            found = await self.cnbi.reconciler.check_image(text.strip())
         except ImageUnauthorized as e:
-            result = {"exists": None, "digest": None, "platforms": [], "message": str(e)}
+            result = {"result": "private", "exists": None, "digest": None, "platforms": [],
+                      "message": f"{e}; name a pull secret that holds credentials for it"}
         except (RegistryUnreachable, RegistryError) as e:
             raise FieldError(502, str(e), "image")
+        else:
+            result = {"result": "found" if found["exists"] else "notFound", "message": "", **found}
+            if not found["exists"]:
+                result["message"] = f"{text.strip()} was not found"
         self.write_json(result)
 
 
@@ -401,7 +488,10 @@ class SettingsHandler(APIHandler):
     """GET api/settings: what the Lab panel needs to know about the hub."""
 
     def get(self):
-        self.write_json({"namedServers": self.cnbi.named_servers})
+        self.write_json({
+            "namedServers": self.cnbi.named_servers,
+            "user": {"name": self.username, "admin": self.is_admin, "groups": sorted(self.groups)},
+        })
 
 
 class BaseImagesHandler(APIHandler):
@@ -420,26 +510,3 @@ class OpenAPIHandler(BaseHandler):
 class HealthHandler(BaseHandler):
     def get(self):
         self.write_json({"status": "ok", "version": self.cnbi.version})
-
-
-class HomeHandler(BaseHandler):
-    """The service's browser page: who you are and your images (proves the OAuth flow)."""
-
-    @web.authenticated
-    async def get(self):
-        user = self.current_user
-        scopes = set(user.get("scopes", []))
-        allowed = SCOPE_IMAGES in scopes or SCOPE_ADMIN in scopes
-        items = await self.store.list(owner=user["name"], include_shared=True) if allowed else []
-        rows = "".join(
-            f"<li><code>{escape(model.name_of(o))}</code> {escape(model.display_name_of(o))}"
-            f" &mdash; {escape(model.phase_of(o))}</li>"
-            for o in items
-        )
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.finish(
-            "<!doctype html><html><head><title>Image Builder</title></head><body>"
-            f"<h1>Image Builder</h1><p id='user'>Signed in as {escape(user['name'])}</p>"
-            f"<p>Build images from JupyterLab's Image Builder panel. Your images:</p><ul>{rows}</ul>"
-            f"<p><a href='{escape(self.hub_auth.hub_prefix)}home'>Back to the hub</a></p></body></html>"
-        )

@@ -52,10 +52,11 @@ class ImageStore(Protocol):
     async def get(self, name: str) -> dict: ...
 
     async def list(
-        self, *, owner: str | None = None, include_shared: bool = False, phase: str | None = None,
+        self, *, owner: str | None = None, include_shared: bool = False, groups=(), phase: str | None = None,
         build_type: str | None = None,
     ) -> list[dict]:
-        """Oldest first; `owner` limits to one creator (plus shared images with `include_shared`)."""
+        """Oldest first; `owner` limits to one creator (plus, with `include_shared`, images
+        shared with everyone or with one of `groups`)."""
 
     async def count(self, owner: str) -> int: ...
 

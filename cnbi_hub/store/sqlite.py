@@ -14,6 +14,7 @@ import uuid
 
 from sqlalchemy import (
     Boolean,
+    ForeignKey,
     Integer,
     String,
     Text,
@@ -50,6 +51,15 @@ class ImageRow(Base):
     phase: Mapped[str] = mapped_column(String(16), index=True)
     build_type: Mapped[str] = mapped_column(String(16))
     body: Mapped[str] = mapped_column(Text)
+
+
+class SharedGroupRow(Base):
+    """One JupyterHub group an image is shared with (the annotation, indexed for listing)."""
+
+    __tablename__ = "cnbi_image_groups"
+
+    image_id: Mapped[int] = mapped_column(Integer, ForeignKey("cnbi_images.id", ondelete="CASCADE"), primary_key=True)
+    group: Mapped[str] = mapped_column(String(255), primary_key=True, index=True)
 
 
 class ArtifactRow(Base):
@@ -111,15 +121,21 @@ class SQLImageStore:
         *,
         owner: str | None = None,
         include_shared: bool = False,
+        groups=(),
         phase: str | None = None,
         build_type: str | None = None,
     ) -> list[dict]:
-        """Objects, oldest first. `owner` limits to one creator (plus shared images when
-        `include_shared`); no owner means every object."""
+        """Objects, oldest first. `owner` limits to one creator (plus, with `include_shared`,
+        images shared with everyone or with one of `groups`); no owner means every object."""
         query = select(ImageRow).where(ImageRow.namespace == self.namespace)
         if owner is not None:
-            mine = ImageRow.owner == owner
-            query = query.where(mine | ImageRow.shared) if include_shared else query.where(mine)
+            visible = ImageRow.owner == owner
+            if include_shared:
+                visible = visible | ImageRow.shared
+                if groups:
+                    in_groups = select(SharedGroupRow.image_id).where(SharedGroupRow.group.in_(list(groups)))
+                    visible = visible | ImageRow.id.in_(in_groups)
+            query = query.where(visible)
         if phase:
             query = query.where(ImageRow.phase == phase)
         if build_type:
@@ -160,6 +176,8 @@ class SQLImageStore:
         with Session(self.engine) as session:
             session.add(row)
             try:
+                session.flush()
+                self._set_groups(session, row.id, obj)
                 session.commit()
             except IntegrityError:
                 raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name")
@@ -189,6 +207,7 @@ class SQLImageStore:
                     .values(resource_version=based_on + 1, **self._columns(new))
                 )
                 if result.rowcount == 1:
+                    self._set_groups(session, row.id, new)
                     session.commit()
                     new["metadata"]["resourceVersion"] = str(based_on + 1)
                     return new
@@ -198,6 +217,12 @@ class SQLImageStore:
                     f"image {name} was changed by someone else; read it again and retry", "metadata.resourceVersion"
                 )
         raise Conflict(f"image {name} kept changing; gave up writing it", "metadata.resourceVersion")
+
+    @staticmethod
+    def _set_groups(session: Session, image_id: int, obj: dict) -> None:
+        session.execute(delete(SharedGroupRow).where(SharedGroupRow.image_id == image_id))
+        for group in model.shared_groups_of(obj):
+            session.add(SharedGroupRow(image_id=image_id, group=group))
 
     async def replace(self, obj: dict) -> dict:
         """Write metadata and spec (never status, as with a status subresource)."""
@@ -231,6 +256,7 @@ class SQLImageStore:
             row = self._row(session, name)
             gone = self._object(row)
             session.execute(delete(ArtifactRow).where(ArtifactRow.uid == row.uid))
+            session.execute(delete(SharedGroupRow).where(SharedGroupRow.image_id == row.id))
             session.delete(row)
             session.commit()
         self._changes.publish(WatchEvent("DELETED", gone))

@@ -9,24 +9,43 @@ import { ServerConnection } from '@jupyterlab/services';
 import type {
   IBaseImage,
   ICheckImageResult,
-  ICustomNBImage
+  ICustomNBImage,
+  IEnvironment,
+  IServerInfo,
+  IUserInfo
 } from './model';
 
-/** An answer of the service that is not a success: `{message, field}` with its status. */
+/** GET api/settings: how the hub is set up, as far as the panel needs to know. */
 export interface IServiceSettings {
   /** The hub allows named servers: start a new one per image, keep the running one. */
   namedServers: boolean;
+  /** Who the panel works for; missing from an older service. */
+  user?: IUserInfo;
 }
 
+/** PATCH api/images/{name}: what may change. */
+export interface IImagePatch {
+  displayName?: string;
+  description?: string;
+  /** Admins only: shared with everyone. */
+  shared?: boolean;
+  /** Admins: any group; owners: groups they are in. [] unshares from all groups. */
+  sharedWithGroups?: string[];
+}
+
+/** An answer of the service that is not a success: `{message, field, relatedField}` with its status. */
 export class CnbiApiError extends Error {
-  constructor(status: number, message: string, field?: string) {
+  constructor(status: number, message: string, field?: string, relatedField?: string) {
     super(message);
     this.name = 'CnbiApiError';
     this.status = status;
     this.field = field;
+    this.relatedField = relatedField;
   }
   readonly status: number;
   readonly field?: string;
+  /** The earlier entry a package error refers to (a duplicate's first listing). */
+  readonly relatedField?: string;
 }
 
 /** A cookie of this page, as JupyterLab's ServerConnection reads `_xsrf`. */
@@ -56,6 +75,11 @@ export class CnbiApi {
     return url;
   }
 
+  /** A route of this server's own extension (`{baseUrl}cnbi/...`, not forwarded to the service). */
+  localUrl(path: string): string {
+    return URLExt.join(this.settings.baseUrl, 'cnbi', path);
+  }
+
   /**
    * URL of an image's event stream, for EventSource. EventSource sends no custom headers, so
    * what ServerConnection puts in headers goes in the query: the `_xsrf` cookie's value (under
@@ -78,32 +102,35 @@ export class CnbiApi {
     return this.url(`images/${encodeURIComponent(name)}/logs`);
   }
 
-  async request(
+  request(
     path: string,
     init: RequestInit = {},
     query?: Record<string, string>
   ): Promise<Response> {
+    return this.fetch(this.url(path, query), init);
+  }
+
+  /** A request to a full URL; a 4xx/5xx answer becomes a CnbiApiError with its message. */
+  async fetch(url: string, init: RequestInit = {}): Promise<Response> {
     let response: Response;
     try {
-      response = await ServerConnection.makeRequest(
-        this.url(path, query),
-        init,
-        this.settings
-      );
+      response = await ServerConnection.makeRequest(url, init, this.settings);
     } catch (error) {
       throw new CnbiApiError(0, `the server did not answer: ${error}`);
     }
     if (!response.ok) {
       let message = response.statusText || `HTTP ${response.status}`;
       let field: string | undefined;
+      let relatedField: string | undefined;
       try {
         const body = await response.json();
         message = body.message ?? message;
-        field = body.field;
+        field = body.field ?? undefined;
+        relatedField = body.relatedField ?? undefined;
       } catch {
         // not JSON: keep the status text
       }
-      throw new CnbiApiError(response.status, message, field);
+      throw new CnbiApiError(response.status, message, field, relatedField);
     }
     return response;
   }
@@ -142,6 +169,24 @@ export class CnbiApi {
     );
   }
 
+  /** Change what may change of an image (sharing, display name, description). */
+  patchImage(name: string, patch: IImagePatch): Promise<ICustomNBImage> {
+    return this.json(`images/${encodeURIComponent(name)}`, {
+      method: 'PATCH',
+      body: JSON.stringify(patch),
+      headers: { 'Content-Type': 'application/json' }
+    });
+  }
+
+  /** Stop an unfinished build: the image turns Failed ("cancelled by …"); 409 once finished. */
+  cancelImage(name: string): Promise<ICustomNBImage> {
+    return this.json(`images/${encodeURIComponent(name)}/cancel`, {
+      method: 'POST',
+      body: '{}',
+      headers: { 'Content-Type': 'application/json' }
+    });
+  }
+
   rebuildImage(name: string): Promise<ICustomNBImage> {
     return this.json(`images/${encodeURIComponent(name)}/rebuild`, {
       method: 'POST',
@@ -175,5 +220,15 @@ export class CnbiApi {
 
   checkImage(image: string): Promise<ICheckImageResult> {
     return this.json('check-image', {}, { image });
+  }
+
+  /** What this server runs on (local route of the server extension). */
+  async serverInfo(): Promise<IServerInfo> {
+    return (await this.fetch(this.localUrl('server-info'))).json();
+  }
+
+  /** What the user installed into this running server; 409 when its image is not known. */
+  async environment(): Promise<IEnvironment> {
+    return (await this.fetch(this.localUrl('environment'))).json();
   }
 }

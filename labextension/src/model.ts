@@ -8,6 +8,7 @@ export const ANNOTATION_DISPLAY_NAME = 'opendatahub.io/notebook-image-name';
 export const ANNOTATION_DESCRIPTION = 'opendatahub.io/notebook-image-desc';
 export const ANNOTATION_CREATOR = 'opendatahub.io/notebook-image-creator';
 export const ANNOTATION_SHARED = 'cnbi-hub.io/shared';
+export const ANNOTATION_SHARED_GROUPS = 'cnbi-hub.io/shared-with-groups';
 
 export type BuildType = 'ImageImport' | 'PackageList' | 'GitRepository';
 export type Phase =
@@ -64,7 +65,26 @@ export interface ICustomNBImage {
     reusedFrom?: string;
     gitCommit?: string;
     lockHash?: string;
+    /** Failed: the phase it failed (or was cancelled) in. */
+    failedPhase?: Phase;
+    /** Number of the current run: 1 for the first build, 2 after the first rebuild… */
+    run?: number;
+    /** Earlier runs, oldest first. */
+    runs?: IRun[];
+    /** Size in bytes of the built image (Ready images, when known). */
+    imageSize?: number;
   };
+}
+
+/** One earlier run of an image (status.runs). */
+export interface IRun {
+  run: number;
+  phase: Phase;
+  startTime?: string;
+  completionTime?: string;
+  reason?: string;
+  reusedFrom?: string;
+  image?: string;
 }
 
 export interface IBaseImage {
@@ -73,10 +93,41 @@ export interface IBaseImage {
   description?: string;
 }
 
+/** GET api/check-image: `private` = the registry wants credentials (a pull secret). */
+export type CheckImageAnswer = 'found' | 'notFound' | 'private';
+
 export interface ICheckImageResult {
-  exists: boolean;
-  digest?: string;
+  result: CheckImageAnswer;
+  /** null when the registry would not say (private). */
+  exists: boolean | null;
+  digest?: string | null;
   platforms?: string[];
+  message?: string;
+}
+
+/** The hub user the panel works for (api/settings `user`). */
+export interface IUserInfo {
+  name: string;
+  admin: boolean;
+  groups: string[];
+}
+
+/** GET {baseUrl}cnbi/server-info: what this server runs on. */
+export interface IServerInfo {
+  cnbiImage: string | null;
+  jupyterImage: string | null;
+  serverName: string;
+}
+
+/** GET {baseUrl}cnbi/environment: what the user installed into this running server. */
+export interface IEnvironment {
+  baseImage: string;
+  cnbiImage: string | null;
+  baseline: 'manifest' | 'startup' | string;
+  added: { name: string; version: string }[];
+  changed: { name: string; from: string; to: string }[];
+  removed: { name: string; version: string }[];
+  requirements: string[];
 }
 
 /** The steps the progress bar shows, in order. */
@@ -87,7 +138,15 @@ export const PROGRESS_STEPS: Phase[] = [
   'Ready'
 ];
 
+const STEP_VERBS: Partial<Record<Phase, string>> = {
+  Prepare: 'preparing',
+  Resolving: 'resolving',
+  Building: 'building'
+};
+
 export interface IProgress {
+  /** The phase the badge shows: badge and bar are drawn from this one value. */
+  phase: Phase;
   /** Index into PROGRESS_STEPS of the step under way (or where it failed); -1 before Prepare. */
   step: number;
   /** 0..1, how far along the bar is. */
@@ -121,42 +180,181 @@ export function isShared(image: ICustomNBImage): boolean {
   return image.metadata.annotations?.[ANNOTATION_SHARED] === 'true';
 }
 
+/** The JupyterHub groups an image is shared with (annotation, comma-separated). */
+export function sharedGroupsOf(image: ICustomNBImage): string[] {
+  return (image.metadata.annotations?.[ANNOTATION_SHARED_GROUPS] ?? '')
+    .split(',')
+    .map(g => g.trim())
+    .filter(g => g);
+}
+
+/** Milliseconds of a creationTimestamp; not yet stamped (just created) counts as newest. */
+function createdMs(image: ICustomNBImage): number {
+  const stamp = image.metadata.creationTimestamp;
+  const ms = stamp ? Date.parse(stamp) : NaN;
+  return isNaN(ms) ? Infinity : ms;
+}
+
+/** Newest first: creationTimestamp descending (not yet stamped = newest), then name. */
+export function compareNewestFirst(a: ICustomNBImage, b: ICustomNBImage): number {
+  const ta = createdMs(a);
+  const tb = createdMs(b);
+  if (ta !== tb) {
+    return ta < tb ? 1 : -1;
+  }
+  return nameOf(a).localeCompare(nameOf(b));
+}
+
+export function sortNewestFirst(images: readonly ICustomNBImage[]): ICustomNBImage[] {
+  return [...images].sort(compareNewestFirst);
+}
+
+/** The later of two versions of one object (resourceVersion; equal → the one just seen). */
+export function newerOf(a: ICustomNBImage, b: ICustomNBImage): ICustomNBImage {
+  const va = Number(a.metadata.resourceVersion ?? 0);
+  const vb = Number(b.metadata.resourceVersion ?? 0);
+  return vb >= va ? b : a;
+}
+
+/** The list with `image` added or replaced (if newer), still newest first. */
+export function upsertImage(
+  list: readonly ICustomNBImage[],
+  image: ICustomNBImage
+): ICustomNBImage[] {
+  const index = list.findIndex(i => nameOf(i) === nameOf(image));
+  if (index >= 0) {
+    const next = newerOf(list[index], image);
+    if (next === list[index]) {
+      return list as ICustomNBImage[];
+    }
+    const copy = list.slice();
+    copy[index] = next;
+    return sortNewestFirst(copy);
+  }
+  return sortNewestFirst([...list, image]);
+}
+
+/** Two versions of the list joined (each object's newer version), newest first. */
+export function mergeImages(
+  list: readonly ICustomNBImage[],
+  more: readonly ICustomNBImage[]
+): ICustomNBImage[] {
+  const byName = new Map<string, ICustomNBImage>();
+  for (const image of [...list, ...more]) {
+    const known = byName.get(nameOf(image));
+    byName.set(nameOf(image), known ? newerOf(known, image) : image);
+  }
+  return sortNewestFirst([...byName.values()]);
+}
+
+/** A row of "Shared with me": the image and who it is shared with, as the label says. */
+export interface ISharedImage {
+  image: ICustomNBImage;
+  /** 'everyone', or the groups (of mine, if known) it is shared with. */
+  sharedWith: 'everyone' | string[];
+}
+
+export interface IImageSections {
+  mine: ICustomNBImage[];
+  shared: ISharedImage[];
+  /** Admins: everyone else's images, by owner (owners sorted), each list newest first. */
+  others: { owner: string; images: ICustomNBImage[] }[];
+}
+
+/**
+ * The list's sections: my images; images of others shared with everyone or with a group of
+ * mine; and (admins) the rest, by owner. Each image is in exactly one section.
+ */
+export function imageSections(
+  images: readonly ICustomNBImage[],
+  user: IUserInfo
+): IImageSections {
+  const mine: ICustomNBImage[] = [];
+  const shared: ISharedImage[] = [];
+  const byOwner = new Map<string, ICustomNBImage[]>();
+  for (const image of sortNewestFirst(images)) {
+    const creator = creatorOf(image);
+    if (!creator || creator === user.name) {
+      mine.push(image);
+      continue;
+    }
+    const groups = sharedGroupsOf(image);
+    const myGroups = groups.filter(g => user.groups.includes(g));
+    if (isShared(image)) {
+      shared.push({ image, sharedWith: 'everyone' });
+    } else if (myGroups.length) {
+      shared.push({ image, sharedWith: myGroups });
+    } else if (user.admin) {
+      byOwner.set(creator, [...(byOwner.get(creator) ?? []), image]);
+    } else {
+      // Not mine and not admin: the service only lists it because it is shared with me
+      // (e.g. through a group the settings did not report).
+      shared.push({ image, sharedWith: groups });
+    }
+  }
+  const others = [...byOwner.keys()]
+    .sort((a, b) => a.localeCompare(b))
+    .map(owner => ({ owner, images: byOwner.get(owner)! }));
+  return { mine, shared, others };
+}
+
+/** "everyone", or the group names, for the Shared with me label. */
+export function sharedWithLabel(sharedWith: ISharedImage['sharedWith']): string {
+  if (sharedWith === 'everyone') {
+    return 'everyone';
+  }
+  return sharedWith.length ? sharedWith.join(', ') : 'a group';
+}
+
 export function isTerminal(phase: Phase): boolean {
   return phase === 'Ready' || phase === 'Failed';
 }
 
-/** The step a failed build stopped at: the latest step that had begun (phaseTimes). */
+/**
+ * The step a failed build stopped at: status.failedPhase when the service says, else the latest
+ * step that had begun in the current run (phaseTimes not older than status.startTime, so a
+ * rebuild's failure is not placed at a step only the previous run reached).
+ */
 function failedStep(image: ICustomNBImage): number {
-  const times = image.status?.phaseTimes ?? {};
+  const status = image.status ?? {};
+  const failed = status.failedPhase;
+  if (failed && failed !== 'Ready' && failed !== 'Failed') {
+    return Math.max(0, PROGRESS_STEPS.indexOf(failed));
+  }
+  const times = status.phaseTimes ?? {};
+  const start = status.startTime ? Date.parse(status.startTime) : NaN;
   let step = 0;
   PROGRESS_STEPS.forEach((phase, index) => {
-    if (phase !== 'Ready' && times[phase]) {
+    const time = phase !== 'Ready' ? times[phase] : undefined;
+    if (time && !(Date.parse(time) < start)) {
       step = index;
     }
   });
   return step;
 }
 
-/** Phase → position on the Prepare → Resolving → Building → Ready bar. */
+/** Phase → position on the Prepare → Resolving → Building → Ready bar (and the badge's phase). */
 export function phaseProgress(image: ICustomNBImage): IProgress {
   const phase = phaseOf(image);
   const steps = PROGRESS_STEPS.length;
   if (phase === 'Ready') {
-    return { step: steps - 1, fraction: 1, failed: false, done: true, label: 'Ready' };
+    return { phase, step: steps - 1, fraction: 1, failed: false, done: true, label: 'Ready' };
   }
   if (phase === 'Failed') {
     const step = failedStep(image);
     return {
+      phase,
       step,
       fraction: (step + 0.5) / steps,
       failed: true,
       done: true,
-      label: `Failed while ${PROGRESS_STEPS[step].toLowerCase()}`
+      label: `Failed while ${STEP_VERBS[PROGRESS_STEPS[step]] ?? PROGRESS_STEPS[step].toLowerCase()}`
     };
   }
   if (phase === 'Pending') {
     const queue = image.status?.queuePosition;
     return {
+      phase,
       step: -1,
       fraction: 0,
       failed: false,
@@ -166,6 +364,7 @@ export function phaseProgress(image: ICustomNBImage): IProgress {
   }
   const step = PROGRESS_STEPS.indexOf(phase);
   return {
+    phase,
     step,
     fraction: (step + 0.5) / steps,
     failed: false,
@@ -174,25 +373,10 @@ export function phaseProgress(image: ICustomNBImage): IProgress {
   };
 }
 
-/** Build duration in seconds: from the start to completion (or to `now` while running). */
-export function buildDurationSeconds(
-  image: ICustomNBImage,
-  now: number = Date.now()
-): number | null {
-  const status = image.status ?? {};
-  const times = status.phaseTimes ?? {};
-  const start =
-    status.startTime ??
-    times.Pending ??
-    times.Prepare ??
-    image.metadata.creationTimestamp;
+function secondsBetween(start?: string, end?: string, now: number = Date.now()): number | null {
   if (!start) {
     return null;
   }
-  const end =
-    status.completionTime ??
-    (phaseOf(image) === 'Ready' ? times.Ready : undefined) ??
-    (phaseOf(image) === 'Failed' ? times.Failed : undefined);
   const startMs = Date.parse(start);
   const endMs = end ? Date.parse(end) : now;
   if (isNaN(startMs) || isNaN(endMs)) {
@@ -201,6 +385,33 @@ export function buildDurationSeconds(
   return Math.max(0, Math.round((endMs - startMs) / 1000));
 }
 
+/**
+ * Duration of the current run in seconds: from its start to completion (or to `now` while
+ * running). status.startTime / completionTime belong to the current run only.
+ */
+export function buildDurationSeconds(
+  image: ICustomNBImage,
+  now: number = Date.now()
+): number | null {
+  const status = image.status ?? {};
+  const times = status.phaseTimes ?? {};
+  const phase = phaseOf(image);
+  const start =
+    status.startTime ??
+    times.Pending ??
+    times.Prepare ??
+    image.metadata.creationTimestamp;
+  const end =
+    status.completionTime ??
+    (phase === 'Ready' ? times.Ready : undefined) ??
+    (phase === 'Failed' ? times.Failed : undefined);
+  if (isTerminal(phase) && !end) {
+    return null; // finished, but not when: a ticking number would be wrong
+  }
+  return secondsBetween(start, end, now);
+}
+
+/** "23 s", "1 min 30 s", "2 h 5 min". */
 export function formatDuration(seconds: number | null): string {
   if (seconds === null) {
     return '';
@@ -209,17 +420,85 @@ export function formatDuration(seconds: number | null): string {
   const m = Math.floor((seconds % 3600) / 60);
   const s = seconds % 60;
   if (h) {
-    return `${h}h ${m}m`;
+    return `${h} h ${m} min`;
   }
   if (m) {
-    return `${m}m ${s}s`;
+    return `${m} min ${s} s`;
   }
-  return `${s}s`;
+  return `${s} s`;
+}
+
+/** What a duration measured, said with it: "built in 23 s", "failed after 12 s"… */
+export function durationText(phase: Phase, seconds: number | null): string {
+  if (seconds === null) {
+    return '';
+  }
+  const d = formatDuration(seconds);
+  switch (phase) {
+    case 'Ready':
+      return `built in ${d}`;
+    case 'Failed':
+      return `failed after ${d}`;
+    case 'Pending':
+      return `waiting for ${d}`;
+    default:
+      return `running for ${d}`;
+  }
+}
+
+/** The current run's labelled duration: "built in 23 s", "running for 5 s"… */
+export function durationLabel(image: ICustomNBImage, now: number = Date.now()): string {
+  return durationText(phaseOf(image), buildDurationSeconds(image, now));
+}
+
+/** An earlier run, one line: "Run 1 · Ready · built in 23 s". */
+export function runLabel(run: IRun): string {
+  const parts = [`Run ${run.run}`, run.phase];
+  const duration = durationText(run.phase, secondsBetween(run.startTime, run.completionTime));
+  if (run.completionTime && duration) {
+    parts.push(duration);
+  }
+  if (run.reason && run.phase === 'Failed') {
+    parts.push(run.reason);
+  }
+  if (run.reusedFrom) {
+    parts.push(`reused ${run.reusedFrom}`);
+  }
+  return parts.join(' · ');
+}
+
+/** Bytes in human units, decimal as podman and registries count: "1.2 GB", "850 MB". */
+export function formatBytes(bytes: number | null | undefined): string {
+  if (bytes === null || bytes === undefined || !isFinite(bytes) || bytes < 0) {
+    return '';
+  }
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit++;
+  }
+  const digits = unit === 0 || value >= 100 ? 0 : 1;
+  return `${value.toFixed(digits).replace(/\.0$/, '')} ${units[unit]}`;
+}
+
+/** A build log line that starts a run (`=== Run 2 · rebuild requested by alice · … ===`). */
+export const RUN_SEPARATOR = /^=== Run (\d+) /;
+
+export function logSeparator(line: string): { run: number; label: string } | null {
+  const match = RUN_SEPARATOR.exec(line);
+  if (!match) {
+    return null;
+  }
+  const label = line.replace(/^===\s*/, '').replace(/\s*===\s*$/, '');
+  return { run: Number(match[1]), label };
 }
 
 /**
- * Why a build failed, in the words of the condition that says so: an `Error...` condition that
- * is True, else a condition that turned False with a message, newest first.
+ * Why a build failed, in the words of the condition that says so: a cancellation, an
+ * `Error...` condition that is True, else a condition that turned False with a message, newest
+ * first. The message may hold several lines (uv's sentences): show it with pre-wrap.
  */
 export function failureMessage(image: ICustomNBImage): string | null {
   if (phaseOf(image) !== 'Failed') {
@@ -229,11 +508,21 @@ export function failureMessage(image: ICustomNBImage): string | null {
     (b.lastTransitionTime ?? '').localeCompare(a.lastTransitionTime ?? '')
   );
   const errorTrue = conditions.find(
-    c => /^Error|Failed$/.test(c.type) && c.status === 'True' && c.message
+    c =>
+      c.message &&
+      (c.reason === 'Cancelled' || (/^Error|Failed$/.test(c.type) && c.status === 'True'))
   );
   const turnedFalse = conditions.find(c => c.status === 'False' && c.message);
   const found = errorTrue ?? turnedFalse;
   return found?.message ?? 'The build failed; see the build log for details.';
+}
+
+/** Was the image's failure a cancellation? */
+export function isCancelled(image: ICustomNBImage): boolean {
+  return (
+    phaseOf(image) === 'Failed' &&
+    (image.status?.conditions ?? []).some(c => c.reason === 'Cancelled')
+  );
 }
 
 /** The packages textarea: one requirement per line, blank lines and # comments skipped. */
@@ -256,17 +545,111 @@ export function parsePackageLines(text: string): IPackageLines {
   return { packages, lineOfPackage };
 }
 
+/** `spec.packageVersions[3]` → 3; anything else → null. */
+export function packageIndexOf(field: string | undefined | null): number | null {
+  const match = /^spec\.packageVersions\[(\d+)\]/.exec(field ?? '');
+  return match ? Number(match[1]) : null;
+}
+
 /** `spec.packageVersions[3]` → the textarea line that held entry 3, or null if not a package. */
 export function packageErrorLine(
   field: string | undefined | null,
   lines: IPackageLines
 ): number | null {
-  const match = /^spec\.packageVersions\[(\d+)\]/.exec(field ?? '');
-  if (!match) {
+  const index = packageIndexOf(field);
+  if (index === null) {
     return null;
   }
-  const line = lines.lineOfPackage[Number(match[1])];
+  const line = lines.lineOfPackage[index];
   return line === undefined ? null : line;
+}
+
+/** A message about one line of the packages textarea (0-based lines). */
+export interface IPackageLineError {
+  line: number;
+  message: string;
+  /** The earlier line it refers to (a duplicate's first listing). */
+  relatedLine?: number | null;
+}
+
+/** `Line 2: pandas is already listed on line 1` (1-based, as the gutter numbers them). */
+export function packageErrorText(error: IPackageLineError): string {
+  const related =
+    error.relatedLine !== null && error.relatedLine !== undefined
+      ? ` on line ${error.relatedLine + 1}`
+      : '';
+  return `Line ${error.line + 1}: ${error.message}${related}`;
+}
+
+/**
+ * A service error about a package entry → the textarea lines it names (field and relatedField
+ * are 0-based indices into spec.packageVersions; blank and comment lines are skipped in
+ * between). Null when the error is not about a package entry of this text.
+ */
+export function packageLineError(
+  error: { message: string; field?: string | null; relatedField?: string | null },
+  lines: IPackageLines
+): IPackageLineError | null {
+  const line = packageErrorLine(error.field, lines);
+  if (line === null) {
+    return null;
+  }
+  return {
+    line,
+    message: withoutFieldPrefix(error.message, error.field),
+    relatedLine: packageErrorLine(error.relatedField, lines)
+  };
+}
+
+/**
+ * The message without "<field>: " in front (an older service put it there): the panel shows
+ * where the message belongs, never a field path.
+ */
+export function withoutFieldPrefix(message: string, field?: string | null): string {
+  let text = message;
+  if (field) {
+    while (text.startsWith(`${field}: `)) {
+      text = text.slice(field.length + 2);
+    }
+  }
+  return text.replace(/^(?:(?:spec|metadata)\.[\w.\[\]"'/-]+: )+/, '');
+}
+
+/** PEP 503 normalised project name of a requirement line, or null if it starts with none. */
+export function requirementName(requirement: string): string | null {
+  const match = /^\s*([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)/.exec(requirement);
+  return match ? match[1].toLowerCase().replace(/[-_.]+/g, '-') : null;
+}
+
+/**
+ * What can be told about the packages without the service, in the service's words: a version
+ * operator with nothing after it, and a project listed twice. The first such line, or null.
+ */
+export function checkPackageLines(text: string): IPackageLineError | null {
+  const { packages, lineOfPackage } = parsePackageLines(text);
+  const seen = new Map<string, number>();
+  for (let i = 0; i < packages.length; i++) {
+    const requirement = packages[i].split(';')[0].trim();
+    const dangling = /(===|==|>=|<=|~=|!=|<|>)\s*$/.exec(requirement);
+    if (dangling) {
+      return { line: lineOfPackage[i], message: `a version is missing after ${dangling[1]}` };
+    }
+    const name = requirementName(requirement);
+    if (name === null) {
+      continue; // the service names what is wrong with it
+    }
+    const first = seen.get(name);
+    if (first !== undefined) {
+      const shown = /^\s*([A-Za-z0-9._-]+)/.exec(requirement)![1];
+      return {
+        line: lineOfPackage[i],
+        message: `${shown} is already listed`,
+        relatedLine: lineOfPackage[first]
+      };
+    }
+    seen.set(name, i);
+  }
+  return null;
 }
 
 export interface IImageForm {
@@ -278,6 +661,37 @@ export interface IImageForm {
   repository: string;
   gitRef: string;
   fromImage: string;
+  /** Carried over from an image edited as new (the form has no input for it). */
+  runtimeEnvironment?: Record<string, string>;
+}
+
+/** The inputs of the create form a service error can belong to. */
+export type FormInput = Exclude<keyof IImageForm, 'runtimeEnvironment' | 'buildType'>;
+
+/** The form input a service error's `field` describes, or null (the error is about the whole). */
+export function formInputOf(field: string | undefined | null): FormInput | null {
+  if (!field) {
+    return null;
+  }
+  if (packageIndexOf(field) !== null || field === 'spec.packageVersions') {
+    return 'packagesText';
+  }
+  const spec: Record<string, FormInput> = {
+    'spec.baseImage': 'baseImage',
+    'spec.fromImage': 'fromImage',
+    'spec.repository': 'repository',
+    'spec.gitRef': 'gitRef'
+  };
+  if (spec[field]) {
+    return spec[field];
+  }
+  if (field.includes(ANNOTATION_DISPLAY_NAME) || field === 'displayName') {
+    return 'displayName';
+  }
+  if (field.includes(ANNOTATION_DESCRIPTION) || field === 'description') {
+    return 'description';
+  }
+  return null;
 }
 
 export const EMPTY_FORM: IImageForm = {
@@ -317,11 +731,96 @@ export function imageFromForm(form: IImageForm): ICustomNBImage {
       }
     }
   }
+  if (form.runtimeEnvironment && Object.keys(form.runtimeEnvironment).length) {
+    spec.runtimeEnvironment = { ...form.runtimeEnvironment };
+  }
   return {
     apiVersion: 'meteor.zone/v1alpha1',
     kind: 'CustomNBImage',
     metadata: { annotations },
     spec
+  };
+}
+
+/** "Edit as new": the create form filled from an image's spec (the name gets " (copy)"). */
+export function formFromImage(image: ICustomNBImage): IImageForm {
+  const spec = image.spec;
+  const form: IImageForm = {
+    ...EMPTY_FORM,
+    displayName: `${displayNameOf(image)} (copy)`,
+    description: descriptionOf(image),
+    buildType: spec.buildType,
+    baseImage: spec.baseImage ?? '',
+    packagesText: (spec.packageVersions ?? []).join('\n'),
+    repository: spec.repository ?? '',
+    gitRef: spec.gitRef ?? '',
+    fromImage: spec.fromImage ?? ''
+  };
+  if (spec.runtimeEnvironment && Object.keys(spec.runtimeEnvironment).length) {
+    form.runtimeEnvironment = { ...spec.runtimeEnvironment };
+  }
+  return form;
+}
+
+/** "Save this environment as an image": a PackageList on the server's image. */
+export function formFromEnvironment(env: IEnvironment): IImageForm {
+  return {
+    ...EMPTY_FORM,
+    buildType: 'PackageList',
+    baseImage: env.baseImage,
+    packagesText: env.requirements.join('\n')
+  };
+}
+
+/** Nothing to save: no package was added or changed (removals cannot be built on the base). */
+export function environmentIsEmpty(env: IEnvironment): boolean {
+  return !env.requirements.length && !env.added.length && !env.changed.length;
+}
+
+/** What a build-finished notification says, decided without the DOM. */
+export interface IBuildNotice {
+  kind: 'success' | 'error';
+  name: string;
+  message: string;
+}
+
+/** Phase and run of an image as last seen, to tell a transition. */
+export interface IPhaseSnapshot {
+  phase: Phase;
+  run: number;
+}
+
+export function snapshotOf(image: ICustomNBImage): IPhaseSnapshot {
+  return { phase: phaseOf(image), run: image.status?.run ?? 1 };
+}
+
+/**
+ * Whether to notify that a build finished: an image this session created or rebuilt
+ * (`tracked`) has just reached Ready or Failed (it was unfinished, or an earlier run, when last
+ * seen), and the panel is not visible (hidden widget or hidden document).
+ */
+export function buildFinishedNotice(
+  previous: IPhaseSnapshot | undefined,
+  image: ICustomNBImage,
+  options: { tracked: boolean; visible: boolean }
+): IBuildNotice | null {
+  const now = snapshotOf(image);
+  if (!options.tracked || options.visible || !previous || !isTerminal(now.phase)) {
+    return null;
+  }
+  const finishedNow = !isTerminal(previous.phase) || previous.run < now.run;
+  if (!finishedNow) {
+    return null;
+  }
+  const display = displayNameOf(image);
+  if (now.phase === 'Ready') {
+    return { kind: 'success', name: nameOf(image), message: `Image “${display}” is ready.` };
+  }
+  const why = (failureMessage(image) ?? '').split('\n')[0];
+  return {
+    kind: 'error',
+    name: nameOf(image),
+    message: `Image “${display}” failed${why ? `: ${why}` : '.'}`
   };
 }
 

@@ -1,13 +1,27 @@
-import { Clipboard, Dialog, showDialog } from '@jupyterlab/apputils';
+import { Clipboard, Dialog, Notification, showDialog } from '@jupyterlab/apputils';
 import { PageConfig } from '@jupyterlab/coreutils';
 import { ReactWidget } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
 import { CnbiApi } from './api';
-import { IPanelActions } from './components/ImageDetail';
-import { ImageBuilder } from './components/ImageBuilder';
+import { IPanelActions, IPanelNotice } from './components/ImageDetail';
+import { ImageBuilder, PanelRequest } from './components/ImageBuilder';
 
-/** JupyterLab's own dialogs, clipboard and windows, for the panel's actions. */
+/** JupyterLab's notifications: a build finished while the panel was out of sight. */
+export function notifyWithLab(notice: IPanelNotice, openUrl: (url: string) => void): string {
+  const action = notice.action;
+  const options = {
+    autoClose: notice.kind === 'error' ? (false as const) : 15000,
+    actions: action
+      ? [{ label: action.label, callback: () => openUrl(action.url), displayType: 'accent' as const }]
+      : []
+  };
+  return notice.kind === 'success'
+    ? Notification.success(notice.message, options)
+    : Notification.error(notice.message, options);
+}
+
+/** JupyterLab's own dialogs, clipboard, notifications and windows, for the panel's actions. */
 export const labPanelActions: IPanelActions = {
   async confirmDelete(displayName: string): Promise<boolean> {
     const result = await showDialog({
@@ -22,6 +36,9 @@ export const labPanelActions: IPanelActions = {
   },
   openUrl(url: string): void {
     window.open(url, '_blank', 'noopener');
+  },
+  notify(notice: IPanelNotice): void {
+    notifyWithLab(notice, url => labPanelActions.openUrl(url));
   }
 };
 
@@ -36,6 +53,22 @@ export class ImageBuilderWidget extends ReactWidget {
 
   readonly api: CnbiApi;
 
+  /** Show one image's detail (the status bar item, `cnbi:open` with `image`). */
+  showImage(name: string): void {
+    this._request = { seq: this._nextSeq++, kind: 'select', name };
+    this.update();
+  }
+
+  /** Start "Save this environment as an image". */
+  saveEnvironment(): void {
+    this._request = { seq: this._nextSeq++, kind: 'saveEnvironment' };
+    this.update();
+  }
+
+  /** In sight: the widget is shown and the browser tab is not hidden. */
+  readonly isInSight = (): boolean =>
+    this.isVisible && (typeof document === 'undefined' || document.visibilityState !== 'hidden');
+
   render(): JSX.Element {
     return (
       <ImageBuilder
@@ -43,7 +76,12 @@ export class ImageBuilderWidget extends ReactWidget {
         hubPrefix={PageConfig.getOption('hubPrefix') || '/hub/'}
         currentUser={PageConfig.getOption('hubUser')}
         actions={labPanelActions}
+        request={this._request}
+        isVisible={this.isInSight}
       />
     );
   }
+
+  private _request: PanelRequest | undefined;
+  private _nextSeq = 1;
 }

@@ -97,12 +97,6 @@ class PodmanBuilder(LoggingConfigurable):
 
     check_timeout = Float(120.0, help="Seconds one acceptance check inside an image may take.").tag(config=True)
 
-    ca_bundle = Unicode(
-        "",
-        help="""PEM CA bundle mounted (as a build secret, never baked into a layer) into builds,
-        for package indexes behind a TLS-intercepting proxy or a private CA.""",
-    ).tag(config=True)
-
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._inspections: dict[str, BaseImageInfo] = {}
@@ -158,6 +152,14 @@ class PodmanBuilder(LoggingConfigurable):
     async def local_digest(self, reference: str) -> str | None:
         code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}}", reference)
         return out.strip() if code == 0 and out.strip() else None
+
+    async def image_size(self, reference: str) -> int | None:
+        """Bytes the image takes (all its layers), or None when it is not in local storage."""
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Size}}", reference)
+        try:
+            return int(out.strip()) if code == 0 else None
+        except ValueError:
+            return None
 
     async def pull(self, reference: str, *, tls_verify: bool = True, authfile: str | None = None) -> None:
         args = ["pull", "--quiet", f"--tls-verify={'true' if tls_verify else 'false'}"]

@@ -1,14 +1,34 @@
 import { LogBuffer } from '../logbuffer';
 import {
   ICustomNBImage,
+  IEnvironment,
   buildDurationSeconds,
+  buildFinishedNotice,
+  checkPackageLines,
+  durationLabel,
+  environmentIsEmpty,
   failureMessage,
+  formFromEnvironment,
+  formFromImage,
+  formInputOf,
+  formatBytes,
+  formatDuration,
   imageFromForm,
+  imageSections,
   EMPTY_FORM,
+  logSeparator,
+  mergeImages,
   mergeLogTail,
   packageErrorLine,
+  packageErrorText,
+  packageLineError,
   parsePackageLines,
-  phaseProgress
+  phaseProgress,
+  runLabel,
+  sharedWithLabel,
+  sortNewestFirst,
+  upsertImage,
+  withoutFieldPrefix
 } from '../model';
 
 const withStatus = (status: ICustomNBImage['status']): ICustomNBImage => ({
@@ -37,6 +57,29 @@ describe('phaseProgress', () => {
       })
     );
     expect(p).toMatchObject({ step: 1, failed: true, done: true, label: 'Failed while resolving' });
+  });
+
+  it('places a rebuild’s failure by failedPhase, not by the last run’s phase times', () => {
+    const stale = {
+      Prepare: '2026-01-01T00:00:00Z',
+      Resolving: '2026-01-01T00:00:05Z',
+      Building: '2026-01-01T00:00:09Z'
+    };
+    const withFailedPhase = withStatus({ phase: 'Failed', failedPhase: 'Resolving', phaseTimes: stale });
+    expect(phaseProgress(withFailedPhase)).toMatchObject({ phase: 'Failed', step: 1 });
+    // without failedPhase: only the phase times of the current run count
+    const rebuilt = withStatus({
+      phase: 'Failed',
+      startTime: '2026-01-02T00:00:00Z',
+      phaseTimes: { ...stale, Prepare: '2026-01-02T00:00:01Z' }
+    });
+    expect(phaseProgress(rebuilt)).toMatchObject({ phase: 'Failed', step: 0, label: 'Failed while preparing' });
+  });
+
+  it('gives the badge’s phase with the bar’s position', () => {
+    for (const phase of ['Pending', 'Prepare', 'Resolving', 'Building', 'Ready', 'Failed']) {
+      expect(phaseProgress(withStatus({ phase: phase as any })).phase).toBe(phase);
+    }
   });
 
   it('shows the queue position while pending', () => {
@@ -92,6 +135,62 @@ describe('build duration and failure text', () => {
       completionTime: '2026-01-01T00:02:05Z'
     });
     expect(buildDurationSeconds(image)).toBe(125);
+    expect(durationLabel(image)).toBe('built in 2 min 5 s');
+  });
+
+  it('says what the duration measured', () => {
+    const failed = withStatus({
+      phase: 'Failed',
+      startTime: '2026-01-01T00:00:00Z',
+      completionTime: '2026-01-01T00:00:12Z'
+    });
+    expect(durationLabel(failed)).toBe('failed after 12 s');
+    const running = withStatus({ phase: 'Resolving', startTime: '2026-01-01T00:00:00Z' });
+    expect(durationLabel(running, Date.parse('2026-01-01T00:00:05Z'))).toBe('running for 5 s');
+    // finished without a completion time: no number that keeps ticking
+    expect(durationLabel(withStatus({ phase: 'Ready', startTime: '2026-01-01T00:00:00Z' }))).toBe('');
+    expect(formatDuration(23)).toBe('23 s');
+    expect(formatDuration(3725)).toBe('1 h 2 min');
+  });
+
+  it('labels each earlier run with its own duration', () => {
+    expect(
+      runLabel({
+        run: 1,
+        phase: 'Ready',
+        startTime: '2026-01-01T00:00:00Z',
+        completionTime: '2026-01-01T00:00:23Z'
+      })
+    ).toBe('Run 1 · Ready · built in 23 s');
+    expect(
+      runLabel({
+        run: 2,
+        phase: 'Failed',
+        startTime: '2026-01-01T00:00:00Z',
+        completionTime: '2026-01-01T00:00:04Z',
+        reason: 'Cancelled'
+      })
+    ).toBe('Run 2 · Failed · failed after 4 s · Cancelled');
+  });
+
+  it('gives image sizes in human units', () => {
+    expect(formatBytes(1_234_567_890)).toBe('1.2 GB');
+    expect(formatBytes(850_000_000)).toBe('850 MB');
+    expect(formatBytes(1_000)).toBe('1 kB');
+    expect(formatBytes(512)).toBe('512 B');
+    expect(formatBytes(undefined)).toBe('');
+  });
+
+  it('says a cancelled build was cancelled, and by whom', () => {
+    const image = withStatus({
+      phase: 'Failed',
+      failedPhase: 'Building',
+      conditions: [
+        { type: 'Cancelled', status: 'True', reason: 'Cancelled', message: 'cancelled by alice' }
+      ]
+    });
+    expect(failureMessage(image)).toBe('cancelled by alice');
+    expect(phaseProgress(image).label).toBe('Failed while building');
   });
 
   it('measures to now while running', () => {
@@ -117,7 +216,236 @@ describe('build duration and failure text', () => {
   });
 });
 
+describe('package messages', () => {
+  const text = 'numpy\n\n# plotting\nmatplotlib\npandas\nPandas==2';
+
+  it('puts the service’s message on the lines it names, with no field path', () => {
+    const lines = parsePackageLines(text);
+    const error = packageLineError(
+      {
+        message: 'Pandas is already listed',
+        field: 'spec.packageVersions[3]',
+        relatedField: 'spec.packageVersions[2]'
+      },
+      lines
+    )!;
+    expect(error).toEqual({ line: 5, message: 'Pandas is already listed', relatedLine: 4 });
+    expect(packageErrorText(error)).toBe('Line 6: Pandas is already listed on line 5');
+    const missing = packageLineError(
+      { message: 'a version is missing after ==', field: 'spec.packageVersions[1]' },
+      parsePackageLines('six\n\npandas==')
+    )!;
+    expect(packageErrorText(missing)).toBe('Line 3: a version is missing after ==');
+    expect(packageLineError({ message: 'x', field: 'spec.baseImage' }, lines)).toBeNull();
+  });
+
+  it('never lets a field path into a message', () => {
+    expect(withoutFieldPrefix('spec.repository: spec.repository: must be https', 'spec.repository')).toBe(
+      'must be https'
+    );
+    expect(withoutFieldPrefix('spec.packageVersions[1]: bad', 'spec.packageVersions[1]')).toBe('bad');
+    expect(withoutFieldPrefix('spec.fromImage: no tag', undefined)).toBe('no tag');
+    expect(withoutFieldPrefix('pandas is already listed', 'spec.packageVersions[1]')).toBe(
+      'pandas is already listed'
+    );
+  });
+
+  it('finds duplicates and dangling operators in the service’s words', () => {
+    expect(packageErrorText(checkPackageLines(text)!)).toBe('Line 6: Pandas is already listed on line 5');
+    expect(packageErrorText(checkPackageLines('scikit_learn\nScikit-Learn>=1')!)).toBe(
+      'Line 2: Scikit-Learn is already listed on line 1'
+    );
+    expect(packageErrorText(checkPackageLines('six\n# c\npandas== ')!)).toBe(
+      'Line 3: a version is missing after =='
+    );
+    expect(checkPackageLines('six\npandas>=2\n')).toBeNull();
+  });
+
+  it('knows which input a field belongs to', () => {
+    expect(formInputOf('spec.packageVersions[2]')).toBe('packagesText');
+    expect(formInputOf('spec.repository')).toBe('repository');
+    expect(formInputOf('spec.gitRef')).toBe('gitRef');
+    expect(formInputOf('spec.fromImage')).toBe('fromImage');
+    expect(formInputOf('spec.baseImage')).toBe('baseImage');
+    expect(formInputOf('metadata.annotations["opendatahub.io/notebook-image-name"]')).toBe('displayName');
+    expect(formInputOf('spec.buildType')).toBeNull();
+    expect(formInputOf(undefined)).toBeNull();
+  });
+});
+
+const listed = (name: string, created?: string, creator = 'alice', annotations: Record<string, string> = {}, rv = '1'): ICustomNBImage => ({
+  metadata: {
+    name,
+    resourceVersion: rv,
+    creationTimestamp: created,
+    annotations: { 'opendatahub.io/notebook-image-creator': creator, ...annotations }
+  },
+  spec: { buildType: 'PackageList' },
+  status: { phase: 'Ready' }
+});
+
+describe('the list', () => {
+  const names = (list: ICustomNBImage[]) => list.map(i => i.metadata.name);
+
+  it('has one order: newest first, then name', () => {
+    const list = sortNewestFirst([
+      listed('b', '2026-01-01T00:00:00Z'),
+      listed('c', '2026-01-03T00:00:00Z'),
+      listed('a', '2026-01-01T00:00:00Z'),
+      listed('new')
+    ]);
+    expect(names(list)).toEqual(['new', 'c', 'a', 'b']);
+  });
+
+  it('keeps the order as live events add and update rows', () => {
+    let list = sortNewestFirst([listed('b', '2026-01-02T00:00:00Z'), listed('a', '2026-01-01T00:00:00Z')]);
+    list = upsertImage(list, listed('old', '2025-12-01T00:00:00Z'));
+    list = upsertImage(list, listed('mid', '2026-01-01T12:00:00Z'));
+    expect(names(list)).toEqual(['b', 'mid', 'a', 'old']);
+    const updated = { ...listed('a', '2026-01-01T00:00:00Z', 'alice', {}, '5'), status: { phase: 'Failed' as const } };
+    list = upsertImage(list, updated);
+    expect(names(list)).toEqual(['b', 'mid', 'a', 'old']);
+    expect(list[2].status?.phase).toBe('Failed');
+    // an older version does not win
+    expect(upsertImage(list, listed('a', '2026-01-01T00:00:00Z', 'alice', {}, '2'))[2].status?.phase).toBe('Failed');
+    expect(names(mergeImages([listed('x', '2026-02-01T00:00:00Z')], list))).toEqual(['x', 'b', 'mid', 'a', 'old']);
+  });
+
+  it('puts each image in one section: mine, shared with me, everyone else’s by owner', () => {
+    const images = [
+      listed('mine', '2026-01-05T00:00:00Z', 'root'),
+      listed('bob-everyone', '2026-01-04T00:00:00Z', 'bob', { 'cnbi-hub.io/shared': 'true' }),
+      listed('bob-team', '2026-01-03T00:00:00Z', 'bob', { 'cnbi-hub.io/shared-with-groups': 'ops,team-a' }),
+      listed('bob-private', '2026-01-02T00:00:00Z', 'bob'),
+      listed('carol-other-team', '2026-01-01T00:00:00Z', 'carol', { 'cnbi-hub.io/shared-with-groups': 'ops' }),
+      listed('aaron-private', '2026-01-01T00:00:00Z', 'aaron')
+    ];
+    const admin = imageSections(images, { name: 'root', admin: true, groups: ['team-a'] });
+    expect(names(admin.mine)).toEqual(['mine']);
+    expect(admin.shared.map(s => [s.image.metadata.name, sharedWithLabel(s.sharedWith)])).toEqual([
+      ['bob-everyone', 'everyone'],
+      ['bob-team', 'team-a']
+    ]);
+    expect(admin.others.map(o => [o.owner, names(o.images)])).toEqual([
+      ['aaron', ['aaron-private']],
+      ['bob', ['bob-private']],
+      ['carol', ['carol-other-team']]
+    ]);
+    const all = [...admin.mine, ...admin.shared.map(s => s.image), ...admin.others.flatMap(o => o.images)];
+    expect(new Set(names(all)).size).toBe(images.length);
+
+    // a user sees no admin section; what the service listed for them is shared with them
+    const user = imageSections(images.slice(1, 3), { name: 'alice', admin: false, groups: ['team-a'] });
+    expect(user.mine).toEqual([]);
+    expect(user.others).toEqual([]);
+    expect(user.shared.map(s => sharedWithLabel(s.sharedWith))).toEqual(['everyone', 'team-a']);
+  });
+});
+
+describe('edit as new, save environment', () => {
+  const specs: ICustomNBImage['spec'][] = [
+    { buildType: 'PackageList', baseImage: 'q/base:1', packageVersions: ['pandas>=2', 'numpy'] },
+    { buildType: 'PackageList', baseImage: 'q/base:1', packageVersions: ['six'], runtimeEnvironment: { pythonVersion: '3.11' } },
+    { buildType: 'GitRepository', baseImage: 'q/base:1', repository: 'https://example.org/r.git', gitRef: 'v1', packageVersions: ['six'] },
+    { buildType: 'GitRepository', baseImage: 'q/base:1', repository: 'https://example.org/r.git' },
+    { buildType: 'ImageImport', fromImage: 'quay.io/org/img:1' }
+  ];
+
+  it.each(specs.map(s => [s.buildType, s]))('round-trips a %s spec', (_, spec) => {
+    const image: ICustomNBImage = {
+      metadata: {
+        name: 'x',
+        annotations: {
+          'opendatahub.io/notebook-image-name': 'Mine',
+          'opendatahub.io/notebook-image-desc': 'about it'
+        }
+      },
+      spec: spec as ICustomNBImage['spec'],
+      status: { phase: 'Failed' }
+    };
+    const form = formFromImage(image);
+    expect(form.buildType).toBe((spec as any).buildType);
+    expect(form.displayName).toBe('Mine (copy)');
+    expect(form.description).toBe('about it');
+    expect(imageFromForm(form).spec).toEqual(spec);
+  });
+
+  it('fills the packages one per line', () => {
+    expect(formFromImage({ metadata: {}, spec: specs[0] }).packagesText).toBe('pandas>=2\nnumpy');
+  });
+
+  it('turns an environment into a PackageList on the server’s image', () => {
+    const env: IEnvironment = {
+      baseImage: 'localhost/cnbi/alice/x@sha256:1',
+      cnbiImage: 'x',
+      baseline: 'manifest',
+      added: [{ name: 'tabulate', version: '0.9.0' }],
+      changed: [{ name: 'six', from: '1.16.0', to: '1.17.0' }],
+      removed: [],
+      requirements: ['tabulate==0.9.0', 'six==1.17.0']
+    };
+    const form = formFromEnvironment(env);
+    expect(imageFromForm({ ...form, displayName: 'env' }).spec).toEqual({
+      buildType: 'PackageList',
+      baseImage: 'localhost/cnbi/alice/x@sha256:1',
+      packageVersions: ['tabulate==0.9.0', 'six==1.17.0']
+    });
+    expect(environmentIsEmpty(env)).toBe(false);
+    expect(environmentIsEmpty({ ...env, added: [], changed: [], requirements: [], removed: [{ name: 'a', version: '1' }] })).toBe(
+      true
+    );
+  });
+});
+
+describe('build-finished notifications', () => {
+  const img = (phase: string, run = 1): ICustomNBImage => ({
+    metadata: { name: 'x', annotations: { 'opendatahub.io/notebook-image-name': 'My X' } },
+    spec: { buildType: 'PackageList' },
+    status: {
+      phase: phase as any,
+      run,
+      conditions:
+        phase === 'Failed'
+          ? [{ type: 'ErrorResolvingDependencies', status: 'True', message: 'No solution found\nbecause pandas==99 does not exist' }]
+          : []
+    }
+  });
+  const hidden = { tracked: true, visible: false };
+
+  it('tells when a tracked build finishes out of sight', () => {
+    expect(buildFinishedNotice({ phase: 'Building', run: 1 }, img('Ready'), hidden)).toEqual({
+      kind: 'success',
+      name: 'x',
+      message: 'Image “My X” is ready.'
+    });
+    expect(buildFinishedNotice({ phase: 'Resolving', run: 1 }, img('Failed'), hidden)).toEqual({
+      kind: 'error',
+      name: 'x',
+      message: 'Image “My X” failed: No solution found'
+    });
+    // a rebuild that finished before its first unfinished version was seen
+    expect(buildFinishedNotice({ phase: 'Ready', run: 1 }, img('Ready', 2), hidden)?.kind).toBe('success');
+  });
+
+  it('stays quiet otherwise', () => {
+    expect(buildFinishedNotice({ phase: 'Building', run: 1 }, img('Ready'), { tracked: true, visible: true })).toBeNull();
+    expect(buildFinishedNotice({ phase: 'Building', run: 1 }, img('Ready'), { tracked: false, visible: false })).toBeNull();
+    expect(buildFinishedNotice({ phase: 'Ready', run: 1 }, img('Ready'), hidden)).toBeNull();
+    expect(buildFinishedNotice({ phase: 'Prepare', run: 1 }, img('Building'), hidden)).toBeNull();
+    expect(buildFinishedNotice(undefined, img('Ready'), hidden)).toBeNull();
+  });
+});
+
 describe('logs', () => {
+  it('recognises the separator a rebuild’s run starts with', () => {
+    expect(logSeparator('=== Run 2 · rebuild requested by alice · 2026-11-23T09:00:00Z ===')).toEqual({
+      run: 2,
+      label: 'Run 2 · rebuild requested by alice · 2026-11-23T09:00:00Z'
+    });
+    expect(logSeparator('=== Running pip')).toBeNull();
+    expect(logSeparator('STEP 1/3')).toBeNull();
+  });
+
   it('merges the fetched log with lines that arrived meanwhile, once', () => {
     expect(mergeLogTail(['a', 'b', 'c'], ['b', 'c', 'd'])).toEqual(['a', 'b', 'c', 'd']);
     expect(mergeLogTail(['a', 'b'], ['x'])).toEqual(['a', 'b', 'x']);

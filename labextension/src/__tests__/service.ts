@@ -1,13 +1,30 @@
 /**
  * A real HTTP server on 127.0.0.1 answering the routes of `{base}/cnbi/api/` the way the cnbi
- * service (through the server extension) does, per docs/object.md: JSON bodies, `{message,
- * field}` errors, and Server-Sent Events streams that the test pushes events into. It stands in
- * for the Python service, which cannot run inside jest; it keeps its images in memory.
+ * service (through the server extension) does, per docs/object.md and the issue 8 contract:
+ * JSON bodies, `{message, field, relatedField}` errors, the list newest first, sharing by PATCH,
+ * cancel, check-image's `result`, and Server-Sent Events streams that the test pushes events
+ * into; plus the server extension's own `{base}/cnbi/server-info` and `{base}/cnbi/environment`.
+ * It stands in for the Python service, which cannot run inside jest; it keeps its images in
+ * memory.
  */
 import * as http from 'http';
 import type { AddressInfo } from 'net';
 
-import type { ICustomNBImage } from '../model';
+import { compareNewestFirst } from '../model';
+import type { ICustomNBImage, IEnvironment, IServerInfo, IUserInfo } from '../model';
+
+/** An answer other than 200 with a JSON body. */
+export interface ICannedAnswer {
+  status: number;
+  body: unknown;
+}
+
+/** PEP 503 name of a requirement, as the service compares them. */
+function projectName(requirement: string): string {
+  return (/^\s*([A-Za-z0-9._-]+)/.exec(requirement)?.[1] ?? requirement)
+    .toLowerCase()
+    .replace(/[-_.]+/g, '-');
+}
 
 export interface IRecordedRequest {
   method: string;
@@ -24,6 +41,25 @@ export class TestCnbiService {
   failNextStreams: number[] = [];
   streams = new Map<string, Set<http.ServerResponse>>();
   streamOpens = 0;
+  /** api/settings `user`; null answers like an older service (no `user`). */
+  user: IUserInfo | null = { name: 'alice', admin: false, groups: ['team-a'] };
+  /** The error the next POST api/images answers with (after the package checks). */
+  nextCreateError: ICannedAnswer | null = null;
+  /** The error the next PATCH api/images/{name} answers with. */
+  nextPatchError: ICannedAnswer | null = null;
+  /** {base}cnbi/server-info */
+  serverInfo: IServerInfo = { cnbiImage: null, jupyterImage: 'localhost:5000/notebook:1', serverName: '' };
+  /** {base}cnbi/environment: the object, or another status (409) with its body. */
+  environment: IEnvironment | ICannedAnswer = {
+    baseImage: 'localhost:5000/notebook:1',
+    cnbiImage: null,
+    baseline: 'startup',
+    added: [],
+    changed: [],
+    removed: [],
+    requirements: []
+  };
+  private clock = Date.parse('2026-11-23T09:00:00Z');
 
   baseUrl = '';
   private server = http.createServer((req, res) => this.handle(req, res));
@@ -57,6 +93,16 @@ export class TestCnbiService {
     this.streams.get(name)?.clear();
   }
 
+  /** Store a new version of an object and tell its watchers, as the service does. */
+  replace(old: ICustomNBImage, next: ICustomNBImage): void {
+    this.images = this.images.map(i => (i === old ? next : i));
+    this.push(next.metadata.name!, 'object', next);
+  }
+
+  private nextVersion(obj: ICustomNBImage): string {
+    return String(Number(obj.metadata.resourceVersion ?? 0) + 1);
+  }
+
   watchers(name: string): number {
     return this.streams.get(name)?.size ?? 0;
   }
@@ -82,6 +128,13 @@ export class TestCnbiService {
     req.on('end', () => {
       this.requests.push({ method: req.method!, url: req.url!, body });
       const url = new URL(req.url!, 'http://127.0.0.1');
+      if (url.pathname === '/user/alice/cnbi/server-info') {
+        return this.json(res, 200, this.serverInfo);
+      }
+      if (url.pathname === '/user/alice/cnbi/environment') {
+        const env = this.environment;
+        return 'status' in env ? this.json(res, env.status, env.body) : this.json(res, 200, env);
+      }
       const prefix = '/user/alice/cnbi/api/';
       if (!url.pathname.startsWith(prefix)) {
         return this.json(res, 404, { message: 'not found' });
@@ -100,20 +153,43 @@ export class TestCnbiService {
     const parts = path.split('/').map(decodeURIComponent);
     const find = (name: string) => this.images.find(i => i.metadata.name === name);
     if (path === 'images' && method === 'GET') {
-      return this.json(res, 200, { items: this.images });
+      return this.json(res, 200, { items: [...this.images].sort(compareNewestFirst) });
     }
     if (path === 'images' && method === 'POST') {
       const obj = JSON.parse(body) as ICustomNBImage;
       const packages = obj.spec.packageVersions ?? [];
-      const bad = packages.findIndex(p => !/^[A-Za-z0-9][A-Za-z0-9._-]*\s*((==|>=|<=|~=|!=|<|>)\s*[\w.*]+)?$/.test(p));
-      if (bad >= 0) {
-        return this.json(res, 422, {
-          message: `not a valid requirement: ${packages[bad]}`,
-          field: `spec.packageVersions[${bad}]`
-        });
+      const seen = new Map<string, number>();
+      for (let i = 0; i < packages.length; i++) {
+        const dangling = /(==|>=|<=|~=|!=|<|>)\s*$/.exec(packages[i]);
+        if (dangling) {
+          return this.json(res, 422, {
+            message: `a version is missing after ${dangling[1]}`,
+            field: `spec.packageVersions[${i}]`
+          });
+        }
+        if (!/^[A-Za-z0-9][A-Za-z0-9._-]*\s*((==|>=|<=|~=|!=|<|>)\s*[\w.*]+)?$/.test(packages[i])) {
+          return this.json(res, 422, {
+            message: `not a valid requirement: ${packages[i]}`,
+            field: `spec.packageVersions[${i}]`
+          });
+        }
+        const name = projectName(packages[i]);
+        if (seen.has(name)) {
+          return this.json(res, 422, {
+            message: `${/^[A-Za-z0-9._-]+/.exec(packages[i])![0]} is already listed`,
+            field: `spec.packageVersions[${i}]`,
+            relatedField: `spec.packageVersions[${seen.get(name)}]`
+          });
+        }
+        seen.set(name, i);
       }
       if (url.searchParams.get('dryRun') === 'true') {
         return this.json(res, 200, obj);
+      }
+      if (this.nextCreateError) {
+        const answer = this.nextCreateError;
+        this.nextCreateError = null;
+        return this.json(res, answer.status, answer.body);
       }
       const created: ICustomNBImage = {
         ...obj,
@@ -121,6 +197,7 @@ export class TestCnbiService {
           ...obj.metadata,
           name: `image-${this.images.length + 1}`,
           resourceVersion: '1',
+          creationTimestamp: new Date((this.clock += 1000)).toISOString(),
           annotations: {
             ...obj.metadata.annotations,
             'opendatahub.io/notebook-image-creator': 'alice'
@@ -132,7 +209,7 @@ export class TestCnbiService {
       return this.json(res, 201, created);
     }
     if (path === 'settings') {
-      return this.json(res, 200, { namedServers: true });
+      return this.json(res, 200, this.user ? { namedServers: true, user: this.user } : { namedServers: true });
     }
     if (path === 'base-images') {
       return this.json(res, 200, {
@@ -144,9 +221,28 @@ export class TestCnbiService {
     }
     if (path === 'check-image') {
       const ref = url.searchParams.get('image');
-      return ref === 'localhost:5000/exists:1'
-        ? this.json(res, 200, { exists: true, digest: 'sha256:abc', platforms: ['linux/amd64'] })
-        : this.json(res, 200, { exists: false });
+      if (ref === 'localhost:5000/exists:1') {
+        return this.json(res, 200, {
+          result: 'found',
+          exists: true,
+          digest: 'sha256:abc',
+          platforms: ['linux/amd64'],
+          message: 'found'
+        });
+      }
+      if (ref?.startsWith('quay.io/private/')) {
+        return this.json(res, 200, {
+          result: 'private',
+          exists: null,
+          digest: null,
+          platforms: [],
+          message: 'quay.io wants credentials to read this image'
+        });
+      }
+      if (ref === 'bad ref') {
+        return this.json(res, 422, { message: 'not an image reference', field: 'image' });
+      }
+      return this.json(res, 200, { result: 'notFound', exists: false, digest: null, platforms: [], message: '' });
     }
     if (parts[0] === 'images' && parts.length >= 2) {
       const obj = find(parts[1]);
@@ -180,9 +276,82 @@ export class TestCnbiService {
         return void res.end(this.locks[parts[1]]);
       }
       if (sub === 'rebuild' && method === 'POST') {
-        const rebuilt = { ...obj, status: { phase: 'Pending' as const } };
-        this.images = this.images.map(i => (i === obj ? rebuilt : i));
+        const rebuilt: ICustomNBImage = {
+          ...obj,
+          metadata: { ...obj.metadata, resourceVersion: this.nextVersion(obj) },
+          status: { phase: 'Pending', run: (obj.status?.run ?? 1) + 1 }
+        };
+        this.replace(obj, rebuilt);
         return this.json(res, 201, rebuilt);
+      }
+      if (sub === 'cancel' && method === 'POST') {
+        const phase = obj.status?.phase ?? 'Pending';
+        if (phase === 'Ready' || phase === 'Failed') {
+          return this.json(res, 409, { message: `the build of ${parts[1]} already finished (${phase})` });
+        }
+        const cancelled: ICustomNBImage = {
+          ...obj,
+          metadata: { ...obj.metadata, resourceVersion: this.nextVersion(obj) },
+          status: {
+            ...obj.status,
+            phase: 'Failed',
+            failedPhase: phase,
+            completionTime: new Date(this.clock).toISOString(),
+            conditions: [
+              ...(obj.status?.conditions ?? []),
+              {
+                type: 'Cancelled',
+                status: 'True',
+                reason: 'Cancelled',
+                message: `cancelled by ${this.user?.name ?? 'alice'}`,
+                lastTransitionTime: new Date(this.clock).toISOString()
+              }
+            ]
+          }
+        };
+        this.replace(obj, cancelled);
+        return this.json(res, 200, cancelled);
+      }
+      if (!sub && method === 'PATCH') {
+        if (this.nextPatchError) {
+          const answer = this.nextPatchError;
+          this.nextPatchError = null;
+          return this.json(res, answer.status, answer.body);
+        }
+        const patch = JSON.parse(body || '{}');
+        const user = this.user ?? { name: 'alice', admin: false, groups: [] };
+        const annotations = { ...obj.metadata.annotations };
+        if ('shared' in patch) {
+          if (!user.admin) {
+            return this.json(res, 403, { message: 'only an admin can share an image with everyone', field: 'shared' });
+          }
+          if (patch.shared) {
+            annotations['cnbi-hub.io/shared'] = 'true';
+          } else {
+            delete annotations['cnbi-hub.io/shared'];
+          }
+        }
+        if ('sharedWithGroups' in patch) {
+          const groups: string[] = patch.sharedWithGroups;
+          const foreign = groups.filter(g => !user.groups.includes(g));
+          if (!user.admin && foreign.length) {
+            return this.json(res, 403, {
+              message: `you are not a member of ${foreign.join(', ')}`,
+              field: 'sharedWithGroups'
+            });
+          }
+          if (groups.length) {
+            annotations['cnbi-hub.io/shared-with-groups'] = [...groups].sort().join(',');
+          } else {
+            delete annotations['cnbi-hub.io/shared-with-groups'];
+          }
+        }
+        const patched: ICustomNBImage = {
+          ...obj,
+          metadata: { ...obj.metadata, annotations, resourceVersion: this.nextVersion(obj) }
+        };
+        this.replace(obj, patched);
+        return this.json(res, 200, patched);
       }
       if (!sub && method === 'DELETE') {
         this.images = this.images.filter(i => i !== obj);

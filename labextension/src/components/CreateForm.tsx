@@ -4,13 +4,19 @@ import { CnbiApi, CnbiApiError } from '../api';
 import {
   BuildType,
   EMPTY_FORM,
+  FormInput,
   IBaseImage,
   ICheckImageResult,
   ICustomNBImage,
   IImageForm,
+  IPackageLineError,
+  checkPackageLines,
+  formInputOf,
   imageFromForm,
-  packageErrorLine,
-  parsePackageLines
+  packageErrorText,
+  packageLineError,
+  parsePackageLines,
+  withoutFieldPrefix
 } from '../model';
 
 export const DRY_RUN_DELAY_MS = 500;
@@ -21,16 +27,64 @@ const TABS: { type: BuildType; label: string }[] = [
   { type: 'ImageImport', label: 'Import image' }
 ];
 
+/** A message of the service about one input, for the value that input had when it was sent. */
 interface IFieldError {
   message: string;
-  field?: string;
-  /** the packages textarea line at fault, when the field is spec.packageVersions[i] */
-  line?: number | null;
+  /** The input's value the message describes: it shows only while the input still holds it. */
+  value: string;
+  /** For the packages textarea: the line (and related line) at fault. */
+  lines?: IPackageLineError | null;
 }
 
-/** The service's message may start with the field it names; next to "Line 2" that is noise. */
+type FieldErrors = Partial<Record<FormInput, IFieldError>>;
+
+/** The inputs the tab of a build type shows (a message for another input shows at the end). */
+export function inputsOf(buildType: BuildType): FormInput[] {
+  const common: FormInput[] = ['displayName', 'description'];
+  switch (buildType) {
+    case 'ImageImport':
+      return [...common, 'fromImage'];
+    case 'GitRepository':
+      return [...common, 'baseImage', 'repository', 'gitRef', 'packagesText'];
+    default:
+      return [...common, 'baseImage', 'packagesText'];
+  }
+}
+
+/**
+ * The message of a refused request without a field path in front (kept for an older service
+ * that put one there): `spec.repository: spec.repository: x` → `x`.
+ */
 export function withoutField(message: string, field?: string): string {
-  return field && message.startsWith(`${field}: `) ? message.slice(field.length + 2) : message;
+  return withoutFieldPrefix(message, field);
+}
+
+/** The import tab's "Exists?" answer, for the reference it was asked about. */
+interface IImageCheck {
+  ref: string;
+  pending?: boolean;
+  result?: ICheckImageResult;
+  error?: string;
+}
+
+function checkText(check: IImageCheck): string {
+  if (check.pending) {
+    return 'Checking…';
+  }
+  if (check.error !== undefined) {
+    return check.error;
+  }
+  const r = check.result!;
+  switch (r.result) {
+    case 'found':
+      return `Found: ${r.digest ?? ''}${r.platforms?.length ? ` (${r.platforms.join(', ')})` : ''}`;
+    case 'private':
+      return `Private: ${
+        r.message || 'the registry wants credentials'
+      }. Importing it needs an image pull secret.`;
+    default:
+      return r.message ? `Not found: ${r.message}` : 'Not found';
+  }
 }
 
 export interface ICreateFormProps {
@@ -38,20 +92,26 @@ export interface ICreateFormProps {
   onCreated: (image: ICustomNBImage) => void;
   onCancel?: () => void;
   dryRunDelayMs?: number;
+  /** The form's first content ("Edit as new", "Save this environment"); empty by default. */
+  initial?: IImageForm;
+  /** A line above the form saying where its content comes from. */
+  notice?: string;
 }
 
 export function CreateForm(props: ICreateFormProps): JSX.Element {
-  const { api, onCreated, onCancel } = props;
+  const { api, onCreated, onCancel, notice } = props;
   const delay = props.dryRunDelayMs ?? DRY_RUN_DELAY_MS;
-  const [form, setForm] = React.useState<IImageForm>(EMPTY_FORM);
+  const [form, setForm] = React.useState<IImageForm>(() => props.initial ?? EMPTY_FORM);
   const [baseImages, setBaseImages] = React.useState<IBaseImage[]>([]);
   const [baseImagesError, setBaseImagesError] = React.useState<string | null>(null);
-  const [check, setCheck] = React.useState<IFieldError | null>(null);
-  const [submitError, setSubmitError] = React.useState<IFieldError | null>(null);
+  // The dry run's answer about a package line, for the text it was asked about.
+  const [dryRun, setDryRun] = React.useState<{ text: string; error: IPackageLineError } | null>(
+    null
+  );
+  const [fieldErrors, setFieldErrors] = React.useState<FieldErrors>({});
+  const [generalError, setGeneralError] = React.useState<string | null>(null);
   const [submitting, setSubmitting] = React.useState(false);
-  const [exists, setExists] = React.useState<
-    ICheckImageResult | { error: string } | null
-  >(null);
+  const [imageCheck, setImageCheck] = React.useState<IImageCheck | null>(null);
   const id = React.useMemo(() => `cnbi-${Math.random().toString(36).slice(2, 8)}`, []);
 
   React.useEffect(() => {
@@ -75,31 +135,48 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
 
   const update = (changes: Partial<IImageForm>) => {
     setForm(f => ({ ...f, ...changes }));
-    if ('packagesText' in changes || 'buildType' in changes) {
-      // A refused submit named a line of the old text; the new text gets its own dry run.
-      setSubmitError(e => (e?.line != null ? null : e));
+    if ('buildType' in changes) {
+      // Another tab: the messages were about the other tab's inputs.
+      setFieldErrors({});
+      setGeneralError(null);
+      return;
     }
+    // A message belongs to the value it was about: editing the input clears it.
+    setFieldErrors(errors => {
+      const next = { ...errors };
+      for (const key of Object.keys(changes)) {
+        delete next[key as FormInput];
+      }
+      return next;
+    });
   };
+
+  // What can be told at once, in the service's words (duplicates, a dangling ==).
+  const localError = React.useMemo(
+    () => (form.buildType === 'ImageImport' ? null : checkPackageLines(form.packagesText)),
+    [form.packagesText, form.buildType]
+  );
 
   // Validate the packages as they are typed: the service's dry run names the entry at fault.
   React.useEffect(() => {
-    if (form.buildType !== 'PackageList' || !form.packagesText.trim()) {
-      setCheck(null);
+    if (form.buildType !== 'PackageList' || !form.packagesText.trim() || localError) {
+      setDryRun(null);
       return;
     }
     let live = true;
+    const text = form.packagesText;
     const timer = setTimeout(() => {
       const draft = imageFromForm({ ...form, displayName: form.displayName || 'draft' });
-      const lines = parsePackageLines(form.packagesText);
+      const lines = parsePackageLines(text);
       api.createImage(draft, true).then(
-        () => live && setCheck(null),
+        () => live && setDryRun(null),
         (error: CnbiApiError) => {
           if (!live) {
             return;
           }
-          const line = packageErrorLine(error.field, lines);
           // Only package errors matter while typing; the rest shows on submit.
-          setCheck(line === null ? null : { message: error.message, field: error.field, line });
+          const lineError = packageLineError(error, lines);
+          setDryRun(lineError ? { text, error: lineError } : null);
         }
       );
     }, delay);
@@ -107,43 +184,99 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
       live = false;
       clearTimeout(timer);
     };
-  }, [api, form.packagesText, form.baseImage, form.buildType, delay]);
+  }, [api, form.packagesText, form.baseImage, form.buildType, delay, localError]);
 
   const submit = async (event: React.FormEvent) => {
     event.preventDefault();
     setSubmitting(true);
-    setSubmitError(null);
+    setFieldErrors({});
+    setGeneralError(null);
+    const sent = form;
     try {
-      const created = await api.createImage(imageFromForm(form));
-      setForm({ ...EMPTY_FORM, baseImage: form.baseImage });
+      const created = await api.createImage(imageFromForm(sent));
+      setForm({ ...EMPTY_FORM, baseImage: sent.baseImage });
       onCreated(created);
     } catch (e) {
       const error = e as CnbiApiError;
-      setSubmitError({
-        message: error.message,
-        field: error.field,
-        line: packageErrorLine(error.field, parsePackageLines(form.packagesText))
-      });
+      const input = formInputOf(error.field);
+      const message = withoutFieldPrefix(error.message, error.field);
+      if (input && inputsOf(sent.buildType).includes(input)) {
+        setFieldErrors({
+          [input]: {
+            message,
+            value: sent[input],
+            lines:
+              input === 'packagesText'
+                ? packageLineError(error, parsePackageLines(sent.packagesText))
+                : null
+          }
+        });
+      } else {
+        setGeneralError(message);
+      }
     } finally {
       setSubmitting(false);
     }
   };
 
   const checkExists = async () => {
-    setExists(null);
+    const ref = form.fromImage.trim();
+    setImageCheck({ ref, pending: true });
     try {
-      setExists(await api.checkImage(form.fromImage.trim()));
+      const result = await api.checkImage(ref);
+      setImageCheck(c => (c?.ref === ref ? { ref, result } : c));
     } catch (e) {
-      setExists({ error: (e as CnbiApiError).message });
+      const error = e as CnbiApiError;
+      setImageCheck(c => (c?.ref === ref ? { ref, error: withoutFieldPrefix(error.message) } : c));
     }
   };
 
-  const packageError = check ?? (submitError?.line != null ? submitError : null);
+  /** The message of the service for `input`, while the input still holds what was sent. */
+  const errorOf = (input: FormInput): IFieldError | null => {
+    const error = fieldErrors[input];
+    return error && error.value === form[input] ? error : null;
+  };
+
+  const fieldError = (input: FormInput) => {
+    const error = errorOf(input);
+    return (
+      error &&
+      !error.lines && (
+        <span
+          className="cnbi-error cnbi-field-error"
+          data-testid="cnbi-field-error"
+          data-field={input}
+          role="alert"
+        >
+          {error.message}
+        </span>
+      )
+    );
+  };
+
+  const submitted = errorOf('packagesText');
+  const packageError: IPackageLineError | null =
+    submitted?.lines ??
+    localError ??
+    (dryRun && dryRun.text === form.packagesText ? dryRun.error : null);
   const lineCount = form.packagesText.split('\n').length;
+  const shownCheck = imageCheck && imageCheck.ref === form.fromImage.trim() ? imageCheck : null;
+  const notFound =
+    form.buildType === 'ImageImport' && shownCheck?.result?.result === 'notFound';
+  const baseOptions =
+    form.baseImage && !baseImages.some(b => b.image === form.baseImage)
+      ? [...baseImages, { image: form.baseImage, displayName: form.baseImage }]
+      : baseImages;
+  const runtimeEnvironment = Object.entries(form.runtimeEnvironment ?? {});
 
   return (
     <form className="cnbi-create-form" data-testid="cnbi-create-form" onSubmit={submit}>
       <h3>New image</h3>
+      {notice && (
+        <p className="cnbi-form-notice" data-testid="cnbi-form-notice">
+          {notice}
+        </p>
+      )}
       <div className="cnbi-field">
         <label htmlFor={`${id}-name`}>Name</label>
         <input
@@ -152,8 +285,10 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
           data-testid="cnbi-name"
           required
           value={form.displayName}
+          aria-invalid={!!errorOf('displayName')}
           onChange={e => update({ displayName: e.target.value })}
         />
+        {fieldError('displayName')}
       </div>
       <div className="cnbi-field">
         <label htmlFor={`${id}-desc`}>Description</label>
@@ -162,8 +297,10 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
           className="jp-mod-styled"
           data-testid="cnbi-description"
           value={form.description}
+          aria-invalid={!!errorOf('description')}
           onChange={e => update({ description: e.target.value })}
         />
+        {fieldError('description')}
       </div>
       <div className="cnbi-tabs" role="tablist" aria-label="How to build the image">
         {TABS.map(tab => (
@@ -188,6 +325,25 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
         id={`${id}-tabpanel`}
         aria-labelledby={`${id}-tab-${form.buildType}`}
       >
+        {form.buildType === 'GitRepository' && (
+          <div className="cnbi-help" data-testid="cnbi-git-help">
+            <p>What the repository may contain, and what is used when several are there:</p>
+            <ul>
+              <li>
+                A <code>Containerfile</code> or <code>Dockerfile</code> is built as it is; it
+                wins over everything else (the base image and packages below are not used).
+              </li>
+              <li>
+                Otherwise <code>environment.yml</code> (its <code>pip</code> section), else{' '}
+                <code>requirements.txt</code>, is installed on the base image.
+              </li>
+              <li>
+                Without a Containerfile, <code>apt.txt</code> adds Debian packages and{' '}
+                <code>postBuild</code> runs after the installation (also with neither file above).
+              </li>
+            </ul>
+          </div>
+        )}
         {form.buildType !== 'ImageImport' && (
           <div className="cnbi-field">
             <label htmlFor={`${id}-base`}>Base image</label>
@@ -196,15 +352,17 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
               className="jp-mod-styled"
               data-testid="cnbi-base-image"
               value={form.baseImage}
+              aria-invalid={!!errorOf('baseImage')}
               onChange={e => update({ baseImage: e.target.value })}
             >
-              {baseImages.map(b => (
+              {baseOptions.map(b => (
                 <option key={b.image} value={b.image} title={b.description}>
                   {b.displayName || b.image}
                 </option>
               ))}
             </select>
             {baseImagesError && <span className="cnbi-error">{baseImagesError}</span>}
+            {fieldError('baseImage')}
           </div>
         )}
         {form.buildType === 'GitRepository' && (
@@ -219,8 +377,10 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 required
                 placeholder="https://github.com/org/repo"
                 value={form.repository}
+                aria-invalid={!!errorOf('repository')}
                 onChange={e => update({ repository: e.target.value })}
               />
+              {fieldError('repository')}
             </div>
             <div className="cnbi-field">
               <label htmlFor={`${id}-ref`}>Branch, tag or commit</label>
@@ -230,8 +390,10 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 data-testid="cnbi-git-ref"
                 placeholder="main"
                 value={form.gitRef}
+                aria-invalid={!!errorOf('gitRef')}
                 onChange={e => update({ gitRef: e.target.value })}
               />
+              {fieldError('gitRef')}
             </div>
           </>
         )}
@@ -246,7 +408,13 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 {Array.from({ length: lineCount }, (_, line) => (
                   <li
                     key={line}
-                    className={packageError?.line === line ? 'cnbi-line-error' : undefined}
+                    className={
+                      packageError?.line === line
+                        ? 'cnbi-line-error'
+                        : packageError?.relatedLine === line
+                          ? 'cnbi-line-related'
+                          : undefined
+                    }
                   >
                     {line + 1}
                   </li>
@@ -258,22 +426,32 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 data-testid="cnbi-packages"
                 rows={Math.max(6, Math.min(lineCount + 1, 20))}
                 spellCheck={false}
-                aria-invalid={!!packageError}
+                aria-invalid={!!packageError || !!submitted}
                 aria-describedby={packageError ? `${id}-package-error` : undefined}
                 value={form.packagesText}
                 onChange={e => update({ packagesText: e.target.value })}
               />
             </div>
-            {packageError && packageError.line != null && (
+            {packageError && (
               <div
                 id={`${id}-package-error`}
                 className="cnbi-package-error cnbi-error"
                 data-testid="cnbi-package-error"
                 data-line={packageError.line + 1}
+                data-related-line={
+                  packageError.relatedLine != null ? packageError.relatedLine + 1 : undefined
+                }
                 role="alert"
               >
-                Line {packageError.line + 1}: {withoutField(packageError.message, packageError.field)}
+                {packageErrorText(packageError)}
               </div>
+            )}
+            {fieldError('packagesText')}
+            {runtimeEnvironment.length > 0 && (
+              <span className="cnbi-hint" data-testid="cnbi-runtime-env">
+                Runtime environment kept from the original:{' '}
+                {runtimeEnvironment.map(([k, v]) => `${k}=${v}`).join(', ')}
+              </span>
             )}
           </div>
         )}
@@ -288,39 +466,43 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 required
                 placeholder="quay.io/org/image:tag"
                 value={form.fromImage}
-                onChange={e => {
-                  update({ fromImage: e.target.value });
-                  setExists(null);
-                }}
+                aria-invalid={!!errorOf('fromImage') || notFound}
+                onChange={e => update({ fromImage: e.target.value })}
               />
               <button
                 type="button"
                 className="jp-mod-styled jp-mod-reject cnbi-button"
                 data-testid="cnbi-check-image"
-                disabled={!form.fromImage.trim()}
+                disabled={!form.fromImage.trim() || !!shownCheck?.pending}
                 onClick={checkExists}
               >
                 Exists?
               </button>
             </div>
-            {exists && (
-              <div className="cnbi-check-result" data-testid="cnbi-check-result" role="status">
-                {'error' in exists
-                  ? exists.error
-                  : exists.exists
-                    ? `Found: ${exists.digest ?? ''}${
-                        exists.platforms?.length ? ` (${exists.platforms.join(', ')})` : ''
-                      }`
-                    : 'Not found'}
+            {shownCheck && (
+              <div
+                className={
+                  'cnbi-check-result' +
+                  (shownCheck.result
+                    ? ` cnbi-check-${shownCheck.result.result}`
+                    : shownCheck.error !== undefined
+                      ? ' cnbi-check-error'
+                      : '')
+                }
+                data-testid="cnbi-check-result"
+                data-result={shownCheck.result?.result ?? (shownCheck.error !== undefined ? 'error' : 'pending')}
+                role="status"
+              >
+                {checkText(shownCheck)}
               </div>
             )}
+            {fieldError('fromImage')}
           </div>
         )}
       </div>
-      {submitError && submitError.line == null && (
-        <div className="cnbi-error" data-testid="cnbi-submit-error" role="alert">
-          {submitError.field ? `${submitError.field}: ` : ''}
-          {submitError.message}
+      {generalError && (
+        <div className="cnbi-error cnbi-submit-error" data-testid="cnbi-submit-error" role="alert">
+          {generalError}
         </div>
       )}
       <div className="cnbi-actions">
@@ -333,7 +515,8 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
           type="submit"
           className="jp-mod-styled jp-mod-accept cnbi-button"
           data-testid="cnbi-submit"
-          disabled={submitting}
+          disabled={submitting || notFound}
+          title={notFound ? 'The registry does not have this image' : undefined}
         >
           {submitting ? 'Creating…' : 'Build image'}
         </button>

@@ -1,10 +1,28 @@
 import * as React from 'react';
 
 import { CnbiApi, CnbiApiError } from '../api';
-import { ICustomNBImage, isTerminal, nameOf, phaseOf } from '../model';
+import {
+  ICustomNBImage,
+  IEnvironment,
+  IImageForm,
+  IPhaseSnapshot,
+  IUserInfo,
+  buildFinishedNotice,
+  environmentIsEmpty,
+  formFromEnvironment,
+  formFromImage,
+  isTerminal,
+  mergeImages,
+  nameOf,
+  phaseOf,
+  snapshotOf,
+  upsertImage,
+  withoutFieldPrefix
+} from '../model';
 import { EventSourceFactory, ImageEventStream } from '../stream';
 import { CreateForm } from './CreateForm';
-import { IPanelActions, ImageDetail } from './ImageDetail';
+import { EnvironmentView } from './EnvironmentView';
+import { IPanelActions, ImageDetail, spawnUrl } from './ImageDetail';
 import { ImageList } from './ImageList';
 
 /**
@@ -13,38 +31,54 @@ import { ImageList } from './ImageList';
  */
 export const MAX_LIST_STREAMS = 3;
 
+/** Something asked of the panel from outside (a command): each new `seq` is done once. */
+export type PanelRequest =
+  | { seq: number; kind: 'select'; name: string }
+  | { seq: number; kind: 'saveEnvironment' };
+
 export interface IImageBuilderProps {
   api: CnbiApi;
   hubPrefix: string;
+  /** The hub user's name (PageConfig hubUser), used when the service does not say. */
   currentUser: string;
   actions: IPanelActions;
   eventSourceFactory?: EventSourceFactory;
+  request?: PanelRequest;
+  /** Whether the user can see the panel now (build-finished notifications only when not). */
+  isVisible?: () => boolean;
 }
 
-function newerOf(a: ICustomNBImage, b: ICustomNBImage): ICustomNBImage {
-  const va = Number(a.metadata.resourceVersion ?? 0);
-  const vb = Number(b.metadata.resourceVersion ?? 0);
-  return vb >= va ? b : a;
+/** What the main area shows. */
+type MainView =
+  | { kind: 'detail' }
+  | { kind: 'create'; initial?: IImageForm; notice?: string }
+  | { kind: 'environment'; environment?: IEnvironment; message?: string };
+
+function documentVisible(): boolean {
+  return typeof document === 'undefined' || document.visibilityState !== 'hidden';
 }
 
 export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
-  const { api, hubPrefix, currentUser, actions, eventSourceFactory } = props;
+  const { api, hubPrefix, currentUser, actions, eventSourceFactory, request } = props;
   const [images, setImages] = React.useState<ICustomNBImage[]>([]);
   const [loadError, setLoadError] = React.useState<string | null>(null);
   const [selected, setSelected] = React.useState<string | null>(null);
-  const [creating, setCreating] = React.useState(false);
+  const [view, setView] = React.useState<MainView>({ kind: 'detail' });
+  // Every opening of the form is a new form: nothing of the last one carries over.
+  const [formSeq, setFormSeq] = React.useState(0);
   const [namedServers, setNamedServers] = React.useState(false);
+  const [serviceUser, setServiceUser] = React.useState<IUserInfo | null>(null);
+  const user = React.useMemo<IUserInfo>(
+    () => serviceUser ?? { name: currentUser, admin: false, groups: [] },
+    [serviceUser, currentUser]
+  );
+  const isVisibleRef = React.useRef(props.isVisible ?? documentVisible);
+  isVisibleRef.current = props.isVisible ?? documentVisible;
+  const actionsRef = React.useRef(actions);
+  actionsRef.current = actions;
 
   const upsert = React.useCallback((image: ICustomNBImage) => {
-    setImages(list => {
-      const index = list.findIndex(i => nameOf(i) === nameOf(image));
-      if (index < 0) {
-        return [image, ...list];
-      }
-      const next = list.slice();
-      next[index] = newerOf(list[index], image);
-      return next;
-    });
+    setImages(list => upsertImage(list, image));
   }, []);
 
   const remove = React.useCallback((name: string) => {
@@ -54,21 +88,110 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
 
   React.useEffect(() => {
     api.serviceSettings().then(
-      settings => setNamedServers(!!settings.namedServers),
+      settings => {
+        setNamedServers(!!settings.namedServers);
+        if (settings.user?.name) {
+          setServiceUser({
+            name: settings.user.name,
+            admin: !!settings.user.admin,
+            groups: settings.user.groups ?? []
+          });
+        }
+      },
       () => setNamedServers(false) // an older service: the default server's spawn page
     );
   }, [api]);
 
   React.useEffect(() => {
     api.listImages().then(
-      result => setImages(result.items),
-      (error: CnbiApiError) => setLoadError(error.message)
+      // merged with what streams or a request added meanwhile; one order, newest first
+      result => setImages(list => mergeImages(list, result.items)),
+      (error: CnbiApiError) => setLoadError(withoutFieldPrefix(error.message))
     );
   }, [api]);
 
-  // Live rows: a stream for each unfinished image (up to the cap), closed once it finishes.
+  // Build-finished notifications: images created or rebuilt in this session.
+  const tracked = React.useRef(new Set<string>());
+  const snapshots = React.useRef(new Map<string, IPhaseSnapshot>());
+  React.useEffect(() => {
+    const visible = isVisibleRef.current();
+    for (const image of images) {
+      const name = nameOf(image);
+      const previous = snapshots.current.get(name);
+      const notice = buildFinishedNotice(previous, image, {
+        tracked: tracked.current.has(name),
+        visible
+      });
+      if (notice) {
+        actionsRef.current.notify({
+          kind: notice.kind,
+          message: notice.message,
+          action:
+            notice.kind === 'success'
+              ? { label: 'Start a server', url: spawnUrl(hubPrefix, name, user.name, namedServers) }
+              : undefined
+        });
+      }
+      const now = snapshotOf(image);
+      if (isTerminal(now.phase) && (!previous || !isTerminal(previous.phase) || previous.run < now.run)) {
+        tracked.current.delete(name); // finished: notified or seen
+      }
+      snapshots.current.set(name, now);
+    }
+  }, [images]);
+
+  const track = (image: ICustomNBImage) => {
+    tracked.current.add(nameOf(image));
+  };
+
+  const openForm = (initial?: IImageForm, notice?: string) => {
+    setFormSeq(n => n + 1);
+    setView({ kind: 'create', initial, notice });
+  };
+
+  const saveEnvironment = React.useCallback(async () => {
+    setView({ kind: 'environment' });
+    let message: string;
+    try {
+      const environment = await api.environment();
+      if (!environmentIsEmpty(environment)) {
+        setView(v => (v.kind === 'environment' ? { kind: 'environment', environment } : v));
+        return;
+      }
+      message =
+        'Nothing was installed in this server since it started: there is nothing to save ' +
+        'beyond the image it runs on.';
+    } catch (e) {
+      const error = e as CnbiApiError;
+      message =
+        error.status === 409
+          ? `This server’s environment cannot be saved: ${withoutFieldPrefix(error.message)}`
+          : `Could not read this server’s environment: ${withoutFieldPrefix(error.message)}`;
+    }
+    setView(v => (v.kind === 'environment' ? { kind: 'environment', message } : v));
+  }, [api]);
+
+  // Requests from commands: select an image (status bar), save the environment (palette).
+  React.useEffect(() => {
+    if (!request) {
+      return;
+    }
+    if (request.kind === 'saveEnvironment') {
+      void saveEnvironment();
+      return;
+    }
+    const name = request.name;
+    setSelected(name);
+    setView({ kind: 'detail' });
+    // Not listed (yet)? Fetch it: it may be shared, or the list still loading.
+    api.getImage(name).then(upsert, () => undefined);
+  }, [request?.seq]);
+
+  // Live rows: a stream for each unfinished image (up to the cap), closed once it finishes;
+  // the builds of this session first, so that their end is noticed (and notified).
   const followed = images
     .filter(i => !isTerminal(phaseOf(i)) && nameOf(i) !== selected)
+    .sort((a, b) => Number(tracked.current.has(nameOf(b))) - Number(tracked.current.has(nameOf(a))))
     .slice(0, MAX_LIST_STREAMS)
     .map(nameOf);
   const followedKey = followed.join('\n');
@@ -103,19 +226,91 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
   );
 
   const current = images.find(i => nameOf(i) === selected) ?? null;
+  const lookup = React.useCallback(
+    (name: string) => images.find(i => nameOf(i) === name),
+    [images]
+  );
+
+  let main: JSX.Element;
+  if (view.kind === 'environment') {
+    main = (
+      <EnvironmentView
+        environment={view.environment}
+        message={view.message}
+        onConfirm={environment =>
+          openForm(
+            formFromEnvironment(environment),
+            `From this server: the packages installed in it, on ${environment.baseImage}.`
+          )
+        }
+        onCancel={() => setView({ kind: 'detail' })}
+      />
+    );
+  } else if (view.kind === 'create' || !current) {
+    const form = view.kind === 'create' ? view : undefined;
+    main = (
+      <CreateForm
+        key={formSeq}
+        api={api}
+        initial={form?.initial}
+        notice={form?.notice}
+        onCreated={image => {
+          track(image);
+          upsert(image);
+          setSelected(nameOf(image));
+          setFormSeq(n => n + 1);
+          setView({ kind: 'detail' });
+        }}
+        onCancel={current ? () => setView({ kind: 'detail' }) : undefined}
+      />
+    );
+  } else {
+    main = (
+      <ImageDetail
+        key={nameOf(current)}
+        api={api}
+        image={current}
+        hubPrefix={hubPrefix}
+        currentUser={user.name}
+        namedServers={namedServers}
+        user={user}
+        actions={actions}
+        eventSourceFactory={eventSourceFactory}
+        onUpdate={upsert}
+        onDeleted={remove}
+        onRebuilt={image => {
+          track(image);
+          upsert(image);
+          setSelected(nameOf(image));
+        }}
+        onEditAsNew={image => openForm(formFromImage(image))}
+        lookup={lookup}
+      />
+    );
+  }
 
   return (
     <div className="cnbi-builder" data-testid="cnbi-builder">
       <div className="cnbi-sidebar">
         <div className="cnbi-toolbar">
           <h2>Image Builder</h2>
-          <button
-            className="jp-mod-styled jp-mod-accept cnbi-button"
-            data-testid="cnbi-new-image"
-            onClick={() => setCreating(true)}
-          >
-            New image
-          </button>
+          <div className="cnbi-toolbar-buttons">
+            <button
+              className="jp-mod-styled jp-mod-reject cnbi-button"
+              data-testid="cnbi-save-env"
+              title="Save the packages installed in this server as a new image"
+              onClick={() => void saveEnvironment()}
+            >
+              Save environment
+            </button>
+            <button
+              className="jp-mod-styled jp-mod-accept cnbi-button"
+              data-testid="cnbi-new-image"
+              onClick={() => openForm()}
+            >
+              New image
+            </button>
+          </div>
         </div>
         {loadError && (
           <p className="cnbi-error" role="alert" data-testid="cnbi-load-error">
@@ -125,43 +320,14 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
         <ImageList
           images={images}
           selected={selected}
-          currentUser={currentUser}
+          user={user}
           onSelect={name => {
             setSelected(name);
-            setCreating(false);
+            setView({ kind: 'detail' });
           }}
         />
       </div>
-      <div className="cnbi-main">
-        {creating || !current ? (
-          <CreateForm
-            api={api}
-            onCreated={image => {
-              upsert(image);
-              setCreating(false);
-              setSelected(nameOf(image));
-            }}
-            onCancel={current ? () => setCreating(false) : undefined}
-          />
-        ) : (
-          <ImageDetail
-            key={nameOf(current)}
-            api={api}
-            image={current}
-            hubPrefix={hubPrefix}
-            currentUser={currentUser}
-            namedServers={namedServers}
-            actions={actions}
-            eventSourceFactory={eventSourceFactory}
-            onUpdate={upsert}
-            onDeleted={remove}
-            onRebuilt={image => {
-              upsert(image);
-              setSelected(nameOf(image));
-            }}
-          />
-        )}
-      </div>
+      <div className="cnbi-main">{main}</div>
     </div>
   );
 }

@@ -4,24 +4,42 @@ import { CnbiApi, CnbiApiError } from '../api';
 import { LogBuffer } from '../logbuffer';
 import {
   ICustomNBImage,
-  buildDurationSeconds,
+  IUserInfo,
   descriptionOf,
   displayNameOf,
+  durationLabel,
   failureMessage,
-  formatDuration,
+  formatBytes,
+  isTerminal,
   mergeLogTail,
   nameOf,
-  phaseOf
+  phaseProgress,
+  runLabel,
+  withoutFieldPrefix
 } from '../model';
 import { EventSourceFactory, ImageEventStream, StreamState } from '../stream';
 import { BuildProgress, PhaseBadge } from './ImageList';
 import { LogView } from './LogView';
+import { SharePanel } from './SharePanel';
+
+/** How long the copy button says "Copied". */
+export const COPIED_MS = 2000;
+
+/** A notification for the user (JupyterLab's Notification in the Lab). */
+export interface IPanelNotice {
+  kind: 'success' | 'error';
+  message: string;
+  /** A button on the notification that opens a URL, e.g. "Start a server". */
+  action?: { label: string; url: string };
+}
 
 /** What the panel needs from JupyterLab, passed in so the view renders anywhere. */
 export interface IPanelActions {
   confirmDelete: (displayName: string) => Promise<boolean>;
   copyToClipboard: (text: string) => void;
   openUrl: (url: string) => void;
+  /** Say that a build finished (while the panel is not visible). */
+  notify: (notice: IPanelNotice) => void;
 }
 
 export interface IImageDetailProps {
@@ -31,22 +49,31 @@ export interface IImageDetailProps {
   /** The hub user and whether the hub allows named servers (for the spawn link). */
   currentUser?: string;
   namedServers?: boolean;
+  /** Who looks: admins and the owner may share the image. */
+  user?: IUserInfo;
   actions: IPanelActions;
   eventSourceFactory?: EventSourceFactory;
   /** Every new version of the object seen on the stream (the list shows it too). */
   onUpdate: (image: ICustomNBImage) => void;
   onDeleted: (name: string) => void;
   onRebuilt: (image: ICustomNBImage) => void;
+  /** "Edit as new": open the create form filled from this image. */
+  onEditAsNew?: (image: ICustomNBImage) => void;
+  /** Another image of the list by name (for "Reused the build of …"). */
+  lookup?: (name: string) => ICustomNBImage | undefined;
 }
+
+/** The phases in which a build can still be cancelled. */
+export const CANCELLABLE = ['Pending', 'Prepare', 'Resolving', 'Building'];
 
 /**
  * Where "Start a server with this image" goes. With named servers, a new server named after
  * the image (the user keeps the one this panel runs in); without, the default server's spawn
- * page, which only helps once that server is stopped.
+ * page, which only helps once that server is stopped. The hub wants spawn options as `opt-…`.
  */
 export function spawnUrl(hubPrefix: string, name: string, user?: string, namedServers?: boolean): string {
   const prefix = hubPrefix.endsWith('/') ? hubPrefix : hubPrefix + '/';
-  const query = `cnbi_image=${encodeURIComponent(name)}`;
+  const query = `opt-cnbi_image=${encodeURIComponent(name)}`;
   if (namedServers && user) {
     return `${prefix}spawn/${encodeURIComponent(user)}/${encodeURIComponent(name)}?${query}`;
   }
@@ -54,19 +81,55 @@ export function spawnUrl(hubPrefix: string, name: string, user?: string, namedSe
 }
 
 export function ImageDetail(props: IImageDetailProps): JSX.Element {
-  const { api, image, hubPrefix, currentUser, namedServers, actions, onUpdate, onDeleted, onRebuilt } = props;
+  const {
+    api,
+    image,
+    hubPrefix,
+    currentUser,
+    namedServers,
+    user,
+    actions,
+    onUpdate,
+    onDeleted,
+    onRebuilt,
+    onEditAsNew,
+    lookup
+  } = props;
   const name = nameOf(image);
-  const phase = phaseOf(image);
+  // One source for the badge, the bar and the buttons: the phase of this version of the object.
+  const progress = phaseProgress(image);
+  const phase = progress.phase;
   const [buffer] = React.useState(() => new LogBuffer());
   const [logVersion, setLogVersion] = React.useState(0);
   const [streamState, setStreamState] = React.useState<StreamState>('connecting');
   const [lock, setLock] = React.useState<string | null>(null);
   const [error, setError] = React.useState<string | null>(null);
   const [busy, setBusy] = React.useState(false);
+  // How many times the reference was copied; 0 once the "Copied" note went away.
+  const [copied, setCopied] = React.useState(0);
+  const [now, setNow] = React.useState(Date.now());
   const onUpdateRef = React.useRef(onUpdate);
   onUpdateRef.current = onUpdate;
   const onDeletedRef = React.useRef(onDeleted);
   onDeletedRef.current = onDeleted;
+
+  const running = !isTerminal(phase);
+  React.useEffect(() => {
+    if (!running) {
+      return;
+    }
+    setNow(Date.now());
+    const timer = setInterval(() => setNow(Date.now()), 1000);
+    return () => clearInterval(timer);
+  }, [running]);
+
+  React.useEffect(() => {
+    if (!copied) {
+      return;
+    }
+    const timer = setTimeout(() => setCopied(0), COPIED_MS);
+    return () => clearTimeout(timer);
+  }, [copied]);
 
   // One stream per shown image: the object as it changes, and the build log as it grows.
   React.useEffect(() => {
@@ -149,7 +212,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
       await api.deleteImage(name);
       onDeleted(name);
     } catch (e) {
-      setError((e as CnbiApiError).message);
+      setError(withoutFieldPrefix((e as CnbiApiError).message));
     } finally {
       setBusy(false);
     }
@@ -161,21 +224,49 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
     try {
       onRebuilt(await api.rebuildImage(name));
     } catch (e) {
-      setError((e as CnbiApiError).message);
+      setError(withoutFieldPrefix((e as CnbiApiError).message));
     } finally {
       setBusy(false);
     }
   };
 
+  const cancel = async () => {
+    setBusy(true);
+    setError(null);
+    try {
+      onUpdate(await api.cancelImage(name));
+    } catch (e) {
+      setError(withoutFieldPrefix((e as CnbiApiError).message));
+      // 409: it finished meanwhile; show how.
+      api.getImage(name).then(
+        obj => onUpdateRef.current(obj),
+        () => undefined
+      );
+    } finally {
+      setBusy(false);
+    }
+  };
+
+  const copy = (text: string) => {
+    actions.copyToClipboard(text);
+    setCopied(c => c + 1); // a new timer for every click
+  };
+
   const failure = failureMessage(image);
   const packages = (image.status?.packages ?? []).filter(p => p.visible !== false);
   const reference = image.status?.image;
+  const run = image.status?.run ?? 1;
+  const runs = image.status?.runs ?? [];
+  const duration = durationLabel(image, now);
+  const size = phase === 'Ready' ? formatBytes(image.status?.imageSize) : '';
+  const reusedFrom = image.status?.reusedFrom;
+  const reused = reusedFrom ? lookup?.(reusedFrom) : undefined;
 
   return (
     <section className="cnbi-detail" data-testid="cnbi-detail" data-name={name}>
       <header className="cnbi-detail-head">
         <h3>{displayNameOf(image)}</h3>
-        <PhaseBadge image={image} />
+        <PhaseBadge progress={progress} />
         {streamState === 'reconnecting' && (
           <span className="cnbi-stream-state" data-testid="cnbi-stream-state">
             reconnecting…
@@ -183,7 +274,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
         )}
       </header>
       {descriptionOf(image) && <p className="cnbi-description">{descriptionOf(image)}</p>}
-      <BuildProgress image={image} />
+      <BuildProgress progress={progress} />
       <p className="cnbi-detail-meta">
         <code>{name}</code> · {image.spec.buildType}
         {image.spec.baseImage && <> · from <code>{image.spec.baseImage}</code></>}
@@ -195,18 +286,35 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             {image.spec.gitRef && <>@{image.spec.gitRef}</>}
           </>
         )}
-        {buildDurationSeconds(image) !== null && (
-          <> · {formatDuration(buildDurationSeconds(image))}</>
-        )}
-        {image.status?.reusedFrom && <> · reused the build of {image.status.reusedFrom}</>}
       </p>
+      {(duration || size) && (
+        <p className="cnbi-detail-meta cnbi-detail-stats">
+          {run > 1 && <span data-testid="cnbi-run">Run {run} · </span>}
+          {duration && (
+            <span className="cnbi-duration" data-testid="cnbi-duration">
+              {duration}
+            </span>
+          )}
+          {duration && size && ' · '}
+          {size && (
+            <span className="cnbi-image-size" data-testid="cnbi-image-size" title={`${image.status?.imageSize} bytes`}>
+              {size}
+            </span>
+          )}
+        </p>
+      )}
+      {reusedFrom && (
+        <p className="cnbi-detail-meta" data-testid="cnbi-reused">
+          Reused the build of {reused ? displayNameOf(reused) : reusedFrom}
+        </p>
+      )}
       {failure && (
-        <p className="cnbi-failure" data-testid="cnbi-failure" role="alert">
+        <p className="cnbi-failure cnbi-failure-detail" data-testid="cnbi-failure" role="alert">
           {failure}
         </p>
       )}
       {error && (
-        <p className="cnbi-error" role="alert">
+        <p className="cnbi-error" data-testid="cnbi-action-error" role="alert">
           {error}
         </p>
       )}
@@ -224,10 +332,15 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             className="jp-mod-styled jp-mod-reject cnbi-button"
             data-testid="cnbi-copy-ref"
             title="Copy the image reference"
-            onClick={() => actions.copyToClipboard(reference)}
+            onClick={() => copy(reference)}
           >
             Copy
           </button>
+          {copied > 0 && (
+            <span className="cnbi-copied" data-testid="cnbi-copied" role="status">
+              Copied
+            </span>
+          )}
         </div>
       )}
       <div className="cnbi-actions">
@@ -239,14 +352,37 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
         >
           Start a server with this image
         </button>
+        {CANCELLABLE.includes(phase) && (
+          <button
+            className="jp-mod-styled jp-mod-warn cnbi-button"
+            data-testid="cnbi-cancel"
+            disabled={busy}
+            onClick={cancel}
+          >
+            Cancel build
+          </button>
+        )}
         <button
           className="jp-mod-styled jp-mod-reject cnbi-button"
           data-testid="cnbi-rebuild"
-          disabled={busy || !['Ready', 'Failed'].includes(phase)}
+          disabled={busy || !isTerminal(phase)}
           onClick={rebuild}
         >
           Rebuild
         </button>
+        {onEditAsNew && (
+          <button
+            className={
+              'jp-mod-styled cnbi-button ' +
+              (phase === 'Failed' ? 'jp-mod-accept' : 'jp-mod-reject')
+            }
+            data-testid="cnbi-edit-as-new"
+            title="Open a new image form filled with this image's settings"
+            onClick={() => onEditAsNew(image)}
+          >
+            Edit as new
+          </button>
+        )}
         <button
           className="jp-mod-styled jp-mod-warn cnbi-button"
           data-testid="cnbi-delete"
@@ -256,6 +392,19 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
           Delete
         </button>
       </div>
+      {user && <SharePanel api={api} image={image} user={user} onUpdate={onUpdate} />}
+      {runs.length > 0 && (
+        <div className="cnbi-runs" data-testid="cnbi-runs">
+          <h4>Earlier runs</h4>
+          <ul>
+            {runs.map(r => (
+              <li key={r.run} data-run={r.run}>
+                {runLabel(r)}
+              </li>
+            ))}
+          </ul>
+        </div>
+      )}
       <h4>Build log</h4>
       <LogView buffer={buffer} version={logVersion} fullLogUrl={api.logsUrl(name)} />
       {packages.length > 0 && (

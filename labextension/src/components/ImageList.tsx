@@ -2,25 +2,32 @@ import * as React from 'react';
 
 import {
   ICustomNBImage,
+  IProgress,
+  ISharedImage,
+  IUserInfo,
   PROGRESS_STEPS,
-  buildDurationSeconds,
   creatorOf,
   displayNameOf,
+  durationLabel,
   failureMessage,
-  formatDuration,
+  imageSections,
   isShared,
+  isTerminal,
   nameOf,
-  phaseOf,
-  phaseProgress
+  phaseProgress,
+  sharedGroupsOf,
+  sharedWithLabel
 } from '../model';
 
-export function PhaseBadge(props: { image: ICustomNBImage }): JSX.Element {
-  const phase = phaseOf(props.image);
+/** The phase, from the same IProgress the bar is drawn from. */
+export function PhaseBadge(props: { progress: IProgress }): JSX.Element {
+  const phase = props.progress.phase;
   return (
     <span
       className={`cnbi-phase-badge cnbi-phase-${phase.toLowerCase()}`}
       data-testid="cnbi-phase-badge"
       data-phase={phase}
+      title={props.progress.label}
     >
       {phase}
     </span>
@@ -28,8 +35,8 @@ export function PhaseBadge(props: { image: ICustomNBImage }): JSX.Element {
 }
 
 /** Prepare → Resolving → Building → Ready, the current step highlighted. */
-export function BuildProgress(props: { image: ICustomNBImage }): JSX.Element {
-  const progress = phaseProgress(props.image);
+export function BuildProgress(props: { progress: IProgress }): JSX.Element {
+  const progress = props.progress;
   const percent = Math.round(progress.fraction * 100);
   return (
     <div
@@ -39,6 +46,7 @@ export function BuildProgress(props: { image: ICustomNBImage }): JSX.Element {
         (progress.done && !progress.failed ? ' cnbi-progress-done' : '')
       }
       data-testid="cnbi-progress"
+      data-phase={progress.phase}
     >
       <div
         className="cnbi-progress-bar"
@@ -72,26 +80,39 @@ export function BuildProgress(props: { image: ICustomNBImage }): JSX.Element {
   );
 }
 
+/** "shared with everyone", "shared with team-a, team-b", or '' (for my own images' rows). */
+function sharingText(image: ICustomNBImage): string {
+  if (isShared(image)) {
+    return 'shared with everyone';
+  }
+  const groups = sharedGroupsOf(image);
+  return groups.length ? `shared with ${groups.join(', ')}` : '';
+}
+
 export interface IImageRowProps {
   image: ICustomNBImage;
   selected: boolean;
   currentUser: string;
   now: number;
   onSelect: (name: string) => void;
+  /** In "Shared with me": who it is shared with (shown instead of the sharing note). */
+  sharedWith?: ISharedImage['sharedWith'];
 }
 
 export function ImageRow(props: IImageRowProps): JSX.Element {
-  const { image, selected, currentUser, now, onSelect } = props;
+  const { image, selected, currentUser, now, onSelect, sharedWith } = props;
   const name = nameOf(image);
   const creator = creatorOf(image);
   const failure = failureMessage(image);
-  const duration = formatDuration(buildDurationSeconds(image, now));
+  const duration = durationLabel(image, now);
+  const progress = phaseProgress(image);
+  const sharing = sharedWith === undefined ? sharingText(image) : '';
   return (
     <li
       className={'cnbi-image-row' + (selected ? ' cnbi-selected' : '')}
       data-testid="cnbi-image-row"
       data-name={name}
-      data-phase={phaseOf(image)}
+      data-phase={progress.phase}
     >
       <button
         className="cnbi-image-row-button"
@@ -100,12 +121,18 @@ export function ImageRow(props: IImageRowProps): JSX.Element {
       >
         <span className="cnbi-image-row-head">
           <span className="cnbi-image-name">{displayNameOf(image)}</span>
-          <PhaseBadge image={image} />
+          <PhaseBadge progress={progress} />
         </span>
         <span className="cnbi-image-meta">
           <code>{name}</code> · {image.spec.buildType}
           {creator && creator !== currentUser && ` · by ${creator}`}
-          {isShared(image) && ' · shared'}
+          {sharedWith !== undefined && (
+            <span className="cnbi-shared-with" data-testid="cnbi-shared-with">
+              {' '}
+              · shared with {sharedWithLabel(sharedWith)}
+            </span>
+          )}
+          {sharing && ` · ${sharing}`}
           {duration && (
             <span className="cnbi-duration" data-testid="cnbi-duration">
               {' '}
@@ -113,9 +140,9 @@ export function ImageRow(props: IImageRowProps): JSX.Element {
             </span>
           )}
         </span>
-        <BuildProgress image={image} />
+        <BuildProgress progress={progress} />
         {failure && (
-          <span className="cnbi-failure" data-testid="cnbi-failure">
+          <span className="cnbi-failure cnbi-row-failure" data-testid="cnbi-failure">
             {failure}
           </span>
         )}
@@ -127,13 +154,14 @@ export function ImageRow(props: IImageRowProps): JSX.Element {
 export interface IImageListProps {
   images: ICustomNBImage[];
   selected: string | null;
-  currentUser: string;
+  /** Whose "My images" these are, and whether the admin section shows. */
+  user: IUserInfo;
   onSelect: (name: string) => void;
 }
 
 export function ImageList(props: IImageListProps): JSX.Element {
-  const { images, selected, currentUser, onSelect } = props;
-  const running = images.some(i => !['Ready', 'Failed'].includes(phaseOf(i)));
+  const { images, selected, user, onSelect } = props;
+  const running = images.some(i => !isTerminal(phaseProgress(i).phase));
   const [now, setNow] = React.useState(Date.now());
   React.useEffect(() => {
     // Only the duration text ticks; the phases come from the event streams.
@@ -143,32 +171,53 @@ export function ImageList(props: IImageListProps): JSX.Element {
     const timer = setInterval(() => setNow(Date.now()), 1000);
     return () => clearInterval(timer);
   }, [running]);
-  const mine = images.filter(i => !creatorOf(i) || creatorOf(i) === currentUser);
-  const shared = images.filter(i => creatorOf(i) && creatorOf(i) !== currentUser);
-  const rows = (list: ICustomNBImage[]) =>
-    list.map(image => (
-      <ImageRow
-        key={nameOf(image)}
-        image={image}
-        selected={nameOf(image) === selected}
-        currentUser={currentUser}
-        now={now}
-        onSelect={onSelect}
-      />
-    ));
+  const sections = React.useMemo(() => imageSections(images, user), [images, user]);
+  const row = (image: ICustomNBImage, sharedWith?: ISharedImage['sharedWith']) => (
+    <ImageRow
+      key={nameOf(image)}
+      image={image}
+      selected={nameOf(image) === selected}
+      currentUser={user.name}
+      now={now}
+      onSelect={onSelect}
+      sharedWith={sharedWith}
+    />
+  );
   return (
     <div className="cnbi-image-list" data-testid="cnbi-image-list">
-      <h3>My images</h3>
-      {mine.length ? (
-        <ul>{rows(mine)}</ul>
-      ) : (
-        <p className="cnbi-empty">No images yet: create one.</p>
+      <section className="cnbi-section" data-testid="cnbi-section-mine">
+        <h3>My images</h3>
+        {sections.mine.length ? (
+          <ul>{sections.mine.map(image => row(image))}</ul>
+        ) : (
+          <p className="cnbi-empty">No images yet: create one.</p>
+        )}
+      </section>
+      {sections.shared.length > 0 && (
+        <section className="cnbi-section" data-testid="cnbi-section-shared">
+          <h3>Shared with me</h3>
+          <ul>{sections.shared.map(s => row(s.image, s.sharedWith))}</ul>
+        </section>
       )}
-      {shared.length > 0 && (
-        <>
-          <h3>Shared with everyone</h3>
-          <ul>{rows(shared)}</ul>
-        </>
+      {user.admin && (
+        <section className="cnbi-section" data-testid="cnbi-section-all">
+          <h3>All users’ images</h3>
+          {sections.others.length ? (
+            sections.others.map(group => (
+              <div
+                key={group.owner}
+                className="cnbi-owner-group"
+                data-testid="cnbi-owner-group"
+                data-owner={group.owner}
+              >
+                <h4 className="cnbi-owner">{group.owner}</h4>
+                <ul>{group.images.map(image => row(image))}</ul>
+              </div>
+            ))
+          ) : (
+            <p className="cnbi-empty">No other user has an image.</p>
+          )}
+        </section>
       )}
     </div>
   );

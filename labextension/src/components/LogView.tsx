@@ -1,6 +1,43 @@
 import * as React from 'react';
 
 import { LogBuffer } from '../logbuffer';
+import { logSeparator } from '../model';
+
+/**
+ * Appends log lines to the <pre>: runs of ordinary lines as one text node each, and every
+ * `=== Run N … ===` line as a separator (a rule with its label), so rebuilds stand apart.
+ */
+export function appendLogLines(node: HTMLElement, lines: readonly string[]): void {
+  let text = '';
+  const flush = () => {
+    if (text) {
+      node.appendChild(document.createTextNode(text));
+      text = '';
+    }
+  };
+  for (const line of lines) {
+    const separator = logSeparator(line);
+    if (!separator) {
+      text += line + '\n';
+      continue;
+    }
+    flush();
+    const rule = document.createElement('span');
+    rule.className = 'cnbi-log-separator';
+    rule.dataset.testid = 'cnbi-log-separator';
+    rule.dataset.run = String(separator.run);
+    rule.setAttribute('role', 'separator');
+    rule.setAttribute('aria-label', separator.label);
+    const label = document.createElement('span');
+    label.className = 'cnbi-log-separator-label';
+    label.textContent = separator.label;
+    rule.appendChild(label);
+    // Copying the log still gives the line as the service wrote it.
+    rule.dataset.line = line;
+    node.appendChild(rule);
+  }
+  flush();
+}
 
 export interface ILogViewProps {
   buffer: LogBuffer;
@@ -28,11 +65,10 @@ export function LogView(props: ILogViewProps): JSX.Element {
     const lines = buffer.lines;
     const state = rendered.current;
     if (state.generation !== buffer.generation || state.count > lines.length) {
-      node.textContent = lines.length ? lines.join('\n') + '\n' : '';
+      node.textContent = '';
+      appendLogLines(node, lines);
     } else if (lines.length > state.count) {
-      node.appendChild(
-        document.createTextNode(lines.slice(state.count).join('\n') + '\n')
-      );
+      appendLogLines(node, lines.slice(state.count));
     }
     state.generation = buffer.generation;
     state.count = lines.length;
