@@ -6,7 +6,7 @@ the baseline, in this order (ours first each time, so any cold miss in the packa
 is paid by us, not by the baseline):
 
 * ``cold``: ours is what the reconciler runs -- ``resolve_lock`` with the base image's
-  packages as constraints, ``plan_build``, ``PodmanBuilder.write_context`` + ``build`` --
+  packages as constraints, ``plan_build``, ``PodmanBuilder.write_context`` + ``build_context`` --
   with an empty uv cache on both sides: the host's (UV_CACHE_DIR, used while resolving) and
   the build's cache mount (``--mount=type=cache,target=/cnbi-cache/uv``). Buildah keeps
   cache mounts under ``$TMPDIR/buildah-cache/<target>`` (TMPDIR default /var/tmp), so the
@@ -320,7 +320,7 @@ class Bench:
         clock = BuildClock("Installed ")
         self.builder.no_cache = cold
         try:
-            digest = await self.builder.build(plan, context, secret_files, clock)
+            digest = await self.builder.build_context(plan, context, secret_files, clock)
         except BuildError as err:
             raise RunFailed(f"our {name} build failed: {err}") from None
         finally:

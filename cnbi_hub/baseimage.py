@@ -47,6 +47,7 @@ from pathlib import Path
 from traitlets import Dict, Set, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from . import model
 from .containers import podman_environ
 from .trust import machine_ca_bundle
 
@@ -62,7 +63,7 @@ NOTEBOOK_USER = "jovyan"
 NOTEBOOK_UID = 1000
 NOTEBOOK_GID = 100  # "users", as in docker-stacks
 
-LABEL_PREFIX = "cnbi-hub.io/"
+LABEL_PREFIX = f"{model.PREFIX}/"
 
 # Bump when the debootstrap/cleanup recipe below changes in a way the key would not see.
 DEBIAN_RECIPE_VERSION = "1"

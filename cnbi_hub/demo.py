@@ -26,13 +26,14 @@ from pathlib import Path
 
 from jupyterhub.utils import random_port
 
+from . import model
 from .baseimage import BaseImageError
 from .labimage import LabImageError
-from .spawner import PodmanService
+from .podmanspawner import PodmanService
 
 BASE_IMAGE = "localhost/cnbi/notebook-base:py311-user"
 LAB_IMAGE = "localhost/cnbi/notebook-lab:py311"  # the base plus cnbi_hub's own Lab panel
-DEMO_LABEL = "cnbi-hub.io/demo-run"
+DEMO_LABEL = f"{model.PREFIX}/demo-run"
 HUB_STOP_TIMEOUT = 90  # stopping servers removes their containers; give it time
 MAX_SOCKET_PATH = 100  # unix socket paths are limited to 107 bytes
 
@@ -56,7 +57,7 @@ c.SharedPasswordAuthenticator.admin_password = os.environ["CNBI_DEMO_ADMIN_PASSW
 c.Authenticator.allow_all = True
 c.Authenticator.admin_users = {{"admin"}}
 
-c.JupyterHub.spawner_class = "cnbi_hub.spawner.PodmanSpawner"
+c.JupyterHub.spawner_class = "cnbi_hub.podmanspawner.PodmanSpawner"
 c.PodmanSpawner.podman_socket = {podman_socket!r}
 c.PodmanSpawner.image = {base_image!r}
 c.PodmanSpawner.default_url = "/lab"

@@ -24,7 +24,7 @@ import pytest
 import pytest_asyncio
 
 from cnbi_hub import model
-from cnbi_hub.spawner import PodmanService
+from cnbi_hub.podmanspawner import PodmanService
 from cnbi_hub.store.sqlite import SQLImageStore
 
 KUBECONFIG = """\

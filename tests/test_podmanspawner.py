@@ -18,7 +18,8 @@ from jupyterhub.tests.utils import AsyncSession
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cnbi_hub import model
-from cnbi_hub.spawner import CNBISpawnerHooks, PodmanSpawner, configure_dockerspawner
+from cnbi_hub.podmanspawner import PodmanSpawner
+from cnbi_hub.spawner import CNBISpawnerHooks, configure_dockerspawner
 from tests.infra_podman import podman
 
 pytestmark = pytest.mark.podman

@@ -173,7 +173,17 @@ async def start_server(isolated_jupyter_env):
     apps: list[ServerApp] = []
 
     async def _start(extension_config: dict | None = None) -> str:
-        port = unused_port()
+        # The port is free when picked, but another process (a hub's server, podman) may take
+        # it before ServerApp binds: then ServerApp exits, and we try a fresh port.
+        for _ in range(5):
+            try:
+                return await _start_on(unused_port(), extension_config)
+            except SystemExit:
+                CNBIServerExtension.clear_instance()
+                ServerApp.clear_instance()
+        raise RuntimeError("no free port for the test server after 5 tries")
+
+    async def _start_on(port: int, extension_config: dict | None) -> str:
         config = {
             "ServerApp": {"jpserver_extensions": {"cnbi_hub": True}},
             "IdentityProvider": {"token": SERVER_TOKEN},
@@ -192,9 +202,26 @@ async def start_server(isolated_jupyter_env):
             root_dir=str(isolated_jupyter_env / "root"),
         )
         app.init_signal = lambda: None
+        # ServerApp binds its socket in a loop callback, exiting if the port was taken meanwhile
+        bound = asyncio.get_running_loop().create_future()
+
+        def bind_and_tell():
+            try:
+                ServerApp._bind_http_server(app)
+            except SystemExit as e:
+                bound.set_exception(e)
+                return
+            bound.set_result(True)
+
+        app._bind_http_server = bind_and_tell
         app.initialize(argv=[], new_httpserver=True)
+        for _ in range(100):
+            if bound.done():
+                break
+            await asyncio.sleep(0.02)
+        if bound.done() and bound.exception():
+            raise bound.exception()
         apps.append(app)
-        # ServerApp binds its socket in a loop callback; wait until it accepts connections.
         for _ in range(100):
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)

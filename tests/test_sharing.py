@@ -119,9 +119,9 @@ async def test_sharing_with_a_group_reaches_its_members_only(hub, cleanup):
     assert (await hub.api("GET", f"api/images/{name}/logs", outsider)).code == 404
 
     # what the spawner hooks ask for a user: visibleTo + the user's groups (admin-only query)
-    hooks_view = await hub.api("GET", f"api/images?visibleTo=grp-member&groups=cnbi-team", admin)
+    hooks_view = await hub.api("GET", "api/images?visibleTo=grp-member&groups=cnbi-team", admin)
     assert name in names(hooks_view)
-    hooks_view = await hub.api("GET", f"api/images?visibleTo=grp-outsider&groups=other-team", admin)
+    hooks_view = await hub.api("GET", "api/images?visibleTo=grp-outsider&groups=other-team", admin)
     assert name not in names(hooks_view)
 
     # an admin may share with any group; [] unshares

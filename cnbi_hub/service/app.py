@@ -17,15 +17,24 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
 from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Dict, Float, Instance, Integer, List, Unicode, default, validate
+from traitlets import Any, Bool, Dict, Float, Integer, List, Type, Unicode, default, validate
 from traitlets.config import Application, Config, catch_config_error
 
 from .. import __version__, model
+from ..controller.builders.base import Builder
+from ..controller.imageaccess import ImageAccess
+from ..controller.phases import PhaseWork
+from ..controller.runner import EmbeddedRunner
 from ..imageref import parse_image_reference
-from ..controller.reconciler import Reconciler
 from ..store.base import ChangeBroadcaster
-from ..store.sqlite import SQLImageStore
 from . import handlers, pages
+
+# Options that lived on the `Reconciler` section before it became PhaseWork + EmbeddedRunner
+_LEGACY_RECONCILER_OPTIONS = {
+    "max_concurrent_builds": "EmbeddedRunner",
+    "keep_failed_contexts": "PodmanBuilder",
+    "insecure_registries": "ImageAccess", "auth_file": "ImageAccess", "pull_secrets_dir": "ImageAccess",
+}
 
 
 def _service_url():
@@ -174,7 +183,21 @@ class CNBIService(Application):
         In cluster mode the operator (`python -m cnbi_hub.controller`) does it: set False.""",
     ).tag(config=True)
 
-    store = Instance(SQLImageStore, allow_none=True)
+    store_class = Type(
+        "cnbi_hub.store.sqlite.SQLImageStore",
+        help="""Where CustomNBImage objects live. Embedded mode: `cnbi_hub.store.sqlite.SQLImageStore`
+        (SQLAlchemy, `db_url`). Cluster mode: `cnbi_hub.store.kubernetes.KubernetesImageStore`
+        (custom resources in `namespace`; set `reconcile = False`, the operator builds).""",
+    ).tag(config=True)
+
+    builder_class = Type(
+        "cnbi_hub.controller.builders.podman.PodmanBuilder",
+        klass=Builder,
+        help="""What builds images when this service reconciles (embedded mode): podman on this
+        machine. Like BinderHub's `build_class`.""",
+    ).tag(config=True)
+
+    store = Any(allow_none=True)
 
     @property
     def validation_policy(self) -> model.ValidationPolicy:
@@ -194,25 +217,38 @@ class CNBIService(Application):
             # set by cnbi_hub.hubconfig.configure(service_config=...): CNBIService options, and
             # sections for the other configurables by class name ({"Reconciler": {...}})
             options = json.loads(os.environ["CNBI_SERVICE_CONFIG"])
-            sections = {k: v for k, v in options.items() if k[:1].isupper()}
+            sections = _upgrade_legacy_sections({k: v for k, v in options.items() if k[:1].isupper()}, self.log)
             own = {k: v for k, v in options.items() if not k[:1].isupper()}
             self.update_config(Config({"CNBIService": own, **sections}))
         self.update_config(self.cli_config)  # the command line wins
         os.makedirs(self.data_dir, exist_ok=True)
-        self.store = SQLImageStore(self.db_url, namespace=self.namespace)
+        self.store = self.make_store()
         self.events = ChangeBroadcaster()
-        self.reconciler = Reconciler(
+        self.builder = self.builder_class(parent=self)
+        # check-image asks the registries (and, for localhost/ images, the builder) itself
+        self.image_access = ImageAccess(parent=self, builder=self.builder)
+        self.phases = PhaseWork(
             parent=self,
             store=self.store,
-            publish=self.events.publish,
+            builder=self.builder,
+            access=self.image_access,
             base_images=self.base_images,
             allowed_git_schemes=self.allowed_git_schemes,
             work_dir=os.path.join(self.data_dir, "builds"),
         )
+        self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases, publish=self.events.publish)
         self.hub_auth = HubOAuth(
             api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""),
             cache_max_age=60,
         )
+
+    def make_store(self):
+        """The store, given the options its class takes (db_url for SQL; namespace for both)."""
+        from ..store.sqlite import SQLImageStore
+
+        if issubclass(self.store_class, SQLImageStore):
+            return self.store_class(self.db_url, namespace=self.namespace)
+        return self.store_class(parent=self, namespace=self.namespace)
 
     def make_tornado_app(self) -> web.Application:
         def route(path):
@@ -269,13 +305,14 @@ class CNBIService(Application):
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.store.start()
         forwarder = asyncio.create_task(self.forward_store_events())
         await asyncio.sleep(0)  # let the forwarder subscribe before builds start publishing
         if self.reconcile:
-            await self.reconciler.start()
+            await self.runner.start()
         await stop.wait()
         self.log.info("cnbi service stopping")
-        await self.reconciler.stop()
+        await self.runner.stop()
         forwarder.cancel()
         server.stop()
         self.store.close()
@@ -290,6 +327,20 @@ class CNBIService(Application):
         with open(self.config_file, "w") as f:
             f.write(self.generate_config_file())
         print(f"Wrote default config to {self.config_file}")
+
+
+def _upgrade_legacy_sections(sections: dict, log) -> dict:
+    """Config written for the `Reconciler` section (before it became PhaseWork and
+    EmbeddedRunner) keeps working: each option goes to the class that has it now."""
+    legacy = sections.pop("Reconciler", None)
+    if not legacy:
+        return sections
+    log.warning("the Reconciler config section is now PhaseWork (builds), EmbeddedRunner (the queue) and "
+                "ImageAccess (registries); moving %s", ", ".join(sorted(legacy)))
+    for key, value in legacy.items():
+        section = _LEGACY_RECONCILER_OPTIONS.get(key, "PhaseWork")
+        sections.setdefault(section, {}).setdefault(key, value)
+    return sections
 
 
 def main(argv=None):

@@ -20,13 +20,12 @@ from tornado import web
 from tornado.iostream import StreamClosedError
 
 from .. import model
+from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.statemachine import cancelled, rebuilt
 from ..store.base import AlreadyExists, NotFound, modify_status
 
-SCOPE_IMAGES = "custom:cnbi:images"
-SCOPE_ADMIN = "custom:cnbi:admin"
 MAX_BODY_BYTES = 64 * 1024
 # the logs route keeps the newest part of many runs' logs (each run's own is capped by BuildLog)
 MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
@@ -461,7 +460,7 @@ class CheckImageHandler(APIHandler):
         except ValueError as e:
             raise FieldError(422, f"image: {e}", "image")
         try:
-            found = await self.cnbi.reconciler.check_image(text.strip())
+            found = await self.cnbi.image_access.check(text.strip())
         except ImageUnauthorized as e:
             result = {"result": "private", "exists": None, "digest": None, "platforms": [],
                       "message": f"{e}; name a pull secret that holds credentials for it"}

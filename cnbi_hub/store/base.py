@@ -47,6 +47,9 @@ class WatchEvent:
 class ImageStore(Protocol):
     namespace: str
 
+    async def start(self) -> None:
+        """Begin the change feed (and wait until it runs); call once before `watch()`."""
+
     async def create(self, obj: dict) -> dict: ...
 
     async def get(self, name: str) -> dict: ...

@@ -93,6 +93,9 @@ class SQLImageStore:
         Base.metadata.create_all(self.engine)
         self._changes = ChangeBroadcaster()
 
+    async def start(self) -> None:
+        """Nothing to start: the change feed is this process's own writes."""
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -10,57 +10,25 @@ rebuilds fast.
 from __future__ import annotations
 
 import asyncio
+import base64
 import ctypes
 import json
 import os
 import secrets
 import shutil
 import signal
-from dataclasses import dataclass, field
+import tempfile
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import uv
-from traitlets import Float, Unicode
-from traitlets.config import LoggingConfigurable
+from traitlets import Bool, Float, Unicode
 
 from ...containers import podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
+from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, StoredImage
 
-LogFn = Callable[[str], Awaitable[None] | None]
-
-
-class BuildError(Exception):
-    """The build or a step of it failed; the message ends with the tool's own words."""
-
-
-class ImageMissing(BuildError):
-    pass
-
-
-@dataclass
-class LocalImage:
-    digest: str
-    platform: str  # "linux/amd64"
-
-
-@dataclass
-class BaseImageInfo:
-    """What Prepare learns from running a base image once (cached per digest)."""
-
-    python_path: str
-    python_version: str  # "3.11"
-    python_full_version: str
-    user: str  # the image's configured user ("" = root)
-    uid: int
-    env_owned_by_user: bool  # the image's user may write the python environment
-    packages: list[dict] = field(default_factory=list)  # [{name, version}]
-    has_conda: bool = False
-
-    def to_json(self) -> dict:
-        return dict(self.__dict__)
-
+__all__ = ["BuildError", "ImageMissing", "PodmanBuilder"]
 
 # Runs inside the base image (as its own user): find the notebook python and report on it.
 # Fixed text: nothing from the request is in it.
@@ -88,8 +56,21 @@ print(json.dumps({
 """
 
 
-class PodmanBuilder(LoggingConfigurable):
+class PodmanBuilder(Builder):
+    """Embedded mode's builder: podman on this machine; built images stay in its storage."""
+
+    keeps_images_locally = True
+
     podman = Unicode("podman", help="The podman executable.").tag(config=True)
+
+    context_root = Unicode(
+        help="""Directory build contexts are laid out in while a build runs (removed after it).
+        Default: the system's temporary directory.""",
+    ).tag(config=True)
+
+    keep_failed_contexts = Bool(
+        False, help="Keep the build context of a failed build (its path is logged) for debugging."
+    ).tag(config=True)
 
     build_timeout = Float(
         1800.0, help="Seconds one image build may take before it is stopped and the image Failed."
@@ -141,17 +122,17 @@ class PodmanBuilder(LoggingConfigurable):
 
     # --- images in local storage ------------------------------------------------------------
 
-    async def local_image(self, reference: str) -> "LocalImage | None":
+    async def stored_image(self, reference: str) -> StoredImage | None:
         """Digest and platform of an image in local storage, or None."""
         code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}} {{.Os}}/{{.Architecture}}", reference)
         parts = out.split()
         if code != 0 or len(parts) != 2:
             return None
-        return LocalImage(digest=parts[0], platform=parts[1])
+        return StoredImage(digest=parts[0], platform=parts[1])
 
     async def local_digest(self, reference: str) -> str | None:
-        code, out, _ = await self._run("image", "inspect", "--format", "{{.Digest}}", reference)
-        return out.strip() if code == 0 and out.strip() else None
+        stored = await self.stored_image(reference)
+        return stored.digest if stored else None
 
     async def image_size(self, reference: str) -> int | None:
         """Bytes the image takes (all its layers), or None when it is not in local storage."""
@@ -169,17 +150,34 @@ class PodmanBuilder(LoggingConfigurable):
         if code != 0:
             raise BuildError(f"could not pull {reference}: {_last_lines(err or out)}")
 
+    async def _pull_with(self, reference: str, access: PullAccess) -> None:
+        """Pull with credentials in a private auth file: never on podman's command line."""
+        authfile = None
+        if access.username is not None:
+            registry = reference.split("/", 1)[0]
+            token = base64.b64encode(f"{access.username}:{access.password or ''}".encode()).decode()
+            fd, authfile = tempfile.mkstemp(prefix="cnbi-auth-", suffix=".json")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"auths": {registry: {"auth": token}}}, f)
+        try:
+            await self.pull(reference, tls_verify=access.tls_verify, authfile=authfile)
+        finally:
+            if authfile:
+                os.unlink(authfile)
+
     async def image_user(self, reference: str) -> str:
         code, out, err = await self._run("image", "inspect", "--format", "{{.Config.User}}", reference)
         if code != 0:
             raise ImageMissing(f"image {reference} is not in local storage: {_last_lines(err)}")
         return out.strip()
 
-    async def inspect_base(self, reference: str) -> BaseImageInfo:
-        """Python, packages and user of an image, by running it once; cached per reference
-        (always pinned by digest, so the cache never goes stale)."""
+    async def inspect_base(self, reference: str, access: PullAccess | None = None) -> BaseImageInfo:
+        """Python, packages and user of an image, by running it once (pulled first when it is
+        not in local storage); cached per reference (pinned by digest: never stale)."""
         if reference in self._inspections:
             return self._inspections[reference]
+        if access is not None and not await self.stored_image(reference):
+            await self._pull_with(reference, access)
         user = await self.image_user(reference)
         try:
             code, out, err = await self._run_container(
@@ -251,7 +249,23 @@ class PodmanBuilder(LoggingConfigurable):
             files[secret_id] = str(path)
         return files
 
-    async def build(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
+    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn) -> str:
+        """Lay out the context in a fresh directory, build, remove the directory."""
+        context_root = Path(tempfile.mkdtemp(prefix="cnbi-build-", dir=self.context_root or None))
+        failed = True
+        try:
+            context = context_root / "context"
+            secret_files = await asyncio.to_thread(self.write_context, plan, context, checkout, secrets)
+            digest = await self.build_context(plan, context, secret_files, log)
+            failed = False
+            return digest
+        finally:
+            if failed and self.keep_failed_contexts:
+                self.log.info("kept the context of the failed build of %s in %s", plan.target, context_root)
+            else:
+                await asyncio.to_thread(shutil.rmtree, context_root, True)
+
+    async def build_context(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
         """Build `plan` in `context_dir`, tag it `plan.target`; returns the image's digest."""
         args = ["build", "--network=host", "--layers", "--pull=never", "-f",
                 str(context_dir / plan.containerfile_path), "-t", plan.target]

@@ -1,4 +1,5 @@
-"""The reconciler on its own (no hub): pushing Ready images to a registry, and the build log."""
+"""The embedded engine on its own (no hub): the phase work with the podman builder, driven by
+the embedded runner — pushing Ready images to a registry, pull secrets, the build log."""
 
 import asyncio
 import json
@@ -7,18 +8,29 @@ import pytest
 
 from cnbi_hub import model
 from cnbi_hub.controller.buildlog import BuildLog
-from cnbi_hub.controller.reconciler import Reconciler
+from cnbi_hub.controller.builders.podman import PodmanBuilder
+from cnbi_hub.controller.imageaccess import ImageAccess
+from cnbi_hub.controller.phases import PhaseWork
+from cnbi_hub.controller.runner import EmbeddedRunner
 from cnbi_hub.store.sqlite import SQLImageStore
 from tests.hubfixtures import CA_BUNDLE
 
 pytestmark = pytest.mark.podman
 
 
+def embedded_engine(store, *, publish=lambda event: None, pull_secrets_dir="", **phase_options) -> EmbeddedRunner:
+    """What the service assembles in embedded mode: podman builder, image access, phase work, runner."""
+    builder = PodmanBuilder()
+    access = ImageAccess(builder=builder, pull_secrets_dir=pull_secrets_dir)
+    phases = PhaseWork(store=store, builder=builder, access=access, **phase_options)
+    return EmbeddedRunner(store=store, phases=phases, publish=publish)
+
+
 async def test_ready_image_is_pushed_with_its_digest(tmp_path, local_registry, notebook_base_images, podman_env):
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     events = []
-    reconciler = Reconciler(
-        store=store, publish=events.append, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE,
+    reconciler = embedded_engine(
+        store, publish=events.append, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE,
         push_registry=f"{local_registry.host}/pushed",
     )
     await reconciler.start()
@@ -79,7 +91,7 @@ async def test_import_honours_the_pull_secret(tmp_path, auth_registry, notebook_
     (secrets / "registry-creds.json").write_text(json.dumps(auth_registry.auth_json))
 
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
-    reconciler = Reconciler(store=store, work_dir=str(tmp_path / "builds"), pull_secrets_dir=str(secrets))
+    reconciler = embedded_engine(store, work_dir=str(tmp_path / "builds"), pull_secrets_dir=str(secrets))
     await reconciler.start()
     try:
         for name, secret in (("with-secret", "registry-creds"), ("without-secret", None), ("bad-secret", "nope")):
@@ -103,7 +115,6 @@ async def test_import_honours_the_pull_secret(tmp_path, auth_registry, notebook_
 
 async def test_cancelled_check_leaves_no_container(notebook_base_images, podman_env):
     """A DELETE during validation cancels the check: its container must go too."""
-    from cnbi_hub.controller.builders.podman import PodmanBuilder
     from cnbi_hub.controller.checks import Check
     from tests.infra_podman import podman
 

@@ -1,0 +1,118 @@
+"""The Builder interface: what the phase work needs of whatever builds and runs images.
+
+Two implementations, chosen by a `builder_class` Type trait as BinderHub chooses its
+`build_class`: `PodmanBuilder` (embedded mode: podman on this machine) and the Tekton builder
+(cluster mode: a PipelineRun per generation). The phase work (controller/phases.py) calls only
+these methods, so it never knows which mode it runs in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from traitlets.config import LoggingConfigurable
+
+from ..buildplan import BuildPlan
+from ..checks import Check
+
+LogFn = Callable[[str], Awaitable[None] | None]
+
+
+class BuildError(Exception):
+    """The build or a step of it failed; the message ends with the tool's own words."""
+
+
+class ImageMissing(BuildError):
+    """The image is not where the builder keeps images."""
+
+
+@dataclass
+class StoredImage:
+    """An image the builder has: its digest and platform."""
+
+    digest: str
+    platform: str  # "linux/amd64"
+
+
+@dataclass
+class PullAccess:
+    """How to fetch an image the builder does not have yet."""
+
+    username: str | None = None
+    password: str | None = None
+    tls_verify: bool = True
+
+
+@dataclass
+class BaseImageInfo:
+    """What Prepare learns from running a base image once; kept in `status.baseImageInfo` so
+    later phases (and another process) read it from the object, never from the engine again."""
+
+    python_path: str
+    python_version: str  # "3.11"
+    python_full_version: str
+    user: str  # the image's configured user ("" = root)
+    uid: int
+    env_owned_by_user: bool  # the image's user may write the python environment
+    packages: list[dict] = field(default_factory=list)  # [{name, version}]
+    has_conda: bool = False
+
+    def to_status(self) -> dict:
+        return {
+            "pythonPath": self.python_path, "pythonVersion": self.python_full_version, "user": self.user,
+            "uid": self.uid, "environmentOwnedByUser": self.env_owned_by_user, "hasConda": self.has_conda,
+            "packages": [{"name": p["name"], "version": p["version"]} for p in self.packages],
+        }
+
+    @classmethod
+    def from_status(cls, info: dict) -> "BaseImageInfo":
+        full = info["pythonVersion"]
+        return cls(
+            python_path=info["pythonPath"], python_version=".".join(full.split(".")[:2]), python_full_version=full,
+            user=info.get("user") or "", uid=int(info.get("uid") or 0),
+            env_owned_by_user=bool(info.get("environmentOwnedByUser")), packages=list(info.get("packages") or []),
+            has_conda=bool(info.get("hasConda")),
+        )
+
+
+class Builder(LoggingConfigurable):
+    """Builds plans into images and runs checks in them. Every method may raise BuildError with
+    a message for the user; none gets a user string on a command line (argv lists, files)."""
+
+    #: whether built images live in the builder's own storage (podman) rather than only in a
+    #: registry: then an image is reusable only while that storage still has it
+    keeps_images_locally: bool = False
+
+    async def stored_image(self, reference: str) -> StoredImage | None:
+        """The image if the builder has it (local storage), else None."""
+        raise NotImplementedError
+
+    async def inspect_base(self, reference: str, access: PullAccess | None = None) -> BaseImageInfo:
+        """Python, user and packages of an image pinned by digest (fetched first if needed)."""
+        raise NotImplementedError
+
+    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn) -> str:
+        """Build `plan` (the context files, plus the repository `checkout` for git builds) and
+        return the digest of `plan.target`. `secrets` (CA bundle, index config) reach the build
+        as build secrets, never as a layer."""
+        raise NotImplementedError
+
+    async def run_check(self, image: str, check: Check) -> tuple[int, str, str]:
+        """Run one acceptance check inside `image` as the image's user: (exit code, stdout, stderr)."""
+        raise NotImplementedError
+
+    async def push(self, reference: str, *, tls_verify: bool = True) -> str:
+        """Push a built image; returns its digest in the registry."""
+        raise NotImplementedError
+
+    async def image_size(self, reference: str) -> int | None:
+        """Bytes the image takes, when the builder can tell."""
+        return None
+
+    async def remove_image(self, reference: str) -> None:
+        """Drop a half-made or unwanted image (cancelled builds)."""
+
+    async def cleanup(self, uid: str) -> None:
+        """Release whatever the builder keeps for one object's builds."""

@@ -1,0 +1,488 @@
+"""The work of each phase, per object: Prepare, Resolving, Building — one engine, two modes.
+
+Each step takes the object (and a `say` function for the build log) and returns an `Outcome`
+(statemachine.py turns it into status). What a step observed goes into status, and later steps
+read it from there only — the pinned base and what running it showed (`baseImageInfo`, with its
+packages), the repository's commit, recipe, requirements and apt packages — never again from
+disk or a container engine. So the embedded runner (runner.py, inside the service) and the
+cluster operator (a kopf operator) drive the same `PhaseWork`, each with its own builder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+from traitlets import Dict, Float, Instance, List, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from .. import model
+from ..imageref import parse_image_reference
+from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_READY, PHASE_RESOLVING
+from ..store.base import NotFound
+from ..trust import machine_ca_bundle
+from . import gitsource
+from .buildplan import BuildObservations, PlanError, parse_apt_txt, plan_build, spec_hash, uv_config_toml
+from .builders.base import BaseImageInfo, BuildError, Builder
+from .checks import interpret_check, manifest_from_pip_list, plan_checks, requested_distribution_names
+from .imageaccess import ImageAccess
+from .registry import ImageNotFound, ImageUnauthorized, RegistryError, RegistryUnreachable
+from .resolve import (
+    IndexSettings,
+    ResolutionError,
+    constraints_from_pip_list,
+    lock_difference,
+    lock_entries,
+    resolve_lock,
+    validate_requirement,
+)
+from .statemachine import Outcome
+
+
+def _no_log(line: str) -> None:
+    pass
+
+
+class PhaseWork(LoggingConfigurable):
+    """Prepare, Resolving and Building for one object at a time; no queue, no state of its own
+    beyond caches (the runner or the operator decides what runs when)."""
+
+    index_url = Unicode(
+        help="""Package index URL for resolving and installing (e.g. a corporate mirror).
+        Default: $UV_INDEX_URL or $PIP_INDEX_URL if set, else PyPI."""
+    ).tag(config=True)
+
+    @default("index_url")
+    def _default_index_url(self):
+        return os.environ.get("UV_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or ""
+
+    extra_index_urls = List(Unicode(), help="Further package indexes, searched after index_url.").tag(config=True)
+
+    ca_bundle = Unicode(
+        help="""PEM CA bundle trusted when reaching package indexes, in resolving and in builds
+        (mounted as a build secret, never stored in the image). Default: this machine's bundle
+        (cnbi_hub.trust.machine_ca_bundle: $PIP_CERT, $SSL_CERT_FILE or the system store), so a
+        corporate proxy's CA that the admin installed on the host is trusted by builds too."""
+    ).tag(config=True)
+
+    @default("ca_bundle")
+    def _default_ca_bundle(self):
+        return machine_ca_bundle()
+
+    push_registry = Unicode(
+        "",
+        help="""Registry (and namespace) Ready images are pushed to, e.g. `registry.example.org/notebooks`.
+        Empty: images stay in this machine's podman storage (enough for PodmanSpawner).""",
+    ).tag(config=True)
+
+    base_images = List(Dict(), help="The service's base_images (for runtimeEnvironment requests).")
+
+    allowed_git_schemes = List(Unicode(), ["https"], help="Git URL schemes builds may fetch from.")
+
+    work_dir = Unicode(help="Where repository checkouts live while an image is prepared and built.").tag(config=True)
+
+    lock_cache_seconds = Float(
+        600.0,
+        help="""How long a resolved lock is reused for the same requirements on the same base image,
+        sparing the index a second resolution (identical requests reach Ready in about a second).""",
+    ).tag(config=True)
+
+    resolve_timeout = Float(300.0, help="Seconds a resolution may take.").tag(config=True)
+
+    store = Instance(object, allow_none=True)
+    builder = Instance(Builder, allow_none=True)
+    access = Instance(ImageAccess, allow_none=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.access is None:
+            self.access = ImageAccess(parent=self, builder=self.builder)
+        self._lock_cache: dict[tuple, tuple[float, object]] = {}
+        self._targets: dict[str, str] = {}  # uid -> image being built (removed if cancelled)
+
+    # --- one step -----------------------------------------------------------------------------
+
+    async def work(self, obj: dict, say=_no_log) -> Outcome:
+        """The work of the object's current phase."""
+        phase = model.phase_of(obj)
+        step = {
+            PHASE_PENDING: self.begin,
+            PHASE_PREPARE: self.prepare,
+            PHASE_RESOLVING: self.resolve,
+            PHASE_BUILDING: self.build,
+        }[phase]
+        try:
+            return await step(obj, say)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or a broken machine: say so on the object, not in a log only
+            self.log.exception("%s of %s failed", phase, model.name_of(obj))
+            return Outcome(False, "InternalError", f"{type(e).__name__}: {e}")
+
+    def checkout_dir(self, uid: str) -> Path:
+        return Path(self.work_dir) / uid / "checkout"
+
+    async def cleanup(self, uid: str, cancelled: bool) -> None:
+        """Remove what an object's work left: its checkout always, its half-made image if cancelled."""
+        work = Path(self.work_dir) / uid
+        if work.exists():
+            await asyncio.to_thread(shutil.rmtree, work, True)
+        target = self._targets.pop(uid, None)
+        if cancelled and target:
+            await self.builder.remove_image(target)
+        await self.builder.cleanup(uid)
+
+    # --- Pending and Prepare ------------------------------------------------------------------
+
+    async def begin(self, obj: dict, say=_no_log) -> Outcome:
+        return Outcome(True, "Started", "a build slot is free")
+
+    def base_reference(self, obj: dict) -> str:
+        spec = obj["spec"]
+        if spec["buildType"] == "ImageImport":
+            return spec["fromImage"]
+        if spec.get("baseImage"):
+            return spec["baseImage"]
+        wanted = (spec.get("runtimeEnvironment") or {}).get("pythonVersion")
+        for entry in self.base_images:
+            if wanted and entry.get("pythonVersion") == wanted:
+                return entry["image"]
+        offered = ", ".join(sorted({e["pythonVersion"] for e in self.base_images if e.get("pythonVersion")})) or "none"
+        raise LookupError(f"no base image offers Python {wanted} (offered: {offered}); ask your admin or name spec.baseImage")
+
+    async def prepare(self, obj: dict, say=_no_log) -> Outcome:
+        spec = obj["spec"]
+        observed: dict = {}
+        if spec["buildType"] == "GitRepository":
+            failure = await self.prepare_repository(obj, observed, say)
+            if failure:
+                return failure
+            if observed["recipe"] == "containerfile":
+                # the repository names its own base in its Containerfile
+                return Outcome(True, "RepositoryPinned", f"{spec['repository']} at {observed['gitCommit'][:12]}",
+                               observed)
+        failure = await self.prepare_base(obj, observed, say)
+        if failure:
+            return failure
+        if spec["buildType"] == "GitRepository":
+            if observed["recipe"] == "environment" and not observed["baseImageInfo"]["hasConda"]:
+                return Outcome(False, "CondaMissing",
+                               "the repository has environment.yml, but the base image has neither mamba nor conda; "
+                               "add a requirements.txt or choose a conda-based image", observed)
+            return Outcome(True, "RepositoryPinned", f"{spec['repository']} at {observed['gitCommit'][:12]}", observed)
+        return Outcome(True, "ImagePinned", observed["resolvedBaseImage"], observed)
+
+    async def prepare_base(self, obj: dict, observed: dict, say=_no_log) -> Outcome | None:
+        """Pin the base (or imported) image and inspect it; None when that worked."""
+        try:
+            base_text = self.base_reference(obj)
+        except LookupError as e:
+            return Outcome(False, "NoBaseImage", str(e), observed)
+        say(f"pinning {base_text}")
+        try:
+            pinned, digest, pull_access = await self.access.pin(base_text, obj)
+        except ImageNotFound as e:
+            return Outcome(False, "ImageNotFound", str(e), observed)
+        except ImageUnauthorized as e:
+            return Outcome(False, "ImageUnauthorized", str(e), observed)
+        except RegistryUnreachable as e:
+            return Outcome(False, "RegistryUnreachable", str(e), observed)
+        except (RegistryError, LookupError) as e:
+            return Outcome(False, "ImagePullFailed", str(e), observed)
+        say(f"pinned {pinned}")
+        try:
+            info = await self.builder.inspect_base(pinned, pull_access)
+        except BuildError as e:
+            reason = "InspectFailed" if await self.builder.stored_image(pinned) else "ImagePullFailed"
+            return Outcome(False, reason, str(e), observed)
+        say(f"python {info.python_full_version} at {info.python_path}, user {info.user or 'root'} (uid {info.uid}), "
+            f"{len(info.packages)} packages, environment {'writable' if info.env_owned_by_user else 'read-only'} "
+            "for the user")
+        observed.update({"resolvedBaseImage": pinned, "baseImageDigest": digest, "baseImageInfo": info.to_status()})
+        return None
+
+    async def prepare_repository(self, obj: dict, observed: dict, say=_no_log) -> Outcome | None:
+        """Pin the git ref to a commit, check it out, pick the recipe and record what it asks
+        for (requirements, apt packages); None when that worked."""
+        url, ref = obj["spec"]["repository"], obj["spec"].get("gitRef")
+        checkout = self.checkout_dir(obj["metadata"]["uid"])
+        try:
+            gitsource.allowed_scheme(url, tuple(self.allowed_git_schemes))
+            say(f"resolving {ref or 'the default branch'} of {url}")
+            commit = await gitsource.ls_remote(url, ref)
+            if checkout.exists():
+                shutil.rmtree(checkout)
+            checkout.parent.mkdir(parents=True, exist_ok=True)
+            await gitsource.shallow_clone(url, commit, checkout)
+        except gitsource.GitRefNotFound as e:
+            return Outcome(False, "GitRefNotFound", str(e))
+        except (gitsource.GitError, ValueError) as e:
+            return Outcome(False, "GitRepositoryUnavailable", str(e))
+        files = gitsource.repo_files(checkout)
+        recipe = gitsource.detect_recipe(files)
+        extras = gitsource.detect_extras(files)
+        say(f"commit {commit}, recipe {recipe or 'none'}")
+        observed.update({"gitCommit": commit, "recipe": recipe or "none",
+                         "recipeExtras": sorted(k for k, v in extras.items() if v)})
+        if recipe == "requirements":
+            observed["repositoryRequirements"] = _requirement_lines((checkout / "requirements.txt").read_text())
+        elif recipe == "environment":
+            observed["repositoryRequirements"] = _pip_section_of_environment(checkout)
+        if extras.get("apt") and recipe != "containerfile":
+            try:
+                observed["aptPackages"] = list(parse_apt_txt((checkout / "apt.txt").read_text()))
+            except ValueError as e:
+                return Outcome(False, "InvalidAptTxt", f"apt.txt: {e}", observed)
+        return None
+
+    # --- Resolving ----------------------------------------------------------------------------
+
+    def requirements_of(self, obj: dict) -> list[str] | None:
+        """What to install: the spec's packages, or what Prepare found in the repository."""
+        spec, status = obj["spec"], obj.get("status") or {}
+        if spec["buildType"] == "PackageList":
+            return list(spec["packageVersions"])
+        if status.get("recipe") not in ("requirements", "environment"):
+            return None
+        requirements = []
+        for number, text in status.get("repositoryRequirements", []):
+            try:
+                validate_requirement(text)
+            except ResolutionError as e:
+                raise ResolutionError(f"requirements.txt line {number}: {e}") from None
+            requirements.append(text)
+        return requirements
+
+    async def resolve(self, obj: dict, say=_no_log) -> Outcome:
+        status = obj["status"]
+        try:
+            requirements = self.requirements_of(obj)
+        except ResolutionError as e:
+            return Outcome(False, "InvalidRequirements", str(e))
+        if requirements is None:
+            key = spec_hash(obj, status.get("resolvedBaseImage", ""), None)
+            return Outcome(True, "NothingToResolve", "the repository builds itself", {"specHash": key})
+        info = BaseImageInfo.from_status(status["baseImageInfo"])
+        say(f"resolving {len(requirements)} requirements for Python {info.python_version} "
+            f"against the {len(info.packages)} packages already in the base image")
+        try:
+            lock = await self._resolve_lock_cached(requirements, info)
+        except ResolutionError as e:
+            return Outcome(False, "Unresolvable", str(e))
+        await self.store.put_artifact(model.name_of(obj), "lock", lock.text)
+        key = spec_hash(obj, status["resolvedBaseImage"], lock.sha256)
+        observed = {"lockHash": f"sha256:{lock.sha256}", "specHash": key}
+        say(f"locked {len(lock.packages)} packages")
+        reused = await self.find_reusable(obj, key)
+        if reused is not None:
+            observed.update(reused)
+            message = (f"identical to {reused['reusedFrom']}" if reused.get("reusedFrom")
+                       else "unchanged since the previous run: keeping its image")
+            return Outcome(True, "Reused", message, observed, skip_to=PHASE_READY)
+        previous = await self.find_previous_generation(obj, lock.text, status["resolvedBaseImage"])
+        if previous is not None:
+            observed["layeredOn"] = previous
+            say(f"{previous['name']} has a subset of these packages: building on it, installing only the rest")
+        return Outcome(True, "LockResolved", f"{len(lock.packages)} packages", observed)
+
+    async def _resolve_lock_cached(self, requirements: list[str], info: BaseImageInfo):
+        constraints = constraints_from_pip_list(info.packages)
+        settings = IndexSettings(
+            index_url=self.index_url or None, extra_index_urls=tuple(self.extra_index_urls),
+            ca_bundle=self.ca_bundle or None,
+        )
+        key = (tuple(requirements), info.python_full_version, tuple(constraints), settings)
+        hit = self._lock_cache.get(key)
+        if hit and time.monotonic() - hit[0] < self.lock_cache_seconds:
+            return hit[1]
+        lock = await resolve_lock(requirements, python_version=info.python_version, constraints=constraints,
+                                  settings=settings, timeout=self.resolve_timeout)
+        self._lock_cache[key] = (time.monotonic(), lock)
+        return lock
+
+    async def _still_there(self, image: str) -> bool:
+        """Whether a built image can still be used: always for a registry's; for the builder's
+        own storage (podman), only while it is there."""
+        if self.push_registry or not self.builder.keeps_images_locally:
+            return True
+        return await self.builder.stored_image(image) is not None
+
+    async def find_reusable(self, obj: dict, key: str) -> dict | None:
+        """Status fields of a Ready image built from the same effective input, if its image is
+        still here: the second identical request needs no build at all.
+
+        `reusedFrom` names the image that really built it (an image that itself reused one
+        passes on the name of the one it reused); when that is this image's own earlier run,
+        nothing is named: the run keeps its previous image.
+        """
+        own_name, own_uid = model.name_of(obj), obj["metadata"]["uid"]
+        for other in await self.store.list(phase=PHASE_READY):
+            status = other.get("status") or {}
+            if other["metadata"]["uid"] == own_uid or status.get("specHash") != key or not status.get("image"):
+                continue
+            if not await self._still_there(status["image"]):
+                continue
+            built_by = status.get("reusedFrom") or model.name_of(other)
+            found = {"image": status["image"], "packages": status.get("packages", [])}
+            if status.get("imageSize"):
+                found["imageSize"] = status["imageSize"]
+            if built_by != own_name:
+                found["reusedFrom"] = built_by
+            return found
+        return None
+
+    async def find_previous_generation(self, obj: dict, lock_text: str, base: str) -> dict | None:
+        """A Ready PackageList image on the same base whose lock is a subset of `lock_text`.
+
+        Building FROM it and installing only the missing entries gives the same packages as a
+        full build, in a fraction of the time. Only PackageList images qualify: their content
+        is the base plus their lock and nothing of their owner's, so sharing layers across
+        users reveals nothing.
+        """
+        if obj["spec"]["buildType"] != "PackageList":
+            return None
+        best = None
+        for other in await self.store.list(phase=PHASE_READY, build_type="PackageList"):
+            status = other.get("status") or {}
+            if status.get("resolvedBaseImage") != base or not status.get("image") or status.get("layeredOn"):
+                continue
+            old_lock = await self._artifact_or_none(model.name_of(other), "lock")
+            delta = lock_difference(lock_text, old_lock or "")
+            if not delta or not await self._still_there(status["image"]):
+                continue
+            size = len(old_lock)
+            if best is None or size > best[0]:
+                best = (size, {"name": model.name_of(other), "image": status["image"]})
+        return best[1] if best else None
+
+    async def _artifact_or_none(self, name: str, kind: str) -> str | None:
+        try:
+            return await self.store.get_artifact(name, kind)
+        except NotFound:
+            return None
+
+    # --- Building -----------------------------------------------------------------------------
+
+    def target_repository(self, name: str) -> str:
+        registry = self.push_registry.rstrip("/") if self.push_registry else "localhost/cnbi"
+        return f"{registry}/{name}"
+
+    async def build(self, obj: dict, say=_no_log) -> Outcome:
+        spec, status = obj["spec"], obj["status"]
+        own_containerfile = status.get("recipe") == "containerfile"
+        info = None if own_containerfile else BaseImageInfo.from_status(status["baseImageInfo"])
+        requested: list[str] = []
+        if spec["buildType"] == "ImageImport":
+            image = status["resolvedBaseImage"]
+        else:
+            requested = requested_distribution_names(self.requirements_of(obj) or [])
+            try:
+                image = await self._build_image(obj, info, say)
+                if own_containerfile:
+                    info = await self.builder.inspect_base(image)
+            except PlanError as e:
+                return Outcome(False, "InvalidBuildPlan", str(e))
+            except BuildError as e:
+                return Outcome(False, "BuildFailed", str(e))
+
+        say(f"validating {image}")
+        checks = plan_checks(requested, info.python_path)
+        pip_list = []
+        for check in checks:
+            code, out, err = await self.builder.run_check(image, check)
+            result = interpret_check(check, code, out, err)
+            if result.ok and check.name == "packages":
+                pip_list = json.loads(out.strip().splitlines()[-1])
+                say(f"check packages: ok, {len(pip_list)} installed")
+                continue
+            say(f"check {check.name}: {'ok' if result.ok else 'FAILED'} {result.message}")
+            if not result.ok:
+                return Outcome(False, "ValidationFailed", f"check {check.name} failed: {result.message}")
+        observed = {"packages": manifest_from_pip_list(pip_list, requested)}
+        if self.push_registry and spec["buildType"] != "ImageImport":
+            tagged = image.split("@")[0] + ":" + status["specHash"].split(":")[-1][:12]
+            say(f"pushing {tagged}")
+            try:
+                digest = await self.builder.push(
+                    tagged, tls_verify=not self.access.is_insecure(parse_image_reference(tagged)))
+            except BuildError as e:
+                return Outcome(False, "PushFailed", str(e))
+            image = f"{image.split('@')[0]}@{digest}"
+        observed["image"] = image
+        size = await self.builder.image_size(image)
+        if size:
+            observed["imageSize"] = size
+        return Outcome(True, "Validated", f"all {len(checks)} checks passed", observed)
+
+    async def _build_image(self, obj: dict, info: BaseImageInfo | None, say) -> str:
+        status = obj["status"]
+        name, uid = model.name_of(obj), obj["metadata"]["uid"]
+        repository = self.target_repository(name)
+        target = f"{repository}:{status['specHash'].split(':')[-1][:12]}"
+        lock_text = await self.store.get_artifact(name, "lock")
+        build_from = status.get("resolvedBaseImage")
+        layered = status.get("layeredOn")
+        if layered:
+            # install only what the previous generation lacks, on top of it
+            old_lock = await self._artifact_or_none(layered["name"], "lock")
+            delta = lock_difference(lock_text or "", old_lock or "")
+            if delta and await self._still_there(layered["image"]):
+                build_from, lock_text = layered["image"], delta
+                say(f"building on {layered['image']}: {len(lock_entries(delta))} packages to add")
+            else:
+                say(f"{layered['name']} is gone: building from the base image")
+        checkout = self.checkout_dir(uid)
+        recipe = status.get("recipe")
+        extras = set(status.get("recipeExtras", []))
+        observations = BuildObservations(
+            # a repository with its own Containerfile names its base there
+            resolved_base_image=build_from or "scratch@sha256:" + "0" * 64,
+            base_user=(info.user if info else "") or "root",
+            python_path=info.python_path if info else "/usr/bin/python3",
+            python_env_owned_by_user=info.env_owned_by_user if info else False,
+            spec_hash=status["specHash"],
+            target=target,
+            lock_text=lock_text,
+            git_commit=status.get("gitCommit"),
+            recipe=None if recipe in (None, "none") else recipe,
+            repo_containerfile=(gitsource.containerfile_name(gitsource.repo_files(checkout))
+                                if recipe == "containerfile" else None),
+            apt_packages=tuple(status.get("aptPackages", [])),
+            has_postbuild="postbuild" in extras,
+            base_uid=info.uid if info else None,
+        )
+        plan = plan_build(obj, observations)
+        self._targets[uid] = target
+        secrets = {
+            "cnbi-ca": Path(self.ca_bundle).read_text() if self.ca_bundle and os.path.isfile(self.ca_bundle) else "",
+            "cnbi-uv-config": uv_config_toml(self.index_url or None, tuple(self.extra_index_urls)),
+        }
+        say(f"building {target}")
+        digest = await self.builder.build(plan, checkout if checkout.exists() else None, secrets, say)
+        return f"{repository}@{digest}"
+
+
+def _requirement_lines(text: str) -> list[list]:
+    """[line number, requirement] of a requirements file, comments and blank lines left out."""
+    lines = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        requirement = line.split(" #", 1)[0].strip()
+        if requirement and not requirement.startswith("#"):
+            lines.append([number, requirement])
+    return lines
+
+
+def _pip_section_of_environment(checkout: Path) -> list[list]:
+    path = checkout / "environment.yml"
+    if not path.exists():
+        path = checkout / "environment.yaml"
+    document = yaml.safe_load(path.read_text()) or {}
+    for dependency in document.get("dependencies", []):
+        if isinstance(dependency, dict) and "pip" in dependency:
+            return _requirement_lines("\n".join(str(x) for x in dependency["pip"]))
+    return []

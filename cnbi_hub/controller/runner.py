@@ -1,0 +1,208 @@
+"""Embedded mode's engine: runs the phase work for every image inside the service process.
+
+A queue (oldest Pending first, with positions), at most `max_concurrent_builds` images in work
+at once, the build log kept and flushed to the store, cancellation (DELETE, or
+api/images/{name}/cancel ending the image Failed) and resuming after a crash. The decisions
+are statemachine.py's, the work is phases.py's: the cluster operator drives the same work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+from traitlets import Instance, Integer
+from traitlets.config import LoggingConfigurable
+
+from .. import model
+from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVING
+from ..store.base import NotFound, modify_status
+from .buildlog import BuildLog
+from .phases import PhaseWork
+from .statemachine import advance, queued, restart, run_separator
+
+BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
+PHASE_SECONDS = Histogram(
+    "cnbi_phase_duration_seconds", "Time spent in each phase's work", ["phase"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+QUEUE_LENGTH = Gauge("cnbi_build_queue_length", "Images waiting in Pending for a build slot")
+RUNNING = Gauge("cnbi_builds_running", "Images being prepared, resolved or built now")
+
+
+class EmbeddedRunner(LoggingConfigurable):
+    """Drives images from Pending to Ready or Failed, at most `max_concurrent_builds` at once."""
+
+    max_concurrent_builds = Integer(
+        2, help="How many images are prepared/resolved/built at once; the rest wait in Pending with a queue position."
+    ).tag(config=True)
+
+    store = Instance(object, allow_none=True)
+    phases = Instance(PhaseWork, allow_none=True)
+
+    def __init__(self, *, store, phases: PhaseWork, publish: Callable[[tuple], None] = lambda event: None, **kwargs):
+        super().__init__(store=store, phases=phases, **kwargs)
+        self.publish = publish
+        self._tasks: dict[str, asyncio.Task] = {}  # uid -> drive task
+        self._logs: dict[str, BuildLog] = {}
+        self._schedule_lock = asyncio.Lock()
+        self._watcher: asyncio.Task | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        changes = self.store.watch()  # before listing, so nothing created meanwhile is missed
+        for obj in await self.store.list():
+            if model.phase_of(obj) in (PHASE_PREPARE, PHASE_RESOLVING, PHASE_BUILDING):
+                self.log.info("image %s was in %s when the service stopped: starting it again",
+                              model.name_of(obj), model.phase_of(obj))
+                await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restart(obj))
+        self._watcher = asyncio.create_task(self._watch(changes))
+        await self.schedule()
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        for task in list(self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def _watch(self, changes) -> None:
+        with changes:
+            while True:
+                event = await changes.get()
+                uid = event.object["metadata"].get("uid")
+                phase = model.phase_of(event.object)
+                if event.type == "DELETED":
+                    task = self._tasks.get(uid)
+                    if task:
+                        self.log.info("image %s deleted during its build: stopping it", model.name_of(event.object))
+                        task.cancel()
+                    await self.schedule()
+                elif event.type == "MODIFIED" and phase in model.TERMINAL_PHASES:
+                    task = self._tasks.get(uid)
+                    reason = _cancel_message(event.object)
+                    if task and phase == model.PHASE_FAILED and reason:
+                        # someone cancelled the build (api/images/{name}/cancel): stop its work
+                        name = model.name_of(event.object)
+                        self._log_line(name, uid, f"==> {reason}")
+                        self.log.info("image %s: %s", name, reason)
+                        task.cancel()
+                    await self.schedule()
+                elif event.type == "ADDED" or (event.type == "MODIFIED" and phase == PHASE_PENDING
+                                               and uid not in self._tasks):
+                    await self.schedule()
+
+    async def schedule(self) -> None:
+        """Start work on the oldest Pending images while slots are free; number the rest."""
+        async with self._schedule_lock:
+            waiting = [o for o in await self.store.list(phase=PHASE_PENDING) if o["metadata"]["uid"] not in self._tasks]
+            waiting.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+            while waiting and len(self._tasks) < self.max_concurrent_builds:
+                obj = waiting.pop(0)
+                uid = obj["metadata"]["uid"]
+                self._tasks[uid] = asyncio.create_task(self._drive(model.name_of(obj), uid))
+            QUEUE_LENGTH.set(len(waiting))
+            RUNNING.set(len(self._tasks))
+            for position, obj in enumerate(waiting, start=1):
+                status = queued(obj, position)
+                if status is not None:
+                    await self._write_status(model.name_of(obj), obj["metadata"]["uid"], status,
+                                             expected_phase=PHASE_PENDING)
+
+    # --- driving one image ------------------------------------------------------------------
+
+    async def _drive(self, name: str, uid: str) -> None:
+        self._logs.setdefault(uid, BuildLog())
+        flusher = asyncio.create_task(self._flush_log_periodically(name, uid))
+        cancelled = False
+        try:
+            await self._drive_phases(name, uid)
+        except asyncio.CancelledError:
+            cancelled = True  # DELETE or cancel of the image, or the service stopping
+            raise
+        except Exception:
+            self.log.exception("reconciling image %s failed unexpectedly", name)
+        finally:
+            flusher.cancel()
+            self._tasks.pop(uid, None)
+            await self._save_log(name, uid)
+            self._logs.pop(uid, None)
+            await self.phases.cleanup(uid, cancelled)
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
+
+    async def _drive_phases(self, name: str, uid: str) -> None:
+        try:
+            separator = run_separator((await self.store.get(name)).get("status") or {})
+        except NotFound:
+            return
+        if separator:
+            self._log_line(name, uid, separator)
+        say = lambda line: self._log_line(name, uid, line)  # noqa: E731
+        while True:
+            try:
+                obj = await self.store.get(name)
+            except NotFound:
+                return
+            if obj["metadata"]["uid"] != uid or model.phase_of(obj) in model.TERMINAL_PHASES:
+                return
+            phase = model.phase_of(obj)
+            started = time.monotonic()
+            outcome = await self.phases.work(obj, say)
+            PHASE_SECONDS.labels(phase).observe(time.monotonic() - started)
+            status = advance(obj, outcome)
+            detail = f": {outcome.message}" if outcome.message else ""
+            say(f"==> {phase} -> {status['phase']} ({outcome.reason}){detail}")
+            if status["phase"] in model.TERMINAL_PHASES:
+                BUILDS.labels("reused" if status.get("reusedFrom") else status["phase"].lower()).inc()
+                await self._save_log(name, uid)
+            if not await self._write_status(name, uid, status, expected_phase=phase):
+                return
+
+    async def _write_status(self, name: str, uid: str, status: dict, expected_phase: str | None = None) -> bool:
+        """Write `status` unless the object is gone, was replaced, or (with `expected_phase`)
+        left that phase meanwhile: a build that was cancelled stays cancelled."""
+        written: list[bool] = []
+
+        def change(current: dict) -> dict | None:
+            if current["metadata"]["uid"] != uid:
+                return None
+            if expected_phase is not None and model.phase_of(current) != expected_phase:
+                return None
+            written.append(True)
+            return status
+
+        try:
+            await modify_status(self.store, name, change)
+        except NotFound:
+            return False
+        return bool(written)
+
+    def _log_line(self, name: str, uid: str, line: str) -> None:
+        log = self._logs.get(uid)
+        if log is not None:
+            log.append(line)
+        self.publish(("log", {"metadata": {"name": name, "uid": uid}, "line": line}))
+
+    async def _save_log(self, name: str, uid: str) -> None:
+        log = self._logs.get(uid)
+        if log is None:
+            return
+        try:
+            await self.store.put_artifact(name, "log", log.text())
+        except NotFound:
+            pass
+
+    async def _flush_log_periodically(self, name: str, uid: str) -> None:
+        while True:
+            await asyncio.sleep(2)
+            await self._save_log(name, uid)
+
+
+def _cancel_message(obj: dict) -> str | None:
+    for condition in (obj.get("status") or {}).get("conditions", []):
+        if condition.get("reason") == "Cancelled":
+            return condition.get("message") or "cancelled"
+    return None

@@ -1,0 +1,424 @@
+"""Cluster mode's ImageStore: CustomNBImage custom resources in one namespace (kubernetes_asyncio).
+
+The same guarantees as the SQL store, from the apiserver itself:
+- writes are conditional on `metadata.resourceVersion`; a stale one is `Conflict` (409), and a
+  write without one is retried on a fresh read until it lands;
+- status goes through the status subresource (the main resource ignores it, as CRDs do);
+- sharing and ownership are labels, so lists filter on the server: the owner
+  (`cnbi-hub.io/owner`), everyone (`cnbi-hub.io/shared=true`) and one label per JupyterHub group
+  (`group.cnbi-hub.io/<hash of the name>=true`: group names need not fit a label key);
+- `watch()` is fed by one watch on the namespace that resumes from its last resourceVersion
+  after a cut and lists again after 410 Gone, telling subscribers what changed meanwhile;
+- the lock and the operator's log lines live in a ConfigMap per image that the image owns
+  (garbage-collected with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import os
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+from traitlets import Float, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .. import model
+from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreError, Subscription, WatchEvent
+
+GROUP_LABEL_PREFIX = f"group.{model.PREFIX}/"
+LABEL_SHARED = f"{model.PREFIX}/shared"
+# ConfigMaps hold at most 1 MiB: keep artifacts well under it
+MAX_ARTIFACT_CHARS = 700 * 1024
+
+
+def group_label(group: str) -> str:
+    """The label key meaning "shared with this JupyterHub group"."""
+    return GROUP_LABEL_PREFIX + hashlib.sha256(group.encode()).hexdigest()[:20]
+
+
+def labels_for(obj: dict) -> dict:
+    """The object's labels, with ownership and sharing labels derived from its annotations."""
+    labels = {k: v for k, v in (obj["metadata"].get("labels") or {}).items()
+              if not k.startswith(GROUP_LABEL_PREFIX) and k != LABEL_SHARED}
+    labels[model.LABEL_OWNER] = model.owner_label_value(model.creator_of(obj))
+    if model.is_shared(obj):
+        labels[LABEL_SHARED] = "true"
+    for group in model.shared_groups_of(obj):
+        labels[group_label(group)] = "true"
+    return labels
+
+
+def _status_code_error(e: ApiException, name: str) -> StoreError:
+    if e.status == 404:
+        return NotFound(f"image {name} not found", "metadata.name")
+    if e.status == 409:
+        return Conflict(f"image {name} was changed by someone else; read it again and retry",
+                        "metadata.resourceVersion")
+    return StoreError(f"the Kubernetes API refused the write ({e.status} {e.reason}): {_api_message(e)}")
+
+
+def _api_message(e: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(e.body).get("message", "") if e.body else ""
+    except (TypeError, ValueError):
+        return str(e.body or "")
+
+
+class KubernetesImageStore(LoggingConfigurable):
+    """CustomNBImage objects as custom resources (`meteor.zone/v1alpha1`, `customnbimages`)."""
+
+    kubeconfig = Unicode(
+        help="""kubeconfig file to reach the apiserver. Default: $KUBECONFIG, else the in-cluster
+        ServiceAccount when running in a pod, else ~/.kube/config.""",
+    ).tag(config=True)
+
+    watch_timeout = Float(
+        300.0,
+        help="""Seconds one watch request stays open before it is renewed from its last
+        resourceVersion (the apiserver ends watches on its own schedule too).""",
+    ).tag(config=True)
+
+    def __init__(self, namespace: str = "default", **kwargs):
+        super().__init__(**kwargs)
+        self.namespace = namespace
+        self._api_client: client.ApiClient | None = None
+        self._changes = ChangeBroadcaster()
+        self._watcher: asyncio.Task | None = None
+        self._watching = asyncio.Event()
+        self._known: dict[str, str] = {}  # name -> resourceVersion last told to subscribers
+        self._known_uids: dict[str, str] = {}
+        self.relists = 0  # how often the feed listed the namespace (1 + one per 410 Gone)
+
+    # --- connection ---------------------------------------------------------------------------
+
+    async def _api(self) -> client.ApiClient:
+        if self._api_client is None:
+            configuration = client.Configuration()
+            path = self.kubeconfig or os.environ.get("KUBECONFIG", "")
+            if path:
+                await config.load_kube_config(config_file=path, client_configuration=configuration)
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                await config.load_kube_config(client_configuration=configuration)
+            self._api_client = client.ApiClient(configuration)
+        return self._api_client
+
+    async def _objects(self) -> client.CustomObjectsApi:
+        return client.CustomObjectsApi(await self._api())
+
+    async def _core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(await self._api())
+
+    def _resource(self) -> dict:
+        return {"group": model.GROUP, "version": model.VERSION, "namespace": self.namespace, "plural": model.PLURAL}
+
+    async def start(self) -> None:
+        """Begin following the namespace (the change feed) and wait for the first list."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._follow())
+        await self._watching.wait()
+
+    def close(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        if self._api_client is not None:
+            api_client, self._api_client = self._api_client, None
+            try:
+                asyncio.get_running_loop().create_task(api_client.close())
+            except RuntimeError:
+                pass
+
+    async def aclose(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+            self._watcher = None
+        if self._api_client is not None:
+            await self._api_client.close()
+            self._api_client = None
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def get(self, name: str) -> dict:
+        api = await self._objects()
+        try:
+            return await api.get_namespaced_custom_object(**self._resource(), name=name)
+        except ApiException as e:
+            raise _status_code_error(e, name) from None
+
+    async def _list(self, label_selector: str = "", field_selector: str = "") -> list[dict]:
+        api = await self._objects()
+        items, token = [], None
+        while True:
+            kwargs = {"limit": 500}
+            if label_selector:
+                kwargs["label_selector"] = label_selector
+            if field_selector:
+                kwargs["field_selector"] = field_selector
+            if token:
+                kwargs["_continue"] = token
+            listing = await api.list_namespaced_custom_object(**self._resource(), **kwargs)
+            items += listing.get("items", [])
+            token = listing.get("metadata", {}).get("continue")
+            if not token:
+                return items
+
+    async def list(
+        self,
+        *,
+        owner: str | None = None,
+        include_shared: bool = False,
+        groups=(),
+        phase: str | None = None,
+        build_type: str | None = None,
+    ) -> list[dict]:
+        """Objects, oldest first, filtered by the apiserver (labels; phase and build type are
+        the CRD's selectable fields)."""
+        fields = []
+        if phase:
+            fields.append(f"status.phase={phase}")
+        if build_type:
+            fields.append(f"spec.buildType={build_type}")
+        field_selector = ",".join(fields)
+        if owner is None:
+            found = await self._list(field_selector=field_selector)
+        else:
+            selectors = [f"{model.LABEL_OWNER}={model.owner_label_value(owner)}"]
+            if include_shared:
+                selectors.append(f"{LABEL_SHARED}=true")
+                selectors += [f"{group_label(g)}=true" for g in sorted(set(groups))]
+            # a label selector cannot say "or": one list per way of being visible
+            lists = await asyncio.gather(*(self._list(s, field_selector) for s in selectors))
+            by_uid = {}
+            for obj in (o for listing in lists for o in listing):
+                by_uid[obj["metadata"]["uid"]] = obj
+            found = [o for o in by_uid.values()
+                     if model.creator_of(o) == owner
+                     or (include_shared and model.may_use(o, owner, groups))]
+        return sorted(found, key=lambda o: (o["metadata"].get("creationTimestamp", ""), model.name_of(o)))
+
+    async def count(self, owner: str) -> int:
+        return len(await self.list(owner=owner))
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def create(self, obj: dict) -> dict:
+        body = copy.deepcopy(obj)
+        body["apiVersion"], body["kind"] = model.API_VERSION, model.KIND
+        meta = body["metadata"]
+        meta["namespace"] = self.namespace
+        meta["labels"] = labels_for(body)
+        status = body.pop("status", None) or model.initial_status()
+        api = await self._objects()
+        try:
+            created = await api.create_namespaced_custom_object(**self._resource(), body=body)
+        except ApiException as e:
+            if e.status == 409:
+                raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name") from None
+            if e.status == 422:
+                raise StoreError(f"the cluster refused the image: {_api_message(e)}") from None
+            raise _status_code_error(e, meta["name"]) from None
+        # a CRD with a status subresource ignores status on create: write it through the subresource
+        created["status"] = status
+        try:
+            return await api.replace_namespaced_custom_object_status(
+                **self._resource(), name=meta["name"], body=created)
+        except ApiException as e:
+            raise _status_code_error(e, meta["name"]) from None
+
+    async def replace(self, obj: dict) -> dict:
+        """Write metadata and spec (never status); without a resourceVersion, on the current object."""
+        name = obj["metadata"]["name"]
+        api = await self._objects()
+        for _ in range(20):
+            body = copy.deepcopy(obj)
+            body["apiVersion"], body["kind"] = model.API_VERSION, model.KIND
+            if not body["metadata"].get("resourceVersion"):
+                current = await self.get(name)
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                for key in ("uid", "creationTimestamp", "generation", "finalizers"):
+                    if key in current["metadata"]:
+                        body["metadata"][key] = current["metadata"][key]
+                body["status"] = current.get("status", {})
+            body["metadata"]["labels"] = labels_for(body)
+            try:
+                return await api.replace_namespaced_custom_object(**self._resource(), name=name, body=body)
+            except ApiException as e:
+                if e.status == 409 and not obj["metadata"].get("resourceVersion"):
+                    continue  # changed between our read and write: read again
+                raise _status_code_error(e, name) from None
+        raise Conflict(f"image {name} kept changing; gave up writing it", "metadata.resourceVersion")
+
+    async def update_status(self, name: str, status: dict, resource_version: str | None = None) -> dict:
+        """Write status through the status subresource; with resource_version, Conflict if stale,
+        without, retried on a fresh read when someone wrote in between (409)."""
+        api = await self._objects()
+        for _ in range(20):
+            current = await self.get(name)
+            if resource_version is not None:
+                current["metadata"]["resourceVersion"] = resource_version
+            current["status"] = copy.deepcopy(status)
+            try:
+                return await api.replace_namespaced_custom_object_status(**self._resource(), name=name, body=current)
+            except ApiException as e:
+                if e.status == 409 and resource_version is None:
+                    continue
+                raise _status_code_error(e, name) from None
+        raise Conflict(f"image {name} kept changing; gave up writing its status", "metadata.resourceVersion")
+
+    async def delete(self, name: str) -> None:
+        api = await self._objects()
+        try:
+            await api.delete_namespaced_custom_object(**self._resource(), name=name, propagation_policy="Background")
+        except ApiException as e:
+            raise _status_code_error(e, name) from None
+
+    # --- the change feed ----------------------------------------------------------------------
+
+    def watch(self) -> Subscription:
+        """Start following changes now (call `start()` once first, so the feed is running)."""
+        if self._watcher is None:
+            self._watcher = asyncio.create_task(self._follow())
+        return self._changes.open_subscription()
+
+    async def follow_from(self, resource_version: str) -> None:
+        """Restart the feed's watch at `resource_version` (a version saved before a restart)."""
+        await self.start()
+        self._watcher.cancel()
+        await asyncio.gather(self._watcher, return_exceptions=True)
+        self._watcher = asyncio.create_task(self._follow(resource_version))
+
+    async def _follow(self, resource_version: str | None = None) -> None:
+        """One watch on the namespace, forever: resume from the last resourceVersion after a
+        cut; after 410 Gone (that version is compacted away) list again and tell subscribers
+        what changed meanwhile, as a Kubernetes informer does."""
+        backoff = 0.5
+        while True:
+            try:
+                if resource_version is None:
+                    resource_version = await self._relist()
+                    self._watching.set()
+                api = await self._objects()
+                stream = watch.Watch()
+                async with stream:
+                    async for event in stream.stream(
+                        api.list_namespaced_custom_object, **self._resource(),
+                        resource_version=resource_version, allow_watch_bookmarks=True,
+                        timeout_seconds=int(self.watch_timeout),
+                    ):
+                        kind, obj = event["type"], event["raw_object"]
+                        resource_version = obj.get("metadata", {}).get("resourceVersion", resource_version)
+                        if kind == "BOOKMARK":
+                            continue
+                        self._tell(kind, obj)
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except ApiException as e:
+                if e.status == 410:
+                    self.log.info("watch of %s: resourceVersion %s is gone; listing again", self.namespace,
+                                  resource_version)
+                    resource_version = None
+                    continue
+                self.log.warning("watch of %s failed (%s); resuming from %s", self.namespace, e.status, resource_version)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+            except Exception as e:  # the connection was cut: resume where we were
+                self.log.warning("watch of %s cut (%s); resuming from %s", self.namespace, e, resource_version)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+
+    async def _relist(self) -> str:
+        self.relists += 1
+        api = await self._objects()
+        listing = await api.list_namespaced_custom_object(**self._resource())
+        current = {model.name_of(o): o for o in listing.get("items", [])}
+        if self._watching.is_set():  # a relist after 410: tell what changed while we were away
+            for name in set(self._known) - set(current):
+                self._tell("DELETED", {"metadata": {"name": name, "uid": self._known_uids.get(name)}})
+            for name, obj in current.items():
+                if self._known.get(name) != obj["metadata"]["resourceVersion"]:
+                    self._tell("MODIFIED" if name in self._known else "ADDED", obj)
+        else:
+            for name, obj in current.items():
+                self._remember(obj)
+        return listing["metadata"]["resourceVersion"]
+
+    def _remember(self, obj: dict) -> None:
+        name = model.name_of(obj)
+        self._known[name] = obj["metadata"].get("resourceVersion", "")
+        self._known_uids[name] = obj["metadata"].get("uid")
+
+    def _tell(self, kind: str, obj: dict) -> None:
+        name = obj.get("metadata", {}).get("name")
+        if not name:
+            return
+        if kind == "DELETED":
+            self._known.pop(name, None)
+            self._known_uids.pop(name, None)
+        else:
+            self._remember(obj)
+        self._changes.publish(WatchEvent(kind, obj))
+
+    # --- artifacts ----------------------------------------------------------------------------
+
+    def _artifact_map_name(self, name: str) -> str:
+        return f"cnbi-artifacts-{name}"
+
+    async def put_artifact(self, name: str, kind: str, text: str) -> None:
+        obj = await self.get(name)
+        if len(text) > MAX_ARTIFACT_CHARS:
+            text = "[earlier lines cut]\n" + text[-MAX_ARTIFACT_CHARS:].split("\n", 1)[-1]
+        core = await self._core()
+        map_name = self._artifact_map_name(name)
+        owner = client.V1OwnerReference(api_version=model.API_VERSION, kind=model.KIND, name=name,
+                                        uid=obj["metadata"]["uid"], block_owner_deletion=False)
+        for _ in range(10):
+            try:
+                current = await core.read_namespaced_config_map(map_name, self.namespace)
+            except ApiException as e:
+                if e.status != 404:
+                    raise _status_code_error(e, name) from None
+                body = client.V1ConfigMap(
+                    metadata=client.V1ObjectMeta(name=map_name, owner_references=[owner],
+                                                 labels={f"{model.PREFIX}/image": name}),
+                    data={kind: text},
+                )
+                try:
+                    await core.create_namespaced_config_map(self.namespace, body)
+                    return
+                except ApiException as e:
+                    if e.status == 409:
+                        continue
+                    raise _status_code_error(e, name) from None
+            if any(ref.uid != obj["metadata"]["uid"] for ref in current.metadata.owner_references or []):
+                current.metadata.owner_references = [owner]  # left from a deleted image of the same name
+                current.data = {}
+            current.data = {**(current.data or {}), kind: text}
+            try:
+                await core.replace_namespaced_config_map(map_name, self.namespace, current)
+                return
+            except ApiException as e:
+                if e.status == 409:
+                    continue
+                raise _status_code_error(e, name) from None
+        raise Conflict(f"the artifacts of image {name} kept changing", "metadata.name")
+
+    async def get_artifact(self, name: str, kind: str) -> str | None:
+        obj = await self.get(name)
+        core = await self._core()
+        try:
+            current = await core.read_namespaced_config_map(self._artifact_map_name(name), self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _status_code_error(e, name) from None
+        if any(ref.uid != obj["metadata"]["uid"] for ref in current.metadata.owner_references or []):
+            return None
+        return (current.data or {}).get(kind)
