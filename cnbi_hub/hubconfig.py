@@ -35,6 +35,8 @@ def configure(
     environment: dict | None = None,
     server_service_url: str | None = None,
     python: str = sys.executable,
+    mode: str = "embedded",
+    namespace: str | None = None,
 ) -> None:
     """Enable the cnbi service on the JupyterHub config object `c`.
 
@@ -48,7 +50,14 @@ def configure(
     server_service_url: how single-user servers reach the service (the Lab extension calls it
       there). Default: `url` + `/services/cnbi/`, right when servers share the hub's host network;
       on Kubernetes give the proxy's in-cluster URL, e.g. `http://proxy-public/services/cnbi/`.
+    mode: "embedded" (the service builds with podman on this machine, objects in SQLite) or
+      "kubernetes" (objects are CustomNBImage resources in `namespace`; the operator,
+      `python -m cnbi_hub.controller`, builds them with Tekton; the service builds nothing).
+    namespace: cluster mode's namespace. Default: $POD_NAMESPACE (z2jh's hub pod has it), else
+      "default".
     """
+    if mode not in ("embedded", "kubernetes"):
+        raise ValueError(f"mode must be 'embedded' or 'kubernetes', not {mode!r}")
     service_access = f"access:services!service={SERVICE_NAME}"
     command = [python, "-m", "cnbi_hub.service"]
     # JupyterHub starts services with a clean environment: carry over how this machine reaches
@@ -56,6 +65,13 @@ def configure(
     env = {key: os.environ[key] for key in FORWARDED_ENVIRONMENT if key in os.environ}
     env.update(environment or {})
     service_config = dict(service_config or {})
+    if mode == "kubernetes":
+        service_config.setdefault("store_class", "cnbi_hub.store.kubernetes.KubernetesImageStore")
+        service_config.setdefault("reconcile", False)
+        service_config.setdefault("namespace", namespace or os.environ.get("POD_NAMESPACE", "default"))
+        for key in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "KUBECONFIG", "POD_NAMESPACE"):
+            if key in os.environ:
+                env.setdefault(key, os.environ[key])
     # the Lab panel starts named servers when the hub allows them (set that before this call)
     service_config.setdefault("named_servers", bool(c.JupyterHub.get("allow_named_servers", False)))
     if service_config:

@@ -125,10 +125,22 @@ def load_crd() -> dict:
     return yaml.safe_load(text)
 
 
+def _strict(schema: dict) -> dict:
+    """A copy of a structural schema that refuses unknown fields, as the apiserver does for a
+    write with fieldValidation=Strict (a CRD's schema itself may not say additionalProperties)."""
+    schema = copy.deepcopy(schema)
+    if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        schema["additionalProperties"] = False
+        schema["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+    if isinstance(schema.get("items"), dict):
+        schema["items"] = _strict(schema["items"])
+    return schema
+
+
 @lru_cache(maxsize=1)
 def _spec_validator() -> jsonschema.Draft7Validator:
     schema = load_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-    return jsonschema.Draft7Validator(schema["properties"]["spec"])
+    return jsonschema.Draft7Validator(_strict(schema["properties"]["spec"]))
 
 
 def now_iso() -> str:

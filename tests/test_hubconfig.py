@@ -87,3 +87,22 @@ def test_extra_cnbi_admins_are_listed_in_the_role():
     configure(c, admin_users={"image-curator"})
     role = [r for r in c.JupyterHub.load_roles if r["name"] == "cnbi-admin"][0]
     assert role["users"] == ["image-curator"]
+
+
+def test_cluster_mode_stores_images_as_custom_resources_and_builds_nothing(monkeypatch):
+    import json
+
+    monkeypatch.setenv("POD_NAMESPACE", "jhub")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "198.18.0.1")
+    c = Config()
+    configure(c, mode="kubernetes")
+    service = [s for s in c.JupyterHub.services if s["name"] == "cnbi"][0]
+    options = json.loads(service["environment"]["CNBI_SERVICE_CONFIG"])
+    assert options["store_class"] == "cnbi_hub.store.kubernetes.KubernetesImageStore"
+    assert options["reconcile"] is False and options["namespace"] == "jhub"
+    # the service reaches the apiserver as the hub pod does (in-cluster config)
+    assert service["environment"]["KUBERNETES_SERVICE_HOST"] == "198.18.0.1"
+    import pytest
+
+    with pytest.raises(ValueError, match="mode must be"):
+        configure(Config(), mode="openshift")

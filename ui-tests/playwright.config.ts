@@ -2,7 +2,9 @@
  * Playwright configuration for the Image Builder browser tests.
  *
  * The hub under test comes from the environment (tests/test_ui.py starts a real JupyterHub with
- * the cnbi service and sets these): CNBI_UI_HUB_URL, CNBI_UI_USER, CNBI_UI_PASSWORD. The browser
+ * the cnbi service and sets these): CNBI_UI_HUB_URL, CNBI_UI_USER, CNBI_UI_PASSWORD, and for the
+ * user flows CNBI_UI_MEMBER, CNBI_UI_OUTSIDER, CNBI_UI_ADMIN, CNBI_UI_GROUP, CNBI_UI_BASE_IMAGE,
+ * CNBI_UI_BUILDS (see tests/uifixtures.py and helpers.ts). The browser
  * is Debian's Chromium (CNBI_UI_CHROMIUM, default /usr/bin/chromium); Playwright never downloads
  * one. Screenshots land in CNBI_UI_OUTPUT (default <repo>/test-output/ui).
  */
@@ -16,7 +18,7 @@ export const OUTPUT_DIR =
 export default defineConfig({
   testDir: './tests',
   outputDir: path.join(OUTPUT_DIR, 'artifacts'),
-  // One hub, one user, one panel: the specs run one after another.
+  // One hub, one panel per user: the specs run one after another.
   workers: 1,
   fullyParallel: false,
   retries: 0,

@@ -28,7 +28,7 @@ from ..store.base import NotFound
 from ..trust import machine_ca_bundle
 from . import gitsource
 from .buildplan import BuildObservations, PlanError, parse_apt_txt, plan_build, spec_hash, uv_config_toml
-from .builders.base import BaseImageInfo, BuildError, Builder
+from .builders.base import BaseImageInfo, BuildError, Builder, PullFailed
 from .checks import interpret_check, manifest_from_pip_list, plan_checks, requested_distribution_names
 from .imageaccess import ImageAccess
 from .registry import ImageNotFound, ImageUnauthorized, RegistryError, RegistryUnreachable
@@ -104,6 +104,7 @@ class PhaseWork(LoggingConfigurable):
             self.access = ImageAccess(parent=self, builder=self.builder)
         self._lock_cache: dict[tuple, tuple[float, object]] = {}
         self._targets: dict[str, str] = {}  # uid -> image being built (removed if cancelled)
+        self._building: dict[str, dict] = {}  # uid -> the object whose build runs now
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -133,6 +134,9 @@ class PhaseWork(LoggingConfigurable):
         if work.exists():
             await asyncio.to_thread(shutil.rmtree, work, True)
         target = self._targets.pop(uid, None)
+        building = self._building.pop(uid, None)
+        if cancelled and building is not None:
+            await self.builder.cancel_build(building)
         if cancelled and target:
             await self.builder.remove_image(target)
         await self.builder.cleanup(uid)
@@ -197,9 +201,10 @@ class PhaseWork(LoggingConfigurable):
         say(f"pinned {pinned}")
         try:
             info = await self.builder.inspect_base(pinned, pull_access)
+        except PullFailed as e:
+            return Outcome(False, "ImagePullFailed", str(e), observed)
         except BuildError as e:
-            reason = "InspectFailed" if await self.builder.stored_image(pinned) else "ImagePullFailed"
-            return Outcome(False, reason, str(e), observed)
+            return Outcome(False, "InspectFailed", str(e), observed)
         say(f"python {info.python_full_version} at {info.python_path}, user {info.user or 'root'} (uid {info.uid}), "
             f"{len(info.packages)} packages, environment {'writable' if info.env_owned_by_user else 'read-only'} "
             "for the user")
@@ -377,24 +382,28 @@ class PhaseWork(LoggingConfigurable):
         own_containerfile = status.get("recipe") == "containerfile"
         info = None if own_containerfile else BaseImageInfo.from_status(status["baseImageInfo"])
         requested: list[str] = []
+        if spec["buildType"] != "ImageImport":
+            requested = requested_distribution_names(self.requirements_of(obj) or [])
+        # an image from the repository's own Containerfile: its python is whichever is on PATH
+        checks = plan_checks(requested, info.python_path if info else "python3")
         if spec["buildType"] == "ImageImport":
             image = status["resolvedBaseImage"]
         else:
-            requested = requested_distribution_names(self.requirements_of(obj) or [])
             try:
-                image = await self._build_image(obj, info, say)
-                if own_containerfile:
-                    info = await self.builder.inspect_base(image)
+                image = await self._build_image(obj, info, say, checks)
             except PlanError as e:
                 return Outcome(False, "InvalidBuildPlan", str(e))
             except BuildError as e:
-                return Outcome(False, "BuildFailed", str(e))
+                reason = getattr(e, "reason", None) or "BuildFailed"
+                return Outcome(False, reason if reason in ("Cancelled", "PipelineRunTimeout") else "BuildFailed", str(e))
 
         say(f"validating {image}")
-        checks = plan_checks(requested, info.python_path)
+        try:
+            answers = await self.builder.validate(image, checks, obj=obj)
+        except BuildError as e:
+            return Outcome(False, "ValidationFailed", f"the checks could not run: {e}")
         pip_list = []
-        for check in checks:
-            code, out, err = await self.builder.run_check(image, check)
+        for check, (code, out, err) in zip(checks, answers):
             result = interpret_check(check, code, out, err)
             if result.ok and check.name == "packages":
                 pip_list = json.loads(out.strip().splitlines()[-1])
@@ -404,7 +413,8 @@ class PhaseWork(LoggingConfigurable):
             if not result.ok:
                 return Outcome(False, "ValidationFailed", f"check {check.name} failed: {result.message}")
         observed = {"packages": manifest_from_pip_list(pip_list, requested)}
-        if self.push_registry and spec["buildType"] != "ImageImport":
+        # a builder that keeps images locally (podman) pushes now; Tekton pushed as it built
+        if self.push_registry and spec["buildType"] != "ImageImport" and self.builder.keeps_images_locally:
             tagged = image.split("@")[0] + ":" + status["specHash"].split(":")[-1][:12]
             say(f"pushing {tagged}")
             try:
@@ -419,7 +429,7 @@ class PhaseWork(LoggingConfigurable):
             observed["imageSize"] = size
         return Outcome(True, "Validated", f"all {len(checks)} checks passed", observed)
 
-    async def _build_image(self, obj: dict, info: BaseImageInfo | None, say) -> str:
+    async def _build_image(self, obj: dict, info: BaseImageInfo | None, say, checks) -> str:
         status = obj["status"]
         name, uid = model.name_of(obj), obj["metadata"]["uid"]
         repository = self.target_repository(name)
@@ -458,12 +468,14 @@ class PhaseWork(LoggingConfigurable):
         )
         plan = plan_build(obj, observations)
         self._targets[uid] = target
+        self._building[uid] = obj
         secrets = {
             "cnbi-ca": Path(self.ca_bundle).read_text() if self.ca_bundle and os.path.isfile(self.ca_bundle) else "",
             "cnbi-uv-config": uv_config_toml(self.index_url or None, tuple(self.extra_index_urls)),
         }
         say(f"building {target}")
-        digest = await self.builder.build(plan, checkout if checkout.exists() else None, secrets, say)
+        digest = await self.builder.build(plan, checkout if checkout.exists() else None, secrets, say,
+                                          obj=obj, checks=checks)
         return f"{repository}@{digest}"
 
 

@@ -49,6 +49,7 @@ class EmbeddedRunner(LoggingConfigurable):
         self._logs: dict[str, BuildLog] = {}
         self._schedule_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self._stopping = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -63,6 +64,9 @@ class EmbeddedRunner(LoggingConfigurable):
         await self.schedule()
 
     async def stop(self) -> None:
+        # work cut off by a stop resumes at the next start: it is not the user's cancel, so a
+        # build running outside this process (a PipelineRun) goes on and is found again
+        self._stopping = True
         if self._watcher:
             self._watcher.cancel()
         for task in list(self._tasks.values()):
@@ -130,7 +134,7 @@ class EmbeddedRunner(LoggingConfigurable):
             self._tasks.pop(uid, None)
             await self._save_log(name, uid)
             self._logs.pop(uid, None)
-            await self.phases.cleanup(uid, cancelled)
+            await self.phases.cleanup(uid, cancelled and not self._stopping)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
 
     async def _drive_phases(self, name: str, uid: str) -> None:

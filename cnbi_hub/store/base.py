@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import random
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -80,14 +81,16 @@ class ImageStore(Protocol):
 
 
 async def modify_status(
-    store: ImageStore, name: str, change: Callable[[dict], dict | None], attempts: int = 10
+    store: ImageStore, name: str, change: Callable[[dict], dict | None], attempts: int = 20
 ) -> dict | None:
     """Read-modify-write of an object's status that survives concurrent writers.
 
     `change(obj)` returns the new status (or None to leave the object alone); on a Conflict the
     object is read again and `change` runs again on the fresh copy, so no update is lost.
+    Retries wait a little, with jitter, so two writers do not keep colliding in lockstep
+    (client-go's RetryOnConflict does the same).
     """
-    for _ in range(attempts):
+    for attempt in range(attempts):
         obj = await store.get(name)
         new_status = change(copy.deepcopy(obj))
         if new_status is None:
@@ -95,7 +98,7 @@ async def modify_status(
         try:
             return await store.update_status(name, new_status, obj["metadata"]["resourceVersion"])
         except Conflict:
-            await asyncio.sleep(0)
+            await asyncio.sleep(random.uniform(0, 0.01 * min(attempt + 1, 10)))
     raise Conflict(f"image {name} kept changing; gave up after {attempts} attempts")
 
 

@@ -146,11 +146,15 @@ class KubernetesImageStore(LoggingConfigurable):
     # --- reading ------------------------------------------------------------------------------
 
     async def get(self, name: str) -> dict:
+        """The object; one being deleted (its finalizer still running) is already gone here."""
         api = await self._objects()
         try:
-            return await api.get_namespaced_custom_object(**self._resource(), name=name)
+            obj = await api.get_namespaced_custom_object(**self._resource(), name=name)
         except ApiException as e:
             raise _status_code_error(e, name) from None
+        if obj["metadata"].get("deletionTimestamp"):
+            raise NotFound(f"image {name} not found", "metadata.name")
+        return obj
 
     async def _list(self, label_selector: str = "", field_selector: str = "") -> list[dict]:
         api = await self._objects()
@@ -164,7 +168,7 @@ class KubernetesImageStore(LoggingConfigurable):
             if token:
                 kwargs["_continue"] = token
             listing = await api.list_namespaced_custom_object(**self._resource(), **kwargs)
-            items += listing.get("items", [])
+            items += [o for o in listing.get("items", []) if not o["metadata"].get("deletionTimestamp")]
             token = listing.get("metadata", {}).get("continue")
             if not token:
                 return items
@@ -217,20 +221,30 @@ class KubernetesImageStore(LoggingConfigurable):
         status = body.pop("status", None) or model.initial_status()
         api = await self._objects()
         try:
-            created = await api.create_namespaced_custom_object(**self._resource(), body=body)
+            created = await api.create_namespaced_custom_object(**self._resource(), body=body,
+                                                                field_validation="Strict")
         except ApiException as e:
             if e.status == 409:
                 raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name") from None
             if e.status == 422:
                 raise StoreError(f"the cluster refused the image: {_api_message(e)}") from None
             raise _status_code_error(e, meta["name"]) from None
-        # a CRD with a status subresource ignores status on create: write it through the subresource
-        created["status"] = status
-        try:
-            return await api.replace_namespaced_custom_object_status(
-                **self._resource(), name=meta["name"], body=created)
-        except ApiException as e:
-            raise _status_code_error(e, meta["name"]) from None
+        # A CRD with a status subresource ignores status on create: write it through the
+        # subresource. Someone may write first (the operator adding its finalizer, or already
+        # starting work): then read again, and leave a status someone else wrote alone.
+        current = created
+        for _ in range(20):
+            if current.get("status"):
+                return current
+            current["status"] = status
+            try:
+                return await api.replace_namespaced_custom_object_status(
+                    **self._resource(), name=meta["name"], body=current)
+            except ApiException as e:
+                if e.status != 409:
+                    raise _status_code_error(e, meta["name"]) from None
+            current = await api.get_namespaced_custom_object(**self._resource(), name=meta["name"])
+        raise Conflict(f"image {meta['name']} kept changing while it was created", "metadata.name")
 
     async def replace(self, obj: dict) -> dict:
         """Write metadata and spec (never status); without a resourceVersion, on the current object."""
@@ -248,7 +262,8 @@ class KubernetesImageStore(LoggingConfigurable):
                 body["status"] = current.get("status", {})
             body["metadata"]["labels"] = labels_for(body)
             try:
-                return await api.replace_namespaced_custom_object(**self._resource(), name=name, body=body)
+                return await api.replace_namespaced_custom_object(**self._resource(), name=name, body=body,
+                                                                  field_validation="Strict")
             except ApiException as e:
                 if e.status == 409 and not obj["metadata"].get("resourceVersion"):
                     continue  # changed between our read and write: read again
@@ -338,7 +353,7 @@ class KubernetesImageStore(LoggingConfigurable):
         self.relists += 1
         api = await self._objects()
         listing = await api.list_namespaced_custom_object(**self._resource())
-        current = {model.name_of(o): o for o in listing.get("items", [])}
+        current = {model.name_of(o): o for o in listing.get("items", []) if not o["metadata"].get("deletionTimestamp")}
         if self._watching.is_set():  # a relist after 410: tell what changed while we were away
             for name in set(self._known) - set(current):
                 self._tell("DELETED", {"metadata": {"name": name, "uid": self._known_uids.get(name)}})
@@ -359,6 +374,10 @@ class KubernetesImageStore(LoggingConfigurable):
         name = obj.get("metadata", {}).get("name")
         if not name:
             return
+        if obj["metadata"].get("deletionTimestamp"):
+            if name not in self._known:
+                return  # already told
+            kind = "DELETED"  # being deleted: gone for every reader, as `get` says
         if kind == "DELETED":
             self._known.pop(name, None)
             self._known_uids.pop(name, None)

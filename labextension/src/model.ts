@@ -298,6 +298,27 @@ export function imageSections(
   return { mine, shared, others };
 }
 
+/**
+ * Whether `user` may change `image` (cancel, rebuild, delete, share): admins, and its owner. An
+ * image without a creator is the user's own (the list puts it under "My images"). Anyone else
+ * only uses it: the service refuses their changes.
+ */
+export function mayChange(image: ICustomNBImage, user: IUserInfo | null | undefined): boolean {
+  if (!user) {
+    return true; // nobody to tell apart: the service decides
+  }
+  const creator = creatorOf(image);
+  return user.admin || !creator || creator === user.name;
+}
+
+/** The line above the form "Edit as new" opens: what it was filled from. */
+export function editAsNewNotice(image: ICustomNBImage): string {
+  return (
+    `A copy of “${displayNameOf(image)}” (${nameOf(image)}): change what you need, ` +
+    'then build it as a new image. The original stays as it is.'
+  );
+}
+
 /** "everyone", or the group names, for the Shared with me label. */
 export function sharedWithLabel(sharedWith: ISharedImage['sharedWith']): string {
   if (sharedWith === 'everyone') {
@@ -428,8 +449,11 @@ export function formatDuration(seconds: number | null): string {
   return `${s} s`;
 }
 
-/** What a duration measured, said with it: "built in 23 s", "failed after 12 s"… */
-export function durationText(phase: Phase, seconds: number | null): string {
+/**
+ * What a duration measured, said with it: "built in 23 s", "failed after 12 s", "cancelled
+ * after 3 s" (a Failed run someone cancelled)…
+ */
+export function durationText(phase: Phase, seconds: number | null, cancelled = false): string {
   if (seconds === null) {
     return '';
   }
@@ -438,7 +462,7 @@ export function durationText(phase: Phase, seconds: number | null): string {
     case 'Ready':
       return `built in ${d}`;
     case 'Failed':
-      return `failed after ${d}`;
+      return cancelled ? `cancelled after ${d}` : `failed after ${d}`;
     case 'Pending':
       return `waiting for ${d}`;
     default:
@@ -446,19 +470,20 @@ export function durationText(phase: Phase, seconds: number | null): string {
   }
 }
 
-/** The current run's labelled duration: "built in 23 s", "running for 5 s"… */
+/** The current run's labelled duration: "built in 23 s", "running for 5 s", "cancelled after 2 s"… */
 export function durationLabel(image: ICustomNBImage, now: number = Date.now()): string {
-  return durationText(phaseOf(image), buildDurationSeconds(image, now));
+  return durationText(phaseOf(image), buildDurationSeconds(image, now), isCancelled(image));
 }
 
 /** An earlier run, one line: "Run 1 · Ready · built in 23 s". */
 export function runLabel(run: IRun): string {
   const parts = [`Run ${run.run}`, run.phase];
-  const duration = durationText(run.phase, secondsBetween(run.startTime, run.completionTime));
+  const cancelled = run.phase === 'Failed' && run.reason === 'Cancelled';
+  const duration = durationText(run.phase, secondsBetween(run.startTime, run.completionTime), cancelled);
   if (run.completionTime && duration) {
     parts.push(duration);
   }
-  if (run.reason && run.phase === 'Failed') {
+  if (run.reason && run.phase === 'Failed' && !(cancelled && run.completionTime && duration)) {
     parts.push(run.reason);
   }
   if (run.reusedFrom) {

@@ -7,7 +7,7 @@ import * as path from 'path';
 
 import { chromium, FullConfig } from '@playwright/test';
 
-import { hubEnv, login, waitForLab } from './helpers';
+import { hubEnv, loginToLab } from './helpers';
 
 export default async function globalSetup(config: FullConfig): Promise<void> {
   const env = hubEnv();
@@ -19,9 +19,8 @@ export default async function globalSetup(config: FullConfig): Promise<void> {
     const context = await browser.newContext({ baseURL: env.hubUrl, viewport: use.viewport });
     const page = await context.newPage();
     page.setDefaultNavigationTimeout(180_000);
-    await login(page, env.user, env.password);
-    // The first login spawns the server: the hub's spawn-pending page, then JupyterLab.
-    await waitForLab(page, 240_000);
+    // The first login spawns the server (a container): the hub's spawn-pending page, then JupyterLab.
+    await loginToLab(page, env.user, 240_000);
     await context.storageState({ path: statePath });
   } finally {
     await browser.close();

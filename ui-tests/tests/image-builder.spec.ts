@@ -1,18 +1,16 @@
 /**
- * The Image Builder panel in a real JupyterLab, served by a real single-user server spawned by a
- * real JupyterHub whose cnbi service stores (and, with its reconciler, builds) the images.
+ * The Image Builder panel in a real JupyterLab, served by a real single-user server that a real
+ * JupyterHub started in a container (PodmanSpawner, on the lab image: the notebook base plus our
+ * panel), whose cnbi service stores and builds the images with podman.
  *
  * The first specs need no build: launcher card, the form's live package check, submitting (the
  * image is listed at once), the detail view, deleting with JupyterLab's confirm dialog and the
  * light/dark screenshots. The last one waits for a real podman build to reach Ready; it runs
- * when CNBI_UI_BUILDS=1 (tests/test_ui.py sets it when the service has a reconciler).
+ * when CNBI_UI_BUILDS=1 (tests/test_ui.py sets it). The user flows of issue 8 are in
+ * user-flows.spec.ts.
  */
-import * as fs from 'fs';
-import * as path from 'path';
+import { expect, test } from '@playwright/test';
 
-import { expect, Locator, Page, test } from '@playwright/test';
-
-import { OUTPUT_DIR } from '../playwright.config';
 import {
   DARK,
   LIGHT,
@@ -23,53 +21,16 @@ import {
   listImages,
   openImageBuilder,
   openLab,
+  row,
+  screenshot,
   setTheme,
+  submit,
   uniqueName
 } from './helpers';
 
-const BASE_IMAGE = process.env.CNBI_UI_BASE_IMAGE || 'localhost/cnbi/notebook-base:py311-user';
+// the base image the hub offers: the servers' own image (the notebook base plus our panel)
+const BASE_IMAGE = hubEnv().baseImage;
 const BUILD_TIMEOUT_MS = Number(process.env.CNBI_UI_BUILD_TIMEOUT_MS || 15 * 60_000);
-
-fs.mkdirSync(OUTPUT_DIR, { recursive: true });
-
-async function screenshot(target: Locator, name: string): Promise<void> {
-  const file = path.join(OUTPUT_DIR, `${name}.png`);
-  await target.screenshot({ path: file, animations: 'disabled' });
-  expect(fs.statSync(file).size).toBeGreaterThan(1000);
-}
-
-function row(panel: Locator, name: string): Locator {
-  return panel.locator(`[data-testid="cnbi-image-row"][data-name="${name}"]`);
-}
-
-/** Submits the filled form; returns the new image's object name (the row the panel selected). */
-async function submit(page: Page, panel: Locator, displayName: string): Promise<string> {
-  const created = page.waitForResponse(
-    r => r.request().method() === 'POST' && /\/cnbi\/api\/images(\?|$)/.test(r.url()) && !r.url().includes('dryRun')
-  );
-  const streams: { url: string; status: number; type: string }[] = [];
-  page.on('response', r => {
-    if (/\/cnbi\/api\/images\/[^/]+\/events/.test(r.url())) {
-      streams.push({ url: r.url(), status: r.status(), type: r.headers()['content-type'] ?? '' });
-    }
-  });
-  await panel.getByTestId('cnbi-submit').click();
-  const response = await created;
-  expect(response.status()).toBe(201);
-  const name: string = (await response.json()).metadata.name;
-  // the detail watches the new image's event stream (EventSource, authenticated by cookie+_xsrf)
-  await expect.poll(() => streams.filter(e => e.url.includes(`/images/${name}/events`)).length).toBeGreaterThan(0);
-  for (const e of streams.filter(e => e.url.includes(`/images/${name}/events`))) {
-    expect(e.status, e.url).toBe(200);
-    expect(e.type).toContain('text/event-stream');
-  }
-  // listed and shown at once, before anything was built
-  await expect(row(panel, name)).toBeVisible({ timeout: 5_000 });
-  await expect(row(panel, name)).toContainText(displayName);
-  const detail = panel.getByTestId('cnbi-detail');
-  await expect(detail).toHaveAttribute('data-name', name, { timeout: 5_000 });
-  return name;
-}
 
 test.beforeEach(async ({ page }) => {
   await openLab(page);

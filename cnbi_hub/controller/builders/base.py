@@ -28,6 +28,10 @@ class ImageMissing(BuildError):
     """The image is not where the builder keeps images."""
 
 
+class PullFailed(BuildError):
+    """The image could not be fetched (registry, credentials)."""
+
+
 @dataclass
 class StoredImage:
     """An image the builder has: its digest and platform."""
@@ -93,14 +97,21 @@ class Builder(LoggingConfigurable):
         """Python, user and packages of an image pinned by digest (fetched first if needed)."""
         raise NotImplementedError
 
-    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn) -> str:
-        """Build `plan` (the context files, plus the repository `checkout` for git builds) and
-        return the digest of `plan.target`. `secrets` (CA bundle, index config) reach the build
-        as build secrets, never as a layer."""
+    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
+                    obj: dict, checks: list[Check]) -> str:
+        """Build `plan` (the context files, plus the repository `checkout` for git builds) for
+        the object `obj` and return the digest of `plan.target`. `secrets` (CA bundle, index
+        config) reach the build as build secrets, never as a layer. A builder that validates as
+        part of its build (Tekton) runs `checks` there; see `validate`."""
         raise NotImplementedError
 
+    async def validate(self, image: str, checks: list[Check], *, obj: dict) -> list[tuple[int, str, str]]:
+        """Run the acceptance checks inside `image` as the image's user: (exit code, stdout,
+        stderr) for each, in order."""
+        return [await self.run_check(image, check) for check in checks]
+
     async def run_check(self, image: str, check: Check) -> tuple[int, str, str]:
-        """Run one acceptance check inside `image` as the image's user: (exit code, stdout, stderr)."""
+        """Run one acceptance check inside `image` as the image's user."""
         raise NotImplementedError
 
     async def push(self, reference: str, *, tls_verify: bool = True) -> str:
@@ -113,6 +124,10 @@ class Builder(LoggingConfigurable):
 
     async def remove_image(self, reference: str) -> None:
         """Drop a half-made or unwanted image (cancelled builds)."""
+
+    async def cancel_build(self, obj: dict) -> None:
+        """Stop the build of `obj` that runs outside this process (a PipelineRun), if any; a
+        build inside this process stops with the task that awaits it."""
 
     async def cleanup(self, uid: str) -> None:
         """Release whatever the builder keeps for one object's builds."""

@@ -26,7 +26,7 @@ from traitlets import Bool, Float, Unicode
 from ...containers import podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
-from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, StoredImage
+from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
 
 __all__ = ["BuildError", "ImageMissing", "PodmanBuilder"]
 
@@ -148,7 +148,7 @@ class PodmanBuilder(Builder):
             args.append(f"--authfile={authfile}")
         code, out, err = await self._run(*args, "--", reference, timeout=900)
         if code != 0:
-            raise BuildError(f"could not pull {reference}: {_last_lines(err or out)}")
+            raise PullFailed(f"could not pull {reference}: {_last_lines(err or out)}")
 
     async def _pull_with(self, reference: str, access: PullAccess) -> None:
         """Pull with credentials in a private auth file: never on podman's command line."""
@@ -249,8 +249,10 @@ class PodmanBuilder(Builder):
             files[secret_id] = str(path)
         return files
 
-    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn) -> str:
-        """Lay out the context in a fresh directory, build, remove the directory."""
+    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
+                    obj: dict | None = None, checks=None) -> str:
+        """Lay out the context in a fresh directory, build, remove the directory (the checks run
+        afterwards, one `podman run` each, in `validate`)."""
         context_root = Path(tempfile.mkdtemp(prefix="cnbi-build-", dir=self.context_root or None))
         failed = True
         try:

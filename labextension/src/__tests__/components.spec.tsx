@@ -9,6 +9,7 @@ import { CnbiApi } from '../api';
 import { CreateForm, withoutField } from '../components/CreateForm';
 import { ImageBuilder, PanelRequest } from '../components/ImageBuilder';
 import { COPIED_MS, IPanelActions, IPanelNotice, spawnUrl } from '../components/ImageDetail';
+import { ownerShareHint } from '../components/SharePanel';
 import type { ICustomNBImage, IUserInfo } from '../model';
 import { TestCnbiService } from './service';
 
@@ -115,6 +116,10 @@ describe('ImageBuilder panel', () => {
     expect(within(rows[0]).getByTestId('cnbi-duration').textContent).toContain('built in 1 min 30 s');
     expect(within(rows[1]).getByTestId('cnbi-failure').textContent).toBe('pip could not install numpy');
     expect(within(rows[2]).getByRole('button').textContent).toContain('by bob');
+    // the parts of the meta line that read badly when broken stay whole
+    const unbroken = (row: HTMLElement) => [...row.querySelectorAll('.cnbi-nowrap')].map(e => e.textContent);
+    expect(unbroken(rows[0])).toEqual(['built in 1 min 30 s']);
+    expect(unbroken(rows[2])).toEqual(['by bob', 'shared with everyone']);
     expect(view.container.querySelectorAll('h3')[1].textContent).toBe('Shared with me');
     // finished images need no stream
     expect(service.streamOpens).toBe(0);
@@ -522,12 +527,43 @@ describe('ImageBuilder panel', () => {
     });
 
     it('someone else’s image: who it is shared with, no controls', async () => {
-      service.images = [image('theirs', 'Ready', {}, 'bob', { annotations: { 'cnbi-hub.io/shared-with-groups': 'team-a' } })];
+      service.images = [
+        image('theirs', 'Ready', {}, 'bob', { annotations: { 'cnbi-hub.io/shared-with-groups': 'team-a' } }),
+        image('their-build', 'Building', {}, 'bob', { annotations: { 'cnbi-hub.io/shared': 'true' } })
+      ];
       const view = renderPanel();
-      await openDetail('theirs');
+      const detail = await openDetail('theirs');
       expect(screen.getByTestId('cnbi-share-summary').textContent).toBe('Shared with team-a');
       expect(screen.queryByTestId('cnbi-share-group-input')).toBeNull();
+      // start it, copy it; changing it is for its owner (the service refuses anyone else)
+      expect(within(detail).getByTestId('cnbi-spawn')).toBeTruthy();
+      expect(within(detail).getByTestId('cnbi-edit-as-new')).toBeTruthy();
+      expect(within(detail).queryByTestId('cnbi-rebuild')).toBeNull();
+      expect(within(detail).queryByTestId('cnbi-delete')).toBeNull();
+      const building = await openDetail('their-build');
+      expect(within(building).queryByTestId('cnbi-cancel')).toBeNull();
+      expect(within(building).queryByTestId('cnbi-delete')).toBeNull();
       view.unmount();
+    });
+
+    it('an admin may cancel, rebuild and delete anyone’s image', async () => {
+      service.user = ADMIN;
+      service.images = [image('their-build', 'Building', {}, 'bob'), image('theirs', 'Failed', {}, 'bob')];
+      const view = renderPanel();
+      const building = await openDetail('their-build');
+      expect(within(building).getByTestId('cnbi-cancel')).toBeTruthy();
+      expect(within(building).getByTestId('cnbi-delete')).toBeTruthy();
+      const failed = await openDetail('theirs');
+      expect((within(failed).getByTestId('cnbi-rebuild') as HTMLButtonElement).disabled).toBe(false);
+      expect(within(failed).getByTestId('cnbi-delete')).toBeTruthy();
+      view.unmount();
+    });
+
+    it('tells an owner which of their groups are left to share with', () => {
+      expect(ownerShareHint(['team-a', 'team-b'], [], [])).toBe('You can share with your groups: team-a, team-b.');
+      expect(ownerShareHint(['team-a', 'team-b'], ['team-a'], [])).toBe('You can also share with your groups: team-b.');
+      expect(ownerShareHint(['team-a'], ['team-a'], [])).toBe('It is shared with all your groups.');
+      expect(ownerShareHint(['team-a'], [], ['ops'])).toBe('You are not in ops: you can share with team-a.');
     });
   });
 
@@ -554,6 +590,7 @@ describe('ImageBuilder panel', () => {
     await openDetail('broken');
     fireEvent.click(screen.getByTestId('cnbi-edit-as-new'));
     const form = await screen.findByTestId('cnbi-create-form');
+    expect(within(form).getByTestId('cnbi-form-notice').textContent).toMatch(/^A copy of “Display broken” \(broken\)/);
     expect(within(form).getByTestId('cnbi-tab-GitRepository').getAttribute('aria-selected')).toBe('true');
     expect((screen.getByLabelText('Name') as HTMLInputElement).value).toBe('Display broken (copy)');
     expect((screen.getByLabelText('Description') as HTMLInputElement).value).toBe('from git');

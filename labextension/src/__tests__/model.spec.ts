@@ -6,6 +6,7 @@ import {
   buildFinishedNotice,
   checkPackageLines,
   durationLabel,
+  editAsNewNotice,
   environmentIsEmpty,
   failureMessage,
   formFromEnvironment,
@@ -17,6 +18,7 @@ import {
   imageSections,
   EMPTY_FORM,
   logSeparator,
+  mayChange,
   mergeImages,
   mergeLogTail,
   packageErrorLine,
@@ -170,7 +172,12 @@ describe('build duration and failure text', () => {
         completionTime: '2026-01-01T00:00:04Z',
         reason: 'Cancelled'
       })
-    ).toBe('Run 2 · Failed · failed after 4 s · Cancelled');
+    ).toBe('Run 2 · Failed · cancelled after 4 s');
+    expect(
+      runLabel({ run: 3, phase: 'Failed', startTime: '2026-01-01T00:00:00Z', completionTime: '2026-01-01T00:00:04Z', reason: 'Unresolvable' })
+    ).toBe('Run 3 · Failed · failed after 4 s · Unresolvable');
+    // no completion time: the reason still says what happened
+    expect(runLabel({ run: 4, phase: 'Failed', reason: 'Cancelled' })).toBe('Run 4 · Failed · Cancelled');
   });
 
   it('gives image sizes in human units', () => {
@@ -191,6 +198,16 @@ describe('build duration and failure text', () => {
     });
     expect(failureMessage(image)).toBe('cancelled by alice');
     expect(phaseProgress(image).label).toBe('Failed while building');
+    // its duration says cancelled, not failed
+    const timed = withStatus({
+      ...image.status,
+      startTime: '2026-01-01T00:00:00Z',
+      completionTime: '2026-01-01T00:00:03Z'
+    });
+    expect(durationLabel(timed)).toBe('cancelled after 3 s');
+    expect(
+      durationLabel(withStatus({ ...timed.status, conditions: [{ type: 'ErrorBuildingImage', status: 'True', message: 'x' }] }))
+    ).toBe('failed after 3 s');
   });
 
   it('measures to now while running', () => {
@@ -464,5 +481,38 @@ describe('logs', () => {
     expect(buffer.lines[buffer.lines.length - 1]).toBe('line 9999');
     expect(buffer.dropped + buffer.lines.length).toBe(10000);
     expect(buffer.generation).toBeGreaterThan(generation);
+  });
+});
+
+describe('who may change an image', () => {
+  const owned = (creator?: string): ICustomNBImage => ({
+    metadata: {
+      name: 'img',
+      annotations: creator ? { 'opendatahub.io/notebook-image-creator': creator } : {}
+    },
+    spec: { buildType: 'PackageList' },
+    status: { phase: 'Ready' }
+  });
+
+  it('its owner and admins; not the users it is shared with', () => {
+    const alice = { name: 'alice', admin: false, groups: ['team'] };
+    expect(mayChange(owned('alice'), alice)).toBe(true);
+    expect(mayChange(owned('bob'), alice)).toBe(false);
+    expect(mayChange(owned('bob'), { name: 'root', admin: true, groups: [] })).toBe(true);
+    // no creator: listed as mine; nobody known: the service decides
+    expect(mayChange(owned(), alice)).toBe(true);
+    expect(mayChange(owned('bob'), undefined)).toBe(true);
+  });
+});
+
+describe('edit as new', () => {
+  it('says what the form was filled from', () => {
+    const image: ICustomNBImage = {
+      metadata: { name: 'tools-x7k2p', annotations: { 'opendatahub.io/notebook-image-name': 'Tools' } },
+      spec: { buildType: 'PackageList' }
+    };
+    expect(editAsNewNotice(image)).toBe(
+      'A copy of “Tools” (tools-x7k2p): change what you need, then build it as a new image. The original stays as it is.'
+    );
   });
 });

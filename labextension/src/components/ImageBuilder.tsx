@@ -8,6 +8,7 @@ import {
   IPhaseSnapshot,
   IUserInfo,
   buildFinishedNotice,
+  editAsNewNotice,
   environmentIsEmpty,
   formFromEnvironment,
   formFromImage,
@@ -283,7 +284,7 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
           upsert(image);
           setSelected(nameOf(image));
         }}
-        onEditAsNew={image => openForm(formFromImage(image))}
+        onEditAsNew={image => openForm(formFromImage(image), editAsNewNotice(image))}
         lookup={lookup}
       />
     );

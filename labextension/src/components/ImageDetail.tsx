@@ -11,6 +11,7 @@ import {
   failureMessage,
   formatBytes,
   isTerminal,
+  mayChange,
   mergeLogTail,
   nameOf,
   phaseProgress,
@@ -261,6 +262,8 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
   const size = phase === 'Ready' ? formatBytes(image.status?.imageSize) : '';
   const reusedFrom = image.status?.reusedFrom;
   const reused = reusedFrom ? lookup?.(reusedFrom) : undefined;
+  // Someone else's image shared with me: I may start it or copy it, not change it.
+  const changeable = mayChange(image, user);
 
   return (
     <section className="cnbi-detail" data-testid="cnbi-detail" data-name={name}>
@@ -352,7 +355,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
         >
           Start a server with this image
         </button>
-        {CANCELLABLE.includes(phase) && (
+        {changeable && CANCELLABLE.includes(phase) && (
           <button
             className="jp-mod-styled jp-mod-warn cnbi-button"
             data-testid="cnbi-cancel"
@@ -362,14 +365,16 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             Cancel build
           </button>
         )}
-        <button
-          className="jp-mod-styled jp-mod-reject cnbi-button"
-          data-testid="cnbi-rebuild"
-          disabled={busy || !isTerminal(phase)}
-          onClick={rebuild}
-        >
-          Rebuild
-        </button>
+        {changeable && (
+          <button
+            className="jp-mod-styled jp-mod-reject cnbi-button"
+            data-testid="cnbi-rebuild"
+            disabled={busy || !isTerminal(phase)}
+            onClick={rebuild}
+          >
+            Rebuild
+          </button>
+        )}
         {onEditAsNew && (
           <button
             className={
@@ -383,14 +388,16 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             Edit as new
           </button>
         )}
-        <button
-          className="jp-mod-styled jp-mod-warn cnbi-button"
-          data-testid="cnbi-delete"
-          disabled={busy}
-          onClick={remove}
-        >
-          Delete
-        </button>
+        {changeable && (
+          <button
+            className="jp-mod-styled jp-mod-warn cnbi-button"
+            data-testid="cnbi-delete"
+            disabled={busy}
+            onClick={remove}
+          >
+            Delete
+          </button>
+        )}
       </div>
       {user && <SharePanel api={api} image={image} user={user} onUpdate={onUpdate} />}
       {runs.length > 0 && (

@@ -124,20 +124,33 @@ export function ImageRow(props: IImageRowProps): JSX.Element {
           <PhaseBadge progress={progress} />
         </span>
         <span className="cnbi-image-meta">
+          {/* each part stays on one line: "by ui-" / "alice" or "failed" / "after 2 s" read badly */}
           <code>{name}</code> · {image.spec.buildType}
-          {creator && creator !== currentUser && ` · by ${creator}`}
+          {creator && creator !== currentUser && (
+            <>
+              {' · '}
+              <span className="cnbi-nowrap">by {creator}</span>
+            </>
+          )}
           {sharedWith !== undefined && (
             <span className="cnbi-shared-with" data-testid="cnbi-shared-with">
               {' '}
-              · shared with {sharedWithLabel(sharedWith)}
+              · <span className="cnbi-nowrap">shared with {sharedWithLabel(sharedWith)}</span>
             </span>
           )}
-          {sharing && ` · ${sharing}`}
+          {sharing && (
+            <>
+              {' · '}
+              <span className="cnbi-nowrap">{sharing}</span>
+            </>
+          )}
           {duration && (
-            <span className="cnbi-duration" data-testid="cnbi-duration">
-              {' '}
-              · {duration}
-            </span>
+            <>
+              {' · '}
+              <span className="cnbi-duration cnbi-nowrap" data-testid="cnbi-duration">
+                {duration}
+              </span>
+            </>
           )}
         </span>
         <BuildProgress progress={progress} />

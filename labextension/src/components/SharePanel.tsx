@@ -25,6 +25,23 @@ export function parseGroupNames(text: string): string[] {
 }
 
 /**
+ * The hint under an owner's group input: which of their groups they can still share with, or
+ * why the typed names cannot be shared with (`wanted`: typed, not yet shared).
+ */
+export function ownerShareHint(userGroups: string[], sharedGroups: string[], wanted: string[]): string {
+  const foreign = wanted.filter(g => !userGroups.includes(g));
+  if (foreign.length) {
+    return `You are not in ${foreign.join(', ')}: you can share with ${userGroups.join(', ')}.`;
+  }
+  const remaining = userGroups.filter(g => !sharedGroups.includes(g));
+  if (!remaining.length) {
+    return 'It is shared with all your groups.';
+  }
+  const also = remaining.length < userGroups.length ? 'also ' : '';
+  return `You can ${also}share with your groups: ${remaining.join(', ')}.`;
+}
+
+/**
  * Who an image is shared with. Admins: "Shared with everyone" and any group; the image's owner:
  * the groups they are in; anyone else sees who it is shared with.
  */
@@ -170,9 +187,7 @@ export function SharePanel(props: ISharePanelProps): JSX.Element | null {
       )}
       {!user.admin && canPickGroups && (
         <span className="cnbi-hint" data-testid="cnbi-share-hint">
-          {allowed
-            ? `You can share with your groups: ${user.groups.join(', ')}.`
-            : `You are not in ${wanted.filter(g => !user.groups.includes(g)).join(', ')}: you can share with ${user.groups.join(', ')}.`}
+          {ownerShareHint(user.groups, groups, wanted)}
         </span>
       )}
       {error && (

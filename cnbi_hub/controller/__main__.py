@@ -1,0 +1,3 @@
+from .operator import main
+
+main()

@@ -1,0 +1,369 @@
+"""Cluster mode's builder: each build is a Tekton PipelineRun running the shared build plan.
+
+One PipelineRun per object, generation and run, named deterministically
+(`cnbi-<name>-g<generation>-r<run>`, owned by the CustomNBImage), so an operator that is killed
+and restarted finds the run it had started instead of creating a second one. Its `Succeeded`
+condition is read with Tekton's semantics: Unknown while it runs, True when done, False with
+Tekton's reason (Failed, Cancelled, PipelineRunTimeout, CreateRunFailed, ...) and message.
+
+The plan travels in a ConfigMap bound as the pipeline's `plan` workspace (see
+manifests/tekton.yaml); the validation task runs the built image itself and prints one JSON
+line per acceptance check, which this builder reads from the step's log. Base images are
+inspected with a one-step TaskRun on the image (cached per digest).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from traitlets import Bool, Float, Unicode, default
+
+from ... import model
+from ..buildplan import BuildPlan
+from ..checks import Check
+from .base import BaseImageInfo, BuildError, Builder, LogFn, PullAccess, StoredImage
+from .podman import _FIND_PYTHON, _INSPECT_PROGRAM
+
+TEKTON_GROUP, TEKTON_VERSION = "tekton.dev", "v1"
+LABEL_BUILD = f"{model.PREFIX}/build"
+LABEL_IMAGE = f"{model.PREFIX}/image"
+
+# Runs in the validated image with its own python: reads the checks (argv lists) and prints one
+# JSON line per check. Fixed text; the checks' argv never passes through a shell.
+CHECK_RUNNER = r"""
+import json, subprocess, sys
+for check in json.load(open(sys.argv[1])):
+    try:
+        done = subprocess.run(check["argv"], capture_output=True, text=True, timeout=check.get("timeout", 120))
+        result = {"name": check["name"], "code": done.returncode, "stdout": done.stdout[-200000:], "stderr": done.stderr[-20000:]}
+    except FileNotFoundError as e:
+        result = {"name": check["name"], "code": 127, "stdout": "", "stderr": str(e)}
+    except subprocess.TimeoutExpired:
+        result = {"name": check["name"], "code": 124, "stdout": "", "stderr": "the check took too long"}
+    print("CNBI-CHECK " + json.dumps(result), flush=True)
+"""
+
+
+class PipelineRunFailed(BuildError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.message_text = message
+
+
+def configmap_key(path: str) -> str:
+    """ConfigMap keys cannot hold '/': context paths travel with '__' instead."""
+    return path.replace("/", "__")
+
+
+def run_name(obj_name: str, generation, run) -> str:
+    name = f"cnbi-{obj_name}-g{generation}-r{run}"
+    return name[:63].rstrip("-")
+
+
+def succeeded_condition(run_obj: dict) -> tuple[str, str, str]:
+    """(status, reason, message) of a PipelineRun's or TaskRun's Succeeded condition."""
+    for condition in (run_obj.get("status") or {}).get("conditions", []):
+        if condition.get("type") == "Succeeded":
+            return condition.get("status", "Unknown"), condition.get("reason", ""), condition.get("message", "")
+    return "Unknown", "Pending", ""
+
+
+class TektonBuilder(Builder):
+    """Builds with Tekton PipelineRuns in the operator's namespace."""
+
+    keeps_images_locally = False
+
+    namespace = Unicode(help="Namespace the PipelineRuns run in. Default: $POD_NAMESPACE, else 'default'.").tag(config=True)
+
+    @default("namespace")
+    def _default_namespace(self):
+        return os.environ.get("POD_NAMESPACE", "default")
+
+    kubeconfig = Unicode(help="kubeconfig file; default $KUBECONFIG, else in-cluster.").tag(config=True)
+
+    builder_image = Unicode(
+        "localhost/cnbi/builder:1",
+        help="""The image the build steps run in: buildah, git and uv (at /usr/local/bin/uv).
+        `python -m cnbi_hub.builderimage` makes one from Debian packages.""",
+    ).tag(config=True)
+
+    build_timeout = Float(1800.0, help="Seconds a PipelineRun may take (its spec.timeouts.pipeline).").tag(config=True)
+
+    poll_interval = Float(1.0, help="Seconds between looks at a running PipelineRun.").tag(config=True)
+
+    insecure_registries_plain_http = Bool(
+        True, help="Push to and pull from loopback registries over plain http (tls-verify=false)."
+    ).tag(config=True)
+
+    dockerconfig_secret = Unicode(
+        "", help="A kubernetes.io/dockerconfigjson Secret bound as the builds' `dockerconfig` workspace."
+    ).tag(config=True)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._api_client = None
+        self._inspections: dict[str, BaseImageInfo] = {}
+        self._validated: dict[str, list] = {}  # image -> results of the validation its pipeline ran
+
+    async def _api(self):
+        if self._api_client is None:
+            configuration = client.Configuration()
+            path = self.kubeconfig or os.environ.get("KUBECONFIG", "")
+            if path:
+                await config.load_kube_config(config_file=path, client_configuration=configuration)
+            else:
+                config.load_incluster_config(client_configuration=configuration)
+            self._api_client = client.ApiClient(configuration)
+        return self._api_client
+
+    async def close(self) -> None:
+        if self._api_client is not None:
+            await self._api_client.close()
+            self._api_client = None
+
+    # --- the Builder interface ----------------------------------------------------------------
+
+    async def stored_image(self, reference: str) -> StoredImage | None:
+        return None  # a cluster has no image storage of its own: images live in registries
+
+    async def inspect_base(self, reference: str, access: PullAccess | None = None) -> BaseImageInfo:
+        if reference in self._inspections:
+            return self._inspections[reference]
+        digest = reference.split("@sha256:")[-1][:16]
+        name = f"cnbi-inspect-{digest}"
+        # the first line names the image's user (the step runs as it), then the report
+        spec = {"taskSpec": {"steps": [{
+            "name": "inspect", "image": reference,
+            "command": ["sh", "-c", "id -un 2>/dev/null || id -u; " + _FIND_PYTHON, _INSPECT_PROGRAM],
+        }]}, "podTemplate": {"hostNetwork": True}}
+        run = await self._run_to_end("taskruns", name, spec, labels={LABEL_BUILD: "inspect"})
+        status, reason, message = succeeded_condition(run)
+        if status != "True":
+            raise BuildError(f"could not inspect {reference}: {reason}: {message}")
+        output = await self._step_log(run, "inspect")
+        lines = [line for line in output.splitlines() if line.strip()]
+        try:
+            data = json.loads([line for line in lines if line.startswith("{")][-1])
+        except (IndexError, ValueError):
+            raise BuildError(f"could not inspect {reference}: unexpected output {output[-300:]!r}")
+        user = lines[0].strip() if lines and not lines[0].startswith("{") else ""
+        info = BaseImageInfo(user="" if user in ("root", "0") else user, **data)
+        self._inspections[reference] = info
+        return info
+
+    async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
+                    obj: dict, checks: list[Check]) -> str:
+        status = obj.get("status") or {}
+        name = run_name(model.name_of(obj), obj["metadata"].get("generation", 1), status.get("run", 1))
+        data = {
+            configmap_key("context/" + plan.containerfile_path): plan.containerfile or "",
+            "containerfile-path": plan.containerfile_path,
+        }
+        if plan.containerfile is None:
+            data.pop(configmap_key("context/" + plan.containerfile_path))
+        for rel, content in plan.context_files.items():
+            data[configmap_key("context/" + rel)] = content.decode()
+        if plan.builder_files:
+            data["builder-files"] = "".join(f"{rel} {what}\n" for rel, what in plan.builder_files.items())
+        for secret_id in plan.secrets:
+            data[f"secret__{secret_id}"] = secrets.get(secret_id, "")
+        if plan.containerfile is None and plan.labels:
+            data["labels"] = "".join(f"{k}={v}\n" for k, v in plan.labels.items())
+        data.update(_check_files(checks))
+        await self._apply_configmap(name, data, obj)
+        tls_verify = "false" if self._plain_http(plan.target) else "true"
+        params = [{"name": "image", "value": plan.target}, {"name": "builder-image", "value": self.builder_image},
+                  {"name": "tls-verify", "value": tls_verify}]
+        pipeline = "cnbi-package-list"
+        if status.get("gitCommit"):
+            pipeline = "cnbi-gitrepo"
+            params += [{"name": "git-url", "value": obj["spec"]["repository"]},
+                       {"name": "git-commit", "value": status["gitCommit"]},
+                       {"name": "repo-dir", "value": plan.repo_dir if plan.repo_dir is not None else "-"}]
+        workspaces = [{"name": "plan", "configMap": {"name": name}}]
+        if self.dockerconfig_secret:
+            workspaces.append({"name": "dockerconfig", "secret": {"secretName": self.dockerconfig_secret}})
+        spec = {
+            "pipelineRef": {"name": pipeline}, "params": params, "workspaces": workspaces,
+            "timeouts": {"pipeline": f"{int(self.build_timeout)}s"},
+            "taskRunTemplate": {"podTemplate": {"hostNetwork": True}},
+        }
+        log(f"PipelineRun {name} ({pipeline})")
+        run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
+                                     labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)}, log=log)
+        state, reason, message = succeeded_condition(run)
+        build_output = await self._relay_logs(run, "build", log)
+        if state != "True":
+            # Tekton's message counts tasks; what the user can act on is the step's own words
+            tail = "\n".join([line for line in build_output.splitlines() if line.strip()][-15:])
+            raise PipelineRunFailed(reason or "Failed", f"{message}\n{tail}" if tail else message)
+        results = {r["name"]: r["value"] for r in (run.get("status") or {}).get("results", [])}
+        digest = results.get("IMAGE_DIGEST", "").strip()
+        if not digest.startswith("sha256:"):
+            raise BuildError(f"PipelineRun {name} succeeded without an image digest")
+        image = f"{plan.target.rsplit(':', 1)[0]}@{digest}"
+        self._validated[image] = await self._check_results(run, "validate")
+        return digest
+
+    async def validate(self, image: str, checks: list[Check], *, obj: dict) -> list[tuple[int, str, str]]:
+        """The results of the validation task of the image's own PipelineRun; for an import
+        (nothing built), a `cnbi-import` PipelineRun validates it."""
+        results = self._validated.pop(image, None)
+        if results is None:
+            results = await self._validate_import(image, checks, obj)
+        by_name = {r["name"]: r for r in results}
+        answers = []
+        for check in checks:
+            result = by_name.get(check.name)
+            if result is None:
+                answers.append((1, "", f"the validation run did not run the check {check.name}"))
+            else:
+                answers.append((result["code"], result["stdout"], result["stderr"]))
+        return answers
+
+    async def push(self, reference: str, *, tls_verify: bool = True) -> str:
+        raise BuildError("the Tekton pipeline pushes as it builds")
+
+    async def remove_image(self, reference: str) -> None:
+        pass  # registries keep what was pushed; nothing half-made is left by a cancelled run
+
+    async def cancel_build(self, obj: dict) -> None:
+        """Stop the object's running PipelineRun (Tekton: spec.status = Cancelled)."""
+        status = obj.get("status") or {}
+        name = run_name(model.name_of(obj), obj["metadata"].get("generation", 1), status.get("run", 1))
+        api = client.CustomObjectsApi(await self._api())
+        try:
+            await api.patch_namespaced_custom_object(
+                TEKTON_GROUP, TEKTON_VERSION, self.namespace, "pipelineruns", name, {"spec": {"status": "Cancelled"}},
+                _content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    # --- the checks -------------------------------------------------------------------------
+
+    async def _validate_import(self, image: str, checks: list[Check], obj: dict) -> list:
+        status = obj.get("status") or {}
+        name = run_name(model.name_of(obj), obj["metadata"].get("generation", 1), status.get("run", 1))
+        await self._apply_configmap(name, _check_files(checks), obj)
+        spec = {"pipelineRef": {"name": "cnbi-import"}, "params": [{"name": "image", "value": image}],
+                "workspaces": [{"name": "plan", "configMap": {"name": name}}],
+                "taskRunTemplate": {"podTemplate": {"hostNetwork": True}}}
+        run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
+                                     labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)})
+        state, reason, message = succeeded_condition(run)
+        if state != "True":
+            raise PipelineRunFailed(reason or "Failed", message)
+        return await self._check_results(run, "validate")
+
+    async def _check_results(self, pipeline_run: dict, task: str) -> list:
+        output = await self._step_log(await self._task_run_of(pipeline_run, task), "validate")
+        results = []
+        for line in output.splitlines():
+            if line.startswith("CNBI-CHECK "):
+                results.append(json.loads(line[len("CNBI-CHECK "):]))
+        return results
+
+    # --- Tekton objects -----------------------------------------------------------------------
+
+    def _plain_http(self, reference: str) -> bool:
+        host = reference.split("/", 1)[0]
+        return self.insecure_registries_plain_http and host.split(":")[0] in ("127.0.0.1", "localhost")
+
+    async def _apply_configmap(self, name: str, data: dict, owner: dict | None) -> None:
+        core = client.CoreV1Api(await self._api())
+        metadata = client.V1ObjectMeta(name=name, labels={LABEL_BUILD: "plan"})
+        if owner:
+            metadata.owner_references = [_owner_reference(owner)]
+        body = client.V1ConfigMap(metadata=metadata, data=data)
+        try:
+            await core.create_namespaced_config_map(self.namespace, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise BuildError(f"could not store the build plan: {e.status} {e.reason}") from None
+            await core.replace_namespaced_config_map(name, self.namespace, body)
+
+    async def _run_to_end(self, plural: str, name: str, spec: dict, *, owner: dict | None = None,
+                          labels: dict | None = None, log: LogFn | None = None) -> dict:
+        """Create the run (or find the one created before a restart) and wait until it ends."""
+        api = client.CustomObjectsApi(await self._api())
+        kind = "PipelineRun" if plural == "pipelineruns" else "TaskRun"
+        body = {"apiVersion": f"{TEKTON_GROUP}/{TEKTON_VERSION}", "kind": kind,
+                "metadata": {"name": name, "labels": labels or {}}, "spec": spec}
+        if owner:
+            body["metadata"]["ownerReferences"] = [_owner_reference(owner, as_dict=True)]
+        try:
+            await api.create_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, body)
+        except ApiException as e:
+            if e.status != 409:
+                raise BuildError(f"could not create {kind} {name}: {e.status} {_api_message(e)}") from None
+            if log:
+                log(f"{kind} {name} already exists (started before a restart): following it")
+        deadline = time.monotonic() + self.build_timeout + 120
+        last_reason = None
+        while True:
+            run = await api.get_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, name)
+            state, reason, message = succeeded_condition(run)
+            if state in ("True", "False"):
+                return run
+            if log and reason != last_reason:
+                log(f"{kind} {name}: {reason or 'Pending'}")
+                last_reason = reason
+            if time.monotonic() > deadline:
+                return {"status": {"conditions": [{"type": "Succeeded", "status": "False", "reason": "Timeout",
+                                                   "message": f"{kind} {name} did not finish in time"}]}}
+            await asyncio.sleep(self.poll_interval)
+
+    async def _task_run_of(self, pipeline_run: dict, task: str) -> dict:
+        api = client.CustomObjectsApi(await self._api())
+        for ref in (pipeline_run.get("status") or {}).get("childReferences", []):
+            if ref.get("pipelineTaskName") == task and ref.get("kind") == "TaskRun":
+                return await api.get_namespaced_custom_object(
+                    TEKTON_GROUP, TEKTON_VERSION, self.namespace, "taskruns", ref["name"])
+        return {}
+
+    async def _step_log(self, task_run: dict, step: str) -> str:
+        pod = (task_run.get("status") or {}).get("podName")
+        if not pod:
+            return ""
+        core = client.CoreV1Api(await self._api())
+        try:
+            return await core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}")
+        except ApiException as e:
+            return f"(no log: {e.status} {e.reason})"
+
+    async def _relay_logs(self, pipeline_run: dict, task: str, log: LogFn) -> str:
+        text = await self._step_log(await self._task_run_of(pipeline_run, task), task)
+        for line in text.splitlines()[-2000:]:
+            log(line)
+        return text
+
+
+def _check_files(checks: list[Check]) -> dict:
+    """The plan ConfigMap's entries for the validation task: the checks and their runner."""
+    listed = [{"name": c.name, "argv": list(c.argv)} for c in checks]
+    return {"checks.json": json.dumps(listed), "check-runner.py": CHECK_RUNNER}
+
+
+def _owner_reference(obj: dict, as_dict: bool = False):
+    fields = {"apiVersion": model.API_VERSION, "kind": model.KIND, "name": model.name_of(obj),
+              "uid": obj["metadata"]["uid"], "blockOwnerDeletion": False}
+    if as_dict:
+        return fields
+    return client.V1OwnerReference(api_version=fields["apiVersion"], kind=fields["kind"], name=fields["name"],
+                                   uid=fields["uid"], block_owner_deletion=False)
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message", "") if e.body else ""
+    except (TypeError, ValueError):
+        return str(e.body or "")
+
