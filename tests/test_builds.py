@@ -206,16 +206,7 @@ async def test_cancel_during_building_stops_the_build_and_keeps_the_image_record
     await asyncio.sleep(1.0)
     r = await hub.api("POST", f"api/images/{name}/cancel", builder_token, {})
     assert r.code == 200, r.body
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        listing = podman("ps", "-a", "--external", "--format", "{{.Names}} {{.Image}}", env=podman_env).stdout
-        builds = [line for line in listing.splitlines() if "buildah" in line or name in line]
-        if not builds:
-            break
-        await asyncio.sleep(1)
-    assert not builds, builds
-    images = podman("images", "--format", "{{.Repository}}", env=podman_env).stdout.split()
-    assert f"localhost/cnbi/{name}" not in images
+    await assert_build_stopped(name, podman_env)
     obj = (await hub.api("GET", f"api/images/{name}", builder_token)).json()  # cancel is not delete
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building"
     assert any(c["reason"] == "Cancelled" and c["message"].startswith("cancelled by b-")
@@ -372,6 +363,20 @@ async def test_check_image(hub, builder_token, registry_with_base, local_registr
     assert r.code == 422 and r.json()["field"] == "image"
 
 
+async def assert_build_stopped(name, podman_env, timeout=60):
+    """No build container of `name` is left running, and its half-made image is gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listing = podman("ps", "-a", "--external", "--format", "{{.Names}} {{.Image}}", env=podman_env).stdout
+        builds = [line for line in listing.splitlines() if "buildah" in line or name in line]
+        if not builds:
+            break
+        await asyncio.sleep(1)
+    assert not builds, builds
+    images = podman("images", "--format", "{{.Repository}}", env=podman_env).stdout.split()
+    assert f"localhost/cnbi/{name}" not in images
+
+
 async def building(hub, token, name, timeout=300):
     """Wait until the image is in Building with podman actually running its build."""
     obj = await wait_for(hub, token, name, phases={"Building", "Ready", "Failed"}, timeout=timeout)
@@ -386,16 +391,7 @@ async def test_delete_during_building_stops_the_build(hub, builder_token, podman
     await building(hub, builder_token, name)
     await asyncio.sleep(1.0)
     assert (await hub.api("DELETE", f"api/images/{name}", builder_token)).code == 204
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        listing = podman("ps", "-a", "--external", "--format", "{{.Names}} {{.Image}}", env=podman_env).stdout
-        builds = [line for line in listing.splitlines() if "buildah" in line or name in line]
-        if not builds:
-            break
-        await asyncio.sleep(1)
-    assert not builds, builds
-    images = podman("images", "--format", "{{.Repository}}", env=podman_env).stdout.split()
-    assert f"localhost/cnbi/{name}" not in images
+    await assert_build_stopped(name, podman_env)
     assert not (hub.data_dir / "builds").exists() or not any(
         (hub.data_dir / "builds").iterdir()), list((hub.data_dir / "builds").iterdir())
 
