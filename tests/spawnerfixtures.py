@@ -91,9 +91,16 @@ async def make_ready_image(hub, service_store):
 def kubeconfig_without_cluster(tmp_path_factory):
     path = tmp_path_factory.mktemp("kube") / "config"
     path.write_text(KUBECONFIG)
+    from kubernetes_asyncio.config import kube_config
+
     old = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(path)
+    # kubernetes_asyncio reads $KUBECONFIG once, when first imported (the cluster tests import
+    # it while pytest collects): KubeSpawner's load_kube_config() uses that module default
+    old_default = kube_config.KUBE_CONFIG_DEFAULT_LOCATION
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(path)
     yield path
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = old_default
     if old is None:
         os.environ.pop("KUBECONFIG", None)
     else:
