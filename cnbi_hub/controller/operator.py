@@ -20,9 +20,10 @@ import os
 
 import kopf
 from traitlets import Bool, Dict, Integer, List, Type, Unicode, default
-from traitlets.config import Application, Config, catch_config_error
+from traitlets.config import Application, catch_config_error
 
 from .. import __version__, model
+from ..appconfig import load_layered_config
 from ..store.kubernetes import KubernetesImageStore
 from .builders.base import Builder
 from .imageaccess import ImageAccess
@@ -99,14 +100,7 @@ class CNBIOperator(Application):
         super().initialize(argv)
         if self.generate_config:
             return
-        if os.path.exists(self.config_file):
-            self.load_config_file(self.config_file)
-        if os.environ.get("CNBI_OPERATOR_CONFIG"):
-            options = json.loads(os.environ["CNBI_OPERATOR_CONFIG"])
-            sections = {k: v for k, v in options.items() if k[:1].isupper()}
-            own = {k: v for k, v in options.items() if not k[:1].isupper()}
-            self.update_config(Config({"CNBIOperator": own, **sections}))
-        self.update_config(self.cli_config)
+        load_layered_config(self, "CNBI_OPERATOR_CONFIG")
         if not self.push_registry:
             raise ValueError("CNBIOperator.push_registry is required: built images go to a registry")
 

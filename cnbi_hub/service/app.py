@@ -8,7 +8,6 @@ listens on 127.0.0.1 behind the hub's proxy.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 from urllib.parse import urlparse
@@ -18,9 +17,10 @@ from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpserver import HTTPServer
 from traitlets import Any, Bool, Dict, Float, Integer, List, Type, Unicode, default, validate
-from traitlets.config import Application, Config, catch_config_error
+from traitlets.config import Application, catch_config_error
 
 from .. import __version__, model
+from ..appconfig import load_layered_config
 from ..controller.builders.base import Builder
 from ..controller.imageaccess import ImageAccess
 from ..controller.phases import PhaseWork
@@ -211,16 +211,8 @@ class CNBIService(Application):
         super().initialize(argv)
         if self.generate_config:
             return
-        if os.path.exists(self.config_file):
-            self.load_config_file(self.config_file)
-        if os.environ.get("CNBI_SERVICE_CONFIG"):
-            # set by cnbi_hub.hubconfig.configure(service_config=...): CNBIService options, and
-            # sections for the other configurables by class name ({"Reconciler": {...}})
-            options = json.loads(os.environ["CNBI_SERVICE_CONFIG"])
-            sections = _upgrade_legacy_sections({k: v for k, v in options.items() if k[:1].isupper()}, self.log)
-            own = {k: v for k, v in options.items() if not k[:1].isupper()}
-            self.update_config(Config({"CNBIService": own, **sections}))
-        self.update_config(self.cli_config)  # the command line wins
+        # $CNBI_SERVICE_CONFIG is set by cnbi_hub.hubconfig.configure(service_config=...)
+        load_layered_config(self, "CNBI_SERVICE_CONFIG", upgrade_sections=_upgrade_legacy_sections)
         os.makedirs(self.data_dir, exist_ok=True)
         self.store = self.make_store()
         self.events = ChangeBroadcaster()
