@@ -39,7 +39,7 @@ from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 from tornado.httputil import url_concat
-from traitlets import Dict, Enum, Float, List, Unicode
+from traitlets import Bool, Dict, Enum, Float, List, Unicode
 from traitlets.config import SingletonConfigurable
 
 from . import model
@@ -115,8 +115,10 @@ def image_profile(obj: dict, *, slug_prefix: str, for_user: str | None = None, e
 
 
 def images_choice_profile(images: list[dict], *, slug: str, display_name: str, description: str,
-                          for_user: str | None = None, extra_override: dict | None = None) -> dict:
-    """One KubeSpawner profile whose `image` option chooses among `images` (admin texts as given)."""
+                          for_user: str | None = None, extra_override: dict | None = None,
+                          stream_tags: list[dict] = ()) -> dict:
+    """One KubeSpawner profile whose `image` option chooses among `images`, then the
+    ImageStream tags `stream_tags` (admin texts as given)."""
     choices = {}
     for obj in images:
         label = model.display_name_of(obj) or model.name_of(obj)
@@ -125,11 +127,55 @@ def images_choice_profile(images: list[dict], *, slug: str, display_name: str, d
             "display_name": html.escape(f"{label} — {text}" if text else label),
             "kubespawner_override": image_kubespawner_override(obj, extra_override),
         }
+    for tag in stream_tags:
+        text = imagestream_tag_description(tag)
+        label = imagestream_tag_label(tag)
+        choices[imagestream_tag_key(tag)] = {
+            "display_name": html.escape(f"{label} — {text}" if text else label),
+            "kubespawner_override": imagestream_tag_override(tag, extra_override),
+        }
     return {
         "display_name": display_name,
         "description": description,
         "slug": slug,
         "profile_options": {SINGLE_PROFILE_OPTION: {"display_name": "Image", "choices": choices}},
+    }
+
+
+def imagestream_tag_label(tag: dict) -> str:
+    return f"{tag['displayName']} ({tag['tag']})"
+
+
+def imagestream_tag_description(tag: dict) -> str:
+    """Plain text: the stream's description, its software and its visible Python packages."""
+    parts = [tag["description"].rstrip(".") + "."] if tag.get("description") else []
+    listed = [f"{p.get('name')} {p.get('version', '')}".strip() for p in tag.get("software", []) + tag.get(
+        "dependencies", []) if p.get("visible", True) and p.get("name")]
+    if listed:
+        more = len(listed) - MAX_LISTED_PACKAGES
+        parts.append(f"Includes: {', '.join(listed[:MAX_LISTED_PACKAGES])}" + (f" and {more} more." if more > 0 else "."))
+    return " ".join(parts)
+
+
+def imagestream_tag_override(tag: dict, extra_override: dict | None = None) -> dict:
+    override = copy.deepcopy(extra_override or {})
+    override["image"] = tag["image"]
+    override["environment"] = {**override.get("environment", {}), ENV_IMAGE_REFERENCE: tag["image"]}
+    return override
+
+
+def imagestream_tag_key(tag: dict) -> str:
+    return f"imagestream-{tag['stream']}-{tag['tag']}"
+
+
+def imagestream_tag_profile(tag: dict, *, slug_prefix: str, extra_override: dict | None = None) -> dict:
+    """One KubeSpawner profile for an Open Data Hub notebook ImageStream tag (texts escaped:
+    whoever imported the image wrote them)."""
+    return {
+        "display_name": html.escape(imagestream_tag_label(tag)),
+        "description": html.escape(imagestream_tag_description(tag)),
+        "slug": f"{slug_prefix}{imagestream_tag_key(tag)}",
+        "kubespawner_override": imagestream_tag_override(tag, extra_override),
     }
 
 
@@ -190,6 +236,7 @@ class ImageListing:
     images: tuple = ()
     error: str | None = None
     fetched_at: float = 0.0
+    stream_tags: tuple = ()  # Open Data Hub notebook ImageStream tags (cluster mode, OpenShift)
 
     def find(self, name: str) -> dict | None:
         return next((obj for obj in self.images if model.name_of(obj) == name), None)
@@ -289,6 +336,13 @@ class CNBISpawnerHooks(SingletonConfigurable):
         cnbi images follow as `"<display name> (<name>)": <reference with digest>`.""",
     ).tag(config=True)
 
+    include_imagestreams = Bool(
+        True,
+        help="""KubeSpawner: also offer Open Data Hub notebook ImageStream tags the service lists
+        (`api/imagestreams`: images imported in the dashboard, for every user), after the
+        user's cnbi images. Where the cluster has no image API the list is empty.""",
+    ).tag(config=True)
+
     unavailable_notice = Unicode(
         "Custom images are not available right now (the image service did not answer); "
         "the standard choices still work. Reload this page in a minute to see your images.",
@@ -336,7 +390,22 @@ class CNBISpawnerHooks(SingletonConfigurable):
             self.log.warning("cnbi: could not list the images of %s from %s: %s", username, self.service_url, e)
             return ImageListing(error=str(e) or type(e).__name__, fetched_at=now)
         ready = tuple(obj for obj in items if image_reference(obj))
-        return ImageListing(images=ready, fetched_at=now)
+        stream_tags = await self._fetch_stream_tags() if self.include_imagestreams else ()
+        return ImageListing(images=ready, fetched_at=now, stream_tags=stream_tags)
+
+    async def _fetch_stream_tags(self) -> tuple:
+        request = HTTPRequest(
+            url_path_join(self.service_url, "api/imagestreams"),
+            headers={"Authorization": f"token {self.api_token}", "Accept": "application/json"},
+            connect_timeout=self.request_timeout,
+            request_timeout=self.request_timeout,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request)
+            return tuple(tag for tag in json.loads(response.body)["items"] if tag.get("image"))
+        except Exception as e:  # the user's own images still count: offer those
+            self.log.warning("cnbi: could not list notebook ImageStreams from %s: %s", self.service_url, e)
+            return ()
 
     async def chosen_image(self, username: str, name: str, groups=()) -> dict:
         """The Ready image `name` that `username` may start, or an HTTP error they can act on."""
@@ -362,16 +431,21 @@ class CNBISpawnerHooks(SingletonConfigurable):
         images = sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o)))
         profiles = copy.deepcopy(list(self.admin_profiles))
         if self.layout == LAYOUT_ONE_PROFILE:
-            if images:
+            if images or listing.stream_tags:
                 profiles.append(images_choice_profile(
                     images, slug=f"{self.profile_slug_prefix}images", display_name=self.one_profile_display_name,
                     description=self.one_profile_description, for_user=username, extra_override=self.image_override,
+                    stream_tags=list(listing.stream_tags),
                 ))
         else:
             profiles.extend(
                 image_profile(obj, slug_prefix=self.profile_slug_prefix, for_user=username,
                               extra_override=self.image_override)
                 for obj in images
+            )
+            profiles.extend(
+                imagestream_tag_profile(tag, slug_prefix=self.profile_slug_prefix, extra_override=self.image_override)
+                for tag in listing.stream_tags
             )
         return with_notice(profiles, self._notice_html(listing))
 

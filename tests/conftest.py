@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.infra_kube",
     "tests.uifixtures",
     "tests.spawnerfixtures",
+    "tests.clusterfixtures",
 ]

@@ -156,7 +156,6 @@ def test_packages_listing_and_manifest(site):
     names = {entry["name"].lower(): entry["version"] for entry in listed}
     from importlib.metadata import version
 
-    import yaml  # noqa: F401 - PyYAML is a dependency of this project
 
     assert names["pyyaml"] == version("PyYAML")
     assert names["brokenpkg"] == "1.0"

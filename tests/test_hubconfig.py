@@ -106,3 +106,23 @@ def test_cluster_mode_stores_images_as_custom_resources_and_builds_nothing(monke
 
     with pytest.raises(ValueError, match="mode must be"):
         configure(Config(), mode="openshift")
+
+
+def test_the_service_starts_with_the_cluster_mode_options_configure_gives_it(monkeypatch, tmp_path):
+    import json
+
+    from cnbi_hub.service.app import CNBIService
+    from cnbi_hub.store.kubernetes import KubernetesImageStore
+
+    c = Config()
+    configure(c, mode="kubernetes", namespace="jhub", service_config={"data_dir": str(tmp_path)})
+    service = [s for s in c.JupyterHub.services if s["name"] == "cnbi"][0]
+    monkeypatch.setenv("CNBI_SERVICE_CONFIG", service["environment"]["CNBI_SERVICE_CONFIG"])
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", "the-token-the-hub-gives-its-services")
+    app = CNBIService()
+    app.initialize([])
+    assert isinstance(app.store, KubernetesImageStore) and app.store.namespace == "jhub"
+    assert app.reconcile is False
+    # Open Data Hub's notebook ImageStreams are read in the same namespace unless told otherwise
+    assert app.imagestream_namespaces == ["jhub"] and app.imagestreams is not None
+    assert json.loads(service["environment"]["CNBI_SERVICE_CONFIG"])["namespace"] == "jhub"

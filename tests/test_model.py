@@ -1,7 +1,5 @@
 """Validation of CustomNBImage input: every rule fails with a message naming the field."""
 
-import json
-from importlib import resources
 
 import pytest
 

@@ -19,11 +19,12 @@ import logging
 import os
 
 import kopf
-from traitlets import Bool, Dict, Integer, List, Type, Unicode, default
+from traitlets import Bool, Dict, Float, Integer, List, Type, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from .. import __version__, model
 from ..appconfig import load_layered_config
+from ..imagestreams import ImageStreams
 from ..store.kubernetes import KubernetesImageStore
 from .builders.base import Builder
 from .imageaccess import ImageAccess
@@ -92,6 +93,16 @@ class CNBIOperator(Application):
         the rest wait in Pending with a queue position. Keep it to what the nodes can run.""",
     ).tag(config=True)
 
+    publish_imagestreams = Bool(
+        True,
+        help="""Publish each Ready image as an ImageStream tag labelled for Open Data Hub
+        (`opendatahub.io/notebook-image`), where the cluster serves `image.openshift.io/v1`
+        (OpenShift). Elsewhere nothing is published: `status.image` names the image.""",
+    ).tag(config=True)
+
+    publish_retry_seconds = Float(30.0, help="Seconds before an ImageStream that could not be written is tried again.").tag(
+        config=True)
+
     work_dir = Unicode("/tmp/cnbi-operator", help="Where repository checkouts live while Prepare reads them.").tag(
         config=True)
 
@@ -115,13 +126,54 @@ class CNBIOperator(Application):
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases,
                                      max_concurrent_builds=self.max_concurrent_builds)
+        self.imagestreams = ImageStreams(parent=self, kubeconfig=self.kubeconfig)
         return self.runner
+
+    async def publish_ready_images(self) -> None:
+        """Keep each Ready image's ImageStream current (where the cluster has the image API):
+        every Ready image at start, then each that becomes Ready; a failed write is retried."""
+        if not self.publish_imagestreams or not await self.imagestreams.available():
+            self.log.info("no image.openshift.io API here: Ready images are not published as ImageStreams")
+            return
+        published: set[tuple] = set()
+        waiting: dict[str, dict] = {}
+
+        def consider(obj: dict) -> None:
+            status = obj.get("status") or {}
+            key = (obj["metadata"].get("uid"), obj["metadata"].get("generation"), status.get("image"))
+            if model.phase_of(obj) == model.PHASE_READY and status.get("image") and key not in published:
+                waiting[model.name_of(obj)] = obj
+
+        changes = self.store.watch()
+        with changes:
+            for obj in await self.store.list():
+                consider(obj)
+            while True:
+                for name, obj in list(waiting.items()):
+                    try:
+                        await self.imagestreams.publish(obj)
+                    except Exception as e:  # the apiserver's answer; the next round tries again
+                        self.log.warning("could not publish %s as an ImageStream: %s", name, e)
+                        continue
+                    status = obj.get("status") or {}
+                    published.add((obj["metadata"].get("uid"), obj["metadata"].get("generation"), status.get("image")))
+                    del waiting[name]
+                    self.log.info("published %s as ImageStream tag %s", name, status.get("image"))
+                try:
+                    event = await changes.get(timeout=self.publish_retry_seconds if waiting else None)
+                except asyncio.TimeoutError:
+                    continue
+                if event.type == "DELETED":
+                    waiting.pop(model.name_of(event.object), None)
+                else:
+                    consider(event.object)
 
     async def run(self, stop: asyncio.Event | None = None, ready: asyncio.Event | None = None) -> None:
         """Run until `stop` is set (or SIGTERM): the engine plus kopf's finalizer handling."""
         runner = self.make_engine()
         await self.store.start()
         await runner.start()
+        publisher = asyncio.create_task(self.publish_ready_images())
         registry = kopf.OperatorRegistry()
         _register_handlers(registry, self)
         stop = stop or asyncio.Event()
@@ -129,7 +181,10 @@ class CNBIOperator(Application):
             await kopf.operator(registry=registry, namespaces=[self.namespace], standalone=True,
                                 stop_flag=stop, ready_flag=ready, clusterwide=False)
         finally:
+            publisher.cancel()
             await runner.stop()
+            await asyncio.gather(publisher, return_exceptions=True)
+            await self.imagestreams.close()
             await self.store.aclose()
             if hasattr(self.builder, "close"):
                 await self.builder.close()
@@ -167,6 +222,8 @@ def _register_handlers(registry: kopf.OperatorRegistry, app: CNBIOperator) -> No
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
             await app.builder.cancel_build(obj)
             logger.info("cancelled the running build of %s", model.name_of(obj))
+        if app.publish_imagestreams:
+            await app.imagestreams.unpublish(obj)  # its tags go now, not when the collector gets to it
 
 
 def main(argv=None):

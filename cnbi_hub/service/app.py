@@ -26,6 +26,7 @@ from ..controller.imageaccess import ImageAccess
 from ..controller.phases import PhaseWork
 from ..controller.runner import EmbeddedRunner
 from ..imageref import parse_image_reference
+from ..imagestreams import ImageStreams
 from ..store.base import ChangeBroadcaster
 from . import handlers, pages
 
@@ -119,6 +120,21 @@ class CNBIService(Application):
         "default", help="The namespace objects live in (the Kubernetes namespace in cluster mode)."
     ).tag(config=True)
 
+    imagestream_namespaces = List(
+        Unicode(),
+        help="""Namespaces whose Open Data Hub notebook ImageStreams (`opendatahub.io/notebook-image:
+        "true"`, e.g. images imported in the dashboard) are offered on the spawn form beside
+        CustomNBImages, where the cluster serves `image.openshift.io/v1`. Open Data Hub keeps
+        them in its applications namespace, e.g. `["opendatahub"]`. Default: `[namespace]` in
+        cluster mode, none in embedded mode.""",
+    ).tag(config=True)
+
+    @default("imagestream_namespaces")
+    def _default_imagestream_namespaces(self):
+        from ..store.kubernetes import KubernetesImageStore
+
+        return [self.namespace] if issubclass(self.store_class, KubernetesImageStore) else []
+
     base_images = List(
         Dict(),
         help="""The base images users choose from for PackageList builds, shown in the Lab panel.
@@ -185,6 +201,7 @@ class CNBIService(Application):
 
     store_class = Type(
         "cnbi_hub.store.sqlite.SQLImageStore",
+        klass=object,  # any class with the ImageStore methods (a Protocol cannot be a klass)
         help="""Where CustomNBImage objects live. Embedded mode: `cnbi_hub.store.sqlite.SQLImageStore`
         (SQLAlchemy, `db_url`). Cluster mode: `cnbi_hub.store.kubernetes.KubernetesImageStore`
         (custom resources in `namespace`; set `reconcile = False`, the operator builds).""",
@@ -229,6 +246,7 @@ class CNBIService(Application):
             work_dir=os.path.join(self.data_dir, "builds"),
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases, publish=self.events.publish)
+        self.imagestreams = ImageStreams(parent=self) if self.imagestream_namespaces else None
         self.hub_auth = HubOAuth(
             api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""),
             cache_max_age=60,
@@ -256,6 +274,7 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
             (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
+            (route("api/imagestreams"), handlers.ImageStreamsHandler),
             (route("api/settings"), handlers.SettingsHandler),
             (route("api/check-image"), handlers.CheckImageHandler),
             (route("metrics"), handlers.MetricsHandler),

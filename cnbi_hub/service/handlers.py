@@ -498,6 +498,24 @@ class BaseImagesHandler(APIHandler):
         self.write_json({"items": self.cnbi.base_images})
 
 
+class ImageStreamsHandler(APIHandler):
+    """GET api/imagestreams — Open Data Hub notebook ImageStream tags (imported in the
+    dashboard, meant for every user) that servers can start on; empty without the image API."""
+
+    async def get(self):
+        streams = self.cnbi.imagestreams
+        if streams is None:
+            self.write_json({"items": [], "available": False})
+            return
+        try:
+            available = await streams.available()
+            items = await streams.notebook_tags(self.cnbi.imagestream_namespaces) if available else []
+        except Exception as e:  # the cluster's answer, whatever it was, in words
+            self.log.warning("could not list ImageStreams: %s", e)
+            raise FieldError(503, f"the cluster did not list its notebook ImageStreams: {e}") from None
+        self.write_json({"items": items, "available": available})
+
+
 class OpenAPIHandler(BaseHandler):
     """GET api/openapi.yaml — public, like the hub's own API description."""
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import hashlib
-import os
 
-from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .. import model
+from ..kubeclient import api_client, api_message
 from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreError, Subscription, WatchEvent
 
 GROUP_LABEL_PREFIX = f"group.{model.PREFIX}/"
@@ -57,16 +57,8 @@ def _status_code_error(e: ApiException, name: str) -> StoreError:
     if e.status == 409:
         return Conflict(f"image {name} was changed by someone else; read it again and retry",
                         "metadata.resourceVersion")
-    return StoreError(f"the Kubernetes API refused the write ({e.status} {e.reason}): {_api_message(e)}")
+    return StoreError(f"the Kubernetes API refused the write ({e.status} {e.reason}): {api_message(e)}")
 
-
-def _api_message(e: ApiException) -> str:
-    import json
-
-    try:
-        return json.loads(e.body).get("message", "") if e.body else ""
-    except (TypeError, ValueError):
-        return str(e.body or "")
 
 
 class KubernetesImageStore(LoggingConfigurable):
@@ -98,15 +90,7 @@ class KubernetesImageStore(LoggingConfigurable):
 
     async def _api(self) -> client.ApiClient:
         if self._api_client is None:
-            configuration = client.Configuration()
-            path = self.kubeconfig or os.environ.get("KUBECONFIG", "")
-            if path:
-                await config.load_kube_config(config_file=path, client_configuration=configuration)
-            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-                config.load_incluster_config(client_configuration=configuration)
-            else:
-                await config.load_kube_config(client_configuration=configuration)
-            self._api_client = client.ApiClient(configuration)
+            self._api_client = await api_client(self.kubeconfig)
         return self._api_client
 
     async def _objects(self) -> client.CustomObjectsApi:
@@ -227,7 +211,7 @@ class KubernetesImageStore(LoggingConfigurable):
             if e.status == 409:
                 raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name") from None
             if e.status == 422:
-                raise StoreError(f"the cluster refused the image: {_api_message(e)}") from None
+                raise StoreError(f"the cluster refused the image: {api_message(e)}") from None
             raise _status_code_error(e, meta["name"]) from None
         # A CRD with a status subresource ignores status on create: write it through the
         # subresource. Someone may write first (the operator adding its finalizer, or already

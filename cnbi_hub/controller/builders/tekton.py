@@ -20,11 +20,12 @@ import os
 import time
 from pathlib import Path
 
-from kubernetes_asyncio import client, config
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from traitlets import Bool, Float, Unicode, default
 
 from ... import model
+from ...kubeclient import api_client, api_message
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, LogFn, PullAccess, StoredImage
@@ -114,13 +115,7 @@ class TektonBuilder(Builder):
 
     async def _api(self):
         if self._api_client is None:
-            configuration = client.Configuration()
-            path = self.kubeconfig or os.environ.get("KUBECONFIG", "")
-            if path:
-                await config.load_kube_config(config_file=path, client_configuration=configuration)
-            else:
-                config.load_incluster_config(client_configuration=configuration)
-            self._api_client = client.ApiClient(configuration)
+            self._api_client = await api_client(self.kubeconfig)
         return self._api_client
 
     async def close(self) -> None:
@@ -303,7 +298,7 @@ class TektonBuilder(Builder):
             await api.create_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, body)
         except ApiException as e:
             if e.status != 409:
-                raise BuildError(f"could not create {kind} {name}: {e.status} {_api_message(e)}") from None
+                raise BuildError(f"could not create {kind} {name}: {e.status} {api_message(e)}") from None
             if log:
                 log(f"{kind} {name} already exists (started before a restart): following it")
         deadline = time.monotonic() + self.build_timeout + 120
@@ -359,11 +354,4 @@ def _owner_reference(obj: dict, as_dict: bool = False):
         return fields
     return client.V1OwnerReference(api_version=fields["apiVersion"], kind=fields["kind"], name=fields["name"],
                                    uid=fields["uid"], block_owner_deletion=False)
-
-
-def _api_message(e: ApiException) -> str:
-    try:
-        return json.loads(e.body).get("message", "") if e.body else ""
-    except (TypeError, ValueError):
-        return str(e.body or "")
 
