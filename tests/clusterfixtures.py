@@ -72,7 +72,8 @@ def cluster_registry(kube_node, local_registry, notebook_base_images, podman_env
 class Operator:
     """`python -m cnbi_hub.controller` on this machine, as the operator's ServiceAccount."""
 
-    def __init__(self, cluster, namespace: str, registry: dict, log_path: Path):
+    def __init__(self, cluster, namespace: str, registry: dict, log_path: Path, overrides: dict | None = None):
+        self.overrides = overrides or {}
         self.identity = cluster.serviceaccount_identity(namespace, "cnbi-operator", create=False)
         self.kubeconfig = cluster.kubeconfig[self.identity]
         self.namespace = namespace
@@ -86,6 +87,8 @@ class Operator:
             "TektonBuilder": {"builder_image": self.registry["builder"], "poll_interval": 0.5},
             "PhaseWork": {"ca_bundle": CA_BUNDLE if os.path.exists(CA_BUNDLE) else ""},
         }
+        for key, value in self.overrides.items():
+            config[key] = {**config[key], **value} if isinstance(value, dict) else value
         env = dict(os.environ, CNBI_OPERATOR_CONFIG=json.dumps(config))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -7,13 +7,16 @@ The operator runs on this machine as its own ServiceAccount (a real token), with
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import time
 
 import pytest
 
 from cnbi_hub import model
 from cnbi_hub.store.kubernetes import KubernetesImageStore
-from tests.clusterfixtures import apply, pipeline_runs, rendered_manifests, wait_for_phase
+from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
 
 pytestmark = pytest.mark.kube
 
@@ -110,3 +113,87 @@ async def test_operator_builds_an_image_with_a_tekton_pipelinerun(kube_node, clu
         assert "check imports: ok" in log and "==> Building -> Ready" in log
     finally:
         await store.aclose()
+
+
+async def wait_for_running_pipelinerun(cluster, namespace: str, name: str, timeout: float = 300) -> dict:
+    """The PipelineRun `name` once Tekton says it is Running (its build pod started)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {r["metadata"]["name"]: r for r in pipeline_runs(cluster, namespace)}
+        run = runs.get(name)
+        if run and any(c["type"] == "Succeeded" and c.get("reason") == "Running"
+                       for c in (run.get("status") or {}).get("conditions", [])):
+            return run
+        assert time.monotonic() < deadline, f"PipelineRun {name} never ran: {sorted(runs)}"
+        await asyncio.sleep(0.5)
+
+
+def failure_message(obj: dict) -> str:
+    return " ".join(c.get("message", "") for c in obj["status"].get("conditions", []) if c.get("status") == "False")
+
+
+async def test_an_operator_killed_mid_build_follows_the_same_pipelinerun_after_restart(
+        kube_node, cluster_namespace, cluster_registry, operator):
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    try:
+        await store.create(image_object("survivor", cluster_registry["base"]))
+        await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-survivor-g1-r1")
+        operator.kill()  # SIGKILL: no cleanup, no status written
+        assert model.phase_of(await store.get("survivor")) == "Building"
+        operator.start()
+        obj = await wait_for_phase(store, "survivor", model.TERMINAL_PHASES)
+        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+        # one build: the restarted operator found its PipelineRun and followed it to the end
+        assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)] == ["cnbi-survivor-g1-r1"]
+        assert "already exists (started before a restart): following it" in await store.get_artifact("survivor", "log")
+    finally:
+        await store.aclose()
+
+
+async def test_a_pipelinerun_cancelled_in_tekton_ends_the_image_failed_with_tektons_words(
+        kube_node, cluster_namespace, cluster_registry, operator):
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    try:
+        await store.create(image_object("stopped", cluster_registry["base"]))
+        await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-stopped-g1-r1")
+        # someone (a cluster admin, `tkn pipelinerun cancel`) cancels the run itself
+        kube_node.kubectl("patch", "pipelineruns.tekton.dev", "cnbi-stopped-g1-r1", "-n", cluster_namespace,
+                          "--type=merge", "-p", '{"spec": {"status": "Cancelled"}}')
+        obj = await wait_for_phase(store, "stopped", model.TERMINAL_PHASES, timeout=300)
+        assert model.phase_of(obj) == "Failed", json.dumps(obj["status"], indent=1)
+        [run] = pipeline_runs(kube_node, cluster_namespace)
+        succeeded = [c for c in run["status"]["conditions"] if c["type"] == "Succeeded"][0]
+        assert succeeded["status"] == "False" and succeeded["reason"] == "Cancelled"
+        assert succeeded["message"] in failure_message(obj), (succeeded["message"], obj["status"])
+        assert any(c.get("reason") == "Cancelled" for c in obj["status"]["conditions"])
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket is closed
+
+
+async def test_a_failing_build_ends_failed_with_tektons_reason_and_the_steps_own_words(
+        kube_node, cluster_namespace, cluster_registry, closed_port, tmp_path):
+    # builds push to a registry that is not there: buildah's push step fails inside Tekton
+    unreachable = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                           overrides={"push_registry": f"127.0.0.1:{closed_port}/built"}).start()
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    try:
+        await store.create(image_object("unpushable", cluster_registry["base"]))
+        obj = await wait_for_phase(store, "unpushable", model.TERMINAL_PHASES)
+        assert model.phase_of(obj) == "Failed", json.dumps(obj["status"], indent=1) + unreachable.log()
+        [run] = pipeline_runs(kube_node, cluster_namespace)
+        succeeded = [c for c in run["status"]["conditions"] if c["type"] == "Succeeded"][0]
+        assert succeeded["status"] == "False" and succeeded["reason"] == "Failed"
+        message = failure_message(obj)
+        assert succeeded["message"] in message  # Tekton's sentence...
+        assert f"127.0.0.1:{closed_port}" in message and "connection refused" in message.lower()  # ...and buildah's
+    finally:
+        await store.aclose()
+        unreachable.stop()
+        print("--- operator log (tail) ---\n" + unreachable.log())
