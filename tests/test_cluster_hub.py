@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -180,6 +181,23 @@ def dashboard_imagestream(namespace: str, base: str, missing: str) -> dict:
     }
 
 
+def follow_events(hub: HubProcess, name: str, token: str, events: list, timeout: float = 900) -> None:
+    """Read api/images/{name}/events (Server-Sent Events) into `events` until the image is final."""
+    with requests.get(hub.url + f"services/cnbi/api/images/{name}/events", stream=True, timeout=(10, 60),
+                      headers={"Authorization": f"token {token}"}) as response:
+        kind, deadline = None, time.monotonic() + timeout
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("event: "):
+                kind = line[len("event: "):]
+            elif line.startswith("data: ") and kind:
+                data = json.loads(line[len("data: "):])
+                events.append((kind, data))
+                if kind == "object" and model.phase_of(data) in model.TERMINAL_PHASES or kind == "deleted":
+                    return
+            if time.monotonic() > deadline:
+                return
+
+
 def profile_slugs(form: str) -> list[str]:
     return re.findall(r'name="profile"\s+id="profile-item-([^"]+)"', form)
 
@@ -224,6 +242,11 @@ def test_hub_in_cluster_mode_builds_publishes_and_spawns_a_kubespawner_pod(
         resource = cluster.get(f"customnbimages.meteor.zone/{name}", namespace=namespace)
         assert model.creator_of(resource) == "alice" and resource["spec"]["packageVersions"] == ["tabulate==0.9.0"]
 
+        # the panel's live view: the events stream carries the build pod's log while it builds
+        events: list[tuple[str, dict]] = []
+        follower = threading.Thread(target=follow_events, args=(hub, name, alice, events), daemon=True)
+        follower.start()
+
         def image():
             return hub.call("GET", f"services/cnbi/api/images/{name}", alice).json()
 
@@ -231,6 +254,13 @@ def test_hub_in_cluster_mode_builds_publishes_and_spawns_a_kubespawner_pod(
                    lambda: json.dumps(image().get("status"), indent=1) + operator.log())
         assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
         reference = obj["status"]["image"]
+        follower.join(timeout=60)
+        kinds = [kind for kind, _ in events]
+        assert "log" in kinds and "object" in kinds, kinds
+        first_final = next(i for i, (kind, data) in enumerate(events)
+                           if kind == "object" and model.phase_of(data) in model.TERMINAL_PHASES)
+        live = [data["line"] for kind, data in events[:first_final] if kind == "log"]
+        assert any(line.startswith("STEP ") for line in live), "\n".join(live)  # buildah, in the build pod
         assert [r["metadata"]["name"] for r in pipeline_runs(cluster, namespace)] == [f"cnbi-{name}-g1-r1"]
         log = hub.call("GET", f"services/cnbi/api/images/{name}/logs", alice)
         assert log.status_code == 200 and "PipelineRun" in log.text and "check imports: ok" in log.text

@@ -131,3 +131,22 @@ async def test_cancelled_check_leaves_no_container(notebook_base_images, podman_
         await task
     left = podman("ps", "-a", "--format", "{{.Names}}", env=podman_env).stdout.split()
     assert not [n for n in left if n.startswith("cnbi-run-")], left
+
+
+def test_appended_lines_finds_what_a_log_kept_elsewhere_gained_between_two_reads():
+    from cnbi_hub.controller.buildlog import BuildLog, appended_lines
+
+    assert appended_lines("", "a\nb\n") == ["a", "b"]
+    assert appended_lines("a\nb\n", "a\nb\nc\nd\n") == ["c", "d"]
+    assert appended_lines("a\nb\n", "a\nb\n") == []
+    # a log that keeps its head and tail drops lines from its middle: matched on the last lines
+    log = BuildLog(head=2, tail=4)
+    for line in "12345":
+        log.append(line)
+    before = log.text()
+    for line in "678":
+        log.append(line)
+    assert "not kept" in log.text()
+    assert appended_lines(before, log.text()) == ["6", "7", "8"]
+    # a new run's log shares nothing with the last one: all of it is new
+    assert appended_lines("x\ny\n", "=== Run 2 ===\nz\n") == ["=== Run 2 ===", "z"]

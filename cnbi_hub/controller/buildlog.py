@@ -32,3 +32,18 @@ class BuildLog:
             lines.append(f"[... {self.dropped} lines not kept ...]")
         lines.extend(self.tail)
         return "\n".join(lines) + ("\n" if lines else "")
+
+
+def appended_lines(before: str, after: str) -> list[str]:
+    """The lines `after` has that `before` did not: what was written between two reads of a
+    log kept elsewhere (cluster mode: the operator's copy in the store). A log that dropped
+    lines from its middle (BuildLog's head and tail) is matched on `before`'s last lines."""
+    old, new = before.splitlines(), after.splitlines()
+    if new[:len(old)] == old:
+        return new[len(old):]
+    for k in range(min(len(old), 20), 0, -1):  # the longest recent stretch of `before` in `after`
+        tail = old[-k:]
+        for start in range(len(new) - k, -1, -1):
+            if new[start:start + k] == tail:
+                return new[start + k:]
+    return new  # nothing in common (a new run's log): all of it is new

@@ -193,6 +193,12 @@ class CNBIService(Application):
         15.0, help="Seconds between heartbeat comments on the events stream (keeps proxies from timing out)."
     ).tag(config=True)
 
+    log_poll_interval = Float(
+        2.0,
+        help="""Cluster mode: seconds between reads of a building image's log (the operator
+        writes it to the store) for the live log lines of `api/images/{name}/events`.""",
+    ).tag(config=True)
+
     reconcile = Bool(
         True,
         help="""Run the reconciler (and so the builds) inside this service: embedded mode.

@@ -23,6 +23,7 @@ from .. import model
 from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
+from ..controller.buildlog import appended_lines
 from ..controller.statemachine import cancelled, rebuilt
 from ..store.base import AlreadyExists, NotFound, modify_status
 
@@ -357,6 +358,34 @@ class ImageEventsHandler(APIHandler):
             self.finish()
 
     async def follow(self, changes, name: str, uid: str, seen_version: int) -> None:
+        relay = None
+        if not self.cnbi.reconcile:
+            # cluster mode: the operator writes the log to the store; pass on what it adds
+            relay = asyncio.create_task(self.relay_stored_log(name))
+        try:
+            await self._follow(changes, name, uid, seen_version)
+        finally:
+            if relay is not None:
+                relay.cancel()
+
+    async def relay_stored_log(self, name: str) -> None:
+        seen = await self.store.get_artifact(name, "log") or ""
+        while not self._closed:
+            await asyncio.sleep(self.cnbi.log_poll_interval)
+            try:
+                current = await self.store.get_artifact(name, "log") or ""
+            except Exception as e:  # the store's trouble is the object stream's to report
+                self.log.debug("log relay for %s: %s", name, e)
+                continue
+            if current != seen:
+                try:
+                    for line in appended_lines(seen, current):
+                        await self.send("log", {"line": line})
+                except StreamClosedError:
+                    return
+                seen = current
+
+    async def _follow(self, changes, name: str, uid: str, seen_version: int) -> None:
         heartbeat = self.cnbi.heartbeat_interval
         while not self._closed:
             try:

@@ -15,6 +15,7 @@ inspected with a one-step TaskRun on the image (cached per digest).
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -191,10 +192,24 @@ class TektonBuilder(Builder):
             "taskRunTemplate": {"podTemplate": {"hostNetwork": True}},
         }
         log(f"PipelineRun {name} ({pipeline})")
-        run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
-                                     labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)}, log=log)
+        # the build step's log reaches the user as it is written, not when the run ends
+        ended = asyncio.Event()
+        build_lines: collections.deque[str] = collections.deque(maxlen=2000)
+        follower = asyncio.create_task(self._follow_step_log(name, "build", "build", log, build_lines, ended))
+        try:
+            run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
+                                         labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)}, log=log)
+        finally:
+            ended.set()
+            try:
+                await asyncio.wait_for(follower, 15)  # the stream ends with the container
+            except asyncio.TimeoutError:
+                pass  # wait_for cancelled it: what was streamed so far is what there is
         state, reason, message = succeeded_condition(run)
-        build_output = await self._relay_logs(run, "build", log)
+        if build_lines:
+            build_output = "\n".join(build_lines)
+        else:  # the pod ended before it could be followed: read what it left
+            build_output = await self._relay_logs(run, "build", log)
         if state != "True":
             # Tekton's message counts tasks; what the user can act on is the step's own words
             tail = "\n".join([line for line in build_output.splitlines() if line.strip()][-15:])
@@ -333,6 +348,52 @@ class TektonBuilder(Builder):
             return await core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}")
         except ApiException as e:
             return f"(no log: {e.status} {e.reason})"
+
+    async def _follow_step_log(self, run_name: str, task: str, step: str, log: LogFn,
+                               lines: collections.deque, ended: asyncio.Event) -> None:
+        """Stream the step's container log into `log` (and `lines`) from the moment its pod
+        runs until the container ends; give up quietly once the run has `ended` without one."""
+        api = client.CustomObjectsApi(await self._api())
+        core = client.CoreV1Api(await self._api())
+        pod = None
+        while pod is None:
+            try:
+                run = await api.get_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace,
+                                                             "pipelineruns", run_name)
+                pod = ((await self._task_run_of(run, task)).get("status") or {}).get("podName")
+            except ApiException:
+                pod = None
+            if pod is None:
+                if ended.is_set():
+                    return
+                await asyncio.sleep(self.poll_interval)
+        while True:
+            try:
+                response = await core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}",
+                                                              follow=True, _preload_content=False)
+            except ApiException:
+                return
+            if response.status != 200:  # unread (not raised): 400 while the container waits to start
+                response.release()
+                if response.status in (400, 404) and not ended.is_set():
+                    await asyncio.sleep(self.poll_interval)
+                    continue
+                return
+            try:
+                pending = b""
+                async for chunk in response.content.iter_any():
+                    pending += chunk
+                    *complete, pending = pending.split(b"\n")
+                    for raw in complete:
+                        line = raw.decode(errors="replace")
+                        lines.append(line)
+                        log(line)
+                if pending:
+                    lines.append(pending.decode(errors="replace"))
+                    log(lines[-1])
+            finally:
+                response.release()
+            return
 
     async def _relay_logs(self, pipeline_run: dict, task: str, log: LogFn) -> str:
         text = await self._step_log(await self._task_run_of(pipeline_run, task), task)
