@@ -273,6 +273,13 @@ async def test_import_from_local_registry_reaches_ready(hub, builder_token, regi
     assert "Resolving" not in obj["status"]["phaseTimes"]
     assert condition(obj, "ImageImportReady")["status"] == "True"
     assert any(p["name"].lower() == "jupyterhub" for p in obj["status"]["packages"])
+    # the same import again: nothing to validate twice
+    again = await wait_for(hub, builder_token, await create(
+        hub, builder_token, {"buildType": "ImageImport", "fromImage": registry_with_base["user"]}))
+    assert model.phase_of(again) == "Ready", explain(again)
+    assert again["status"]["image"] == obj["status"]["image"] and again["status"]["reusedFrom"] == name
+    assert "Building" not in again["status"]["phaseTimes"] and again["status"]["packages"] == obj["status"]["packages"]
+    await hub.api("DELETE", f"api/images/{model.name_of(again)}", builder_token)
 
 
 async def test_import_without_jupyterhub_fails_naming_singleuser(hub, builder_token, registry_with_base):

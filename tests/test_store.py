@@ -34,6 +34,10 @@ async def test_create_get_list_delete(db_url):
     await store.create(new_object("two", owner="bob"))
     assert [model.name_of(o) for o in await store.list()] == ["one", "two"]
     assert [model.name_of(o) for o in await store.list(owner="bob")] == ["two"]
+    two = await store.get("two")
+    await store.update_status("two", {**two["status"], "phase": "Ready", "specHash": "sha256:" + "a" * 64})
+    assert [model.name_of(o) for o in await store.list(phase="Ready", spec_hash="sha256:" + "a" * 64)] == ["two"]
+    assert await store.list(spec_hash="sha256:" + "b" * 64) == []
     await store.delete("one")
     with pytest.raises(NotFound):
         await store.get("one")

@@ -131,9 +131,12 @@ async def test_lists_filter_on_the_server_by_owner_sharing_groups_and_phase(stor
 
     # phase and build type are the CRD's selectable fields
     ready = await store.get("bob-shared")
-    await store.update_status("bob-shared", {**ready["status"], "phase": "Ready"})
+    await store.update_status("bob-shared", {**ready["status"], "phase": "Ready", "specHash": "sha256:" + "a" * 64})
     assert names(await store.list(phase="Ready")) == ["bob-shared"]
     assert names(await store.list(build_type="ImageImport")) == []
+    # so is the spec hash: finding an identical image costs one filtered list, however many there are
+    assert names(await store.list(phase="Ready", spec_hash="sha256:" + "a" * 64)) == ["bob-shared"]
+    assert names(await store.list(spec_hash="sha256:" + "b" * 64)) == []
 
 
 @pytest.mark.parametrize("spec,words", [

@@ -179,6 +179,12 @@ class PhaseWork(LoggingConfigurable):
                                "the repository has environment.yml, but the base image has neither mamba nor conda; "
                                "add a requirements.txt or choose a conda-based image", observed)
             return Outcome(True, "RepositoryPinned", f"{spec['repository']} at {observed['gitCommit'][:12]}", observed)
+        if spec["buildType"] == "ImageImport":
+            # an import has nothing to resolve: the same image, already validated, is reused here
+            observed["specHash"] = spec_hash(obj, observed["resolvedBaseImage"], None)
+            reused = await self.find_reusable(obj, observed["specHash"])
+            if reused is not None:
+                return self._reused(reused, observed)
         return Outcome(True, "ImagePinned", observed["resolvedBaseImage"], observed)
 
     async def prepare_base(self, obj: dict, observed: dict, say=_no_log) -> Outcome | None:
@@ -271,7 +277,12 @@ class PhaseWork(LoggingConfigurable):
             return Outcome(False, "InvalidRequirements", str(e))
         if requirements is None:
             key = spec_hash(obj, status.get("resolvedBaseImage", ""), None)
-            return Outcome(True, "NothingToResolve", "the repository builds itself", {"specHash": key})
+            reused = await self.find_reusable(obj, key)
+            if reused is not None:  # the same image imported, or the same commit built, before
+                return self._reused(reused, {"specHash": key})
+            what = ("the image is used as it is" if obj["spec"]["buildType"] == "ImageImport"
+                    else "the repository builds itself")
+            return Outcome(True, "NothingToResolve", what, {"specHash": key})
         info = BaseImageInfo.from_status(status["baseImageInfo"])
         say(f"resolving {len(requirements)} requirements for Python {info.python_version} "
             f"against the {len(info.packages)} packages already in the base image")
@@ -285,15 +296,19 @@ class PhaseWork(LoggingConfigurable):
         say(f"locked {len(lock.packages)} packages")
         reused = await self.find_reusable(obj, key)
         if reused is not None:
-            observed.update(reused)
-            message = (f"identical to {reused['reusedFrom']}" if reused.get("reusedFrom")
-                       else "unchanged since the previous run: keeping its image")
-            return Outcome(True, "Reused", message, observed, skip_to=PHASE_READY)
+            return self._reused(reused, observed)
         previous = await self.find_previous_generation(obj, lock.text, status["resolvedBaseImage"])
         if previous is not None:
             observed["layeredOn"] = previous
             say(f"{previous['name']} has a subset of these packages: building on it, installing only the rest")
         return Outcome(True, "LockResolved", f"{len(lock.packages)} packages", observed)
+
+    @staticmethod
+    def _reused(reused: dict, observed: dict) -> Outcome:
+        observed = {**observed, **reused}
+        message = (f"identical to {reused['reusedFrom']}" if reused.get("reusedFrom")
+                   else "unchanged since the previous run: keeping its image")
+        return Outcome(True, "Reused", message, observed, skip_to=PHASE_READY)
 
     async def _resolve_lock_cached(self, requirements: list[str], info: BaseImageInfo):
         constraints = constraints_from_pip_list(info.packages)
@@ -326,7 +341,7 @@ class PhaseWork(LoggingConfigurable):
         nothing is named: the run keeps its previous image.
         """
         own_name, own_uid = model.name_of(obj), obj["metadata"]["uid"]
-        for other in await self.store.list(phase=PHASE_READY):
+        for other in await self.store.list(phase=PHASE_READY, spec_hash=key):
             status = other.get("status") or {}
             if other["metadata"]["uid"] == own_uid or status.get("specHash") != key or not status.get("image"):
                 continue

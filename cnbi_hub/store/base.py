@@ -58,6 +58,7 @@ class ImageStore(Protocol):
     async def list(
         self, *, owner: str | None = None, include_shared: bool = False, groups=(), phase: str | None = None,
         build_type: str | None = None,
+        spec_hash: str | None = None,
     ) -> list[dict]:
         """Oldest first; `owner` limits to one creator (plus, with `include_shared`, images
         shared with everyone or with one of `groups`)."""

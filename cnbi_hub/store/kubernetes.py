@@ -165,10 +165,13 @@ class KubernetesImageStore(LoggingConfigurable):
         groups=(),
         phase: str | None = None,
         build_type: str | None = None,
+        spec_hash: str | None = None,
     ) -> list[dict]:
-        """Objects, oldest first, filtered by the apiserver (labels; phase and build type are
-        the CRD's selectable fields)."""
+        """Objects, oldest first, filtered by the apiserver (labels; phase, build type and spec
+        hash are the CRD's selectable fields)."""
         fields = []
+        if spec_hash:
+            fields.append(f"status.specHash={spec_hash}")
         if phase:
             fields.append(f"status.phase={phase}")
         if build_type:
