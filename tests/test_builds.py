@@ -145,6 +145,23 @@ async def test_identical_request_is_reused_without_building(hub, builder_token):
     print(f"identical request reached Ready in {elapsed:.2f}s")
 
 
+async def test_identical_requests_at_the_same_time_build_once(hub, builder_token):
+    spec = {"buildType": "PackageList", "baseImage": USER_BASE, "packageVersions": ["tabulate==0.8.10"]}
+    names = await asyncio.gather(create(hub, builder_token, spec), create(hub, builder_token, spec))
+    done = [await wait_for(hub, builder_token, name) for name in names]
+    assert [model.phase_of(o) for o in done] == ["Ready", "Ready"], [explain(o) for o in done]
+    builders = [o for o in done if "reusedFrom" not in o["status"]]
+    waiters = [o for o in done if "reusedFrom" in o["status"]]
+    assert len(builders) == 1 and len(waiters) == 1, [o["status"].get("reusedFrom") for o in done]
+    assert waiters[0]["status"]["reusedFrom"] == model.name_of(builders[0])
+    assert waiters[0]["status"]["image"] == builders[0]["status"]["image"]
+    assert "Building" not in waiters[0]["status"]["phaseTimes"]
+    log = (await hub.api("GET", f"api/images/{model.name_of(waiters[0])}/logs", builder_token)).body.decode()
+    assert f"{model.name_of(builders[0])} is building the same image now: waiting for it" in log
+    for name in names:
+        await hub.api("DELETE", f"api/images/{name}", builder_token)
+
+
 async def test_adding_a_package_builds_on_the_previous_generation(hub, builder_token, podman_env):
     first = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
                                               "packageVersions": ["text-unidecode==1.3"]})

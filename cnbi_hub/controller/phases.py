@@ -105,6 +105,10 @@ class PhaseWork(LoggingConfigurable):
         self._lock_cache: dict[tuple, tuple[float, object]] = {}
         self._targets: dict[str, str] = {}  # uid -> image being built (removed if cancelled)
         self._building: dict[str, dict] = {}  # uid -> the object whose build runs now
+        # spec hash -> (name, future) of the object building it now: identical requests that
+        # arrive meanwhile wait for it and reuse its image instead of building it again
+        self._in_flight: dict[str, tuple[str, asyncio.Future]] = {}
+        self._claims: dict[str, str] = {}  # uid -> the spec hash it builds
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -133,6 +137,10 @@ class PhaseWork(LoggingConfigurable):
         work = Path(self.work_dir) / uid
         if work.exists():
             await asyncio.to_thread(shutil.rmtree, work, True)
+        key = self._claims.pop(uid, None)
+        if key is not None:
+            _, done = self._in_flight.pop(key)
+            done.set_result(None)  # those waiting look again: reuse if it became Ready, else build
         target = self._targets.pop(uid, None)
         building = self._building.pop(uid, None)
         if cancelled and building is not None:
@@ -182,7 +190,7 @@ class PhaseWork(LoggingConfigurable):
         if spec["buildType"] == "ImageImport":
             # an import has nothing to resolve: the same image, already validated, is reused here
             observed["specHash"] = spec_hash(obj, observed["resolvedBaseImage"], None)
-            reused = await self.find_reusable(obj, observed["specHash"])
+            reused = await self.reuse_or_claim(obj, observed["specHash"], say)
             if reused is not None:
                 return self._reused(reused, observed)
         return Outcome(True, "ImagePinned", observed["resolvedBaseImage"], observed)
@@ -277,7 +285,7 @@ class PhaseWork(LoggingConfigurable):
             return Outcome(False, "InvalidRequirements", str(e))
         if requirements is None:
             key = spec_hash(obj, status.get("resolvedBaseImage", ""), None)
-            reused = await self.find_reusable(obj, key)
+            reused = await self.reuse_or_claim(obj, key, say)
             if reused is not None:  # the same image imported, or the same commit built, before
                 return self._reused(reused, {"specHash": key})
             what = ("the image is used as it is" if obj["spec"]["buildType"] == "ImageImport"
@@ -294,7 +302,7 @@ class PhaseWork(LoggingConfigurable):
         key = spec_hash(obj, status["resolvedBaseImage"], lock.sha256)
         observed = {"lockHash": f"sha256:{lock.sha256}", "specHash": key}
         say(f"locked {len(lock.packages)} packages")
-        reused = await self.find_reusable(obj, key)
+        reused = await self.reuse_or_claim(obj, key, say)
         if reused is not None:
             return self._reused(reused, observed)
         previous = await self.find_previous_generation(obj, lock.text, status["resolvedBaseImage"])
@@ -331,6 +339,22 @@ class PhaseWork(LoggingConfigurable):
         if self.push_registry or not self.builder.keeps_images_locally:
             return True
         return await self.builder.stored_image(image) is not None
+
+    async def reuse_or_claim(self, obj: dict, key: str, say=_no_log) -> dict | None:
+        """What `find_reusable` finds; else, when another image is building the same input
+        right now, wait for it and look again; else claim the build of `key` for `obj`."""
+        uid = obj["metadata"]["uid"]
+        while True:
+            reused = await self.find_reusable(obj, key)
+            if reused is not None:
+                return reused
+            holder = self._in_flight.get(key)
+            if holder is None or self._claims.get(uid) == key:
+                self._in_flight.setdefault(key, (model.name_of(obj), asyncio.get_running_loop().create_future()))
+                self._claims[uid] = key
+                return None
+            say(f"{holder[0]} is building the same image now: waiting for it")
+            await asyncio.shield(holder[1])
 
     async def find_reusable(self, obj: dict, key: str) -> dict | None:
         """Status fields of a Ready image built from the same effective input, if its image is
