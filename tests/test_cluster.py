@@ -197,3 +197,22 @@ async def test_a_failing_build_ends_failed_with_tektons_reason_and_the_steps_own
         await store.aclose()
         unreachable.stop()
         print("--- operator log (tail) ---\n" + unreachable.log())
+
+
+async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready(
+        kube_node, cluster_namespace, cluster_registry, operator):
+    # as `kubectl apply` or GitOps create one: the status subresource drops any status given
+    body = {"apiVersion": model.API_VERSION, "kind": model.KIND,
+            "metadata": {"name": "from-kubectl", "namespace": cluster_namespace,
+                         "annotations": {model.ANNOTATION_DISPLAY_NAME: "From kubectl",
+                                         model.ANNOTATION_CREATOR: "alice"}},
+            "spec": {"buildType": "ImageImport", "fromImage": cluster_registry["base"]}}
+    kube_node.kubectl("create", "-f", "-", input=json.dumps(body))
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    try:
+        obj = await wait_for_phase(store, "from-kubectl", model.TERMINAL_PHASES, timeout=600)
+        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+        assert obj["status"]["image"].split("@")[0] == cluster_registry["base"].rsplit(":", 1)[0]
+        assert "Pending" in obj["status"]["phaseTimes"]
+    finally:
+        await store.aclose()

@@ -56,7 +56,9 @@ class EmbeddedRunner(LoggingConfigurable):
     async def start(self) -> None:
         changes = self.store.watch()  # before listing, so nothing created meanwhile is missed
         for obj in await self.store.list():
-            if model.phase_of(obj) in (PHASE_PREPARE, PHASE_RESOLVING, PHASE_BUILDING):
+            if not (obj.get("status") or {}).get("phase"):
+                await self._begin_status(obj)
+            elif model.phase_of(obj) in (PHASE_PREPARE, PHASE_RESOLVING, PHASE_BUILDING):
                 self.log.info("image %s was in %s when the service stopped: starting it again",
                               model.name_of(obj), model.phase_of(obj))
                 await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restart(obj))
@@ -79,7 +81,9 @@ class EmbeddedRunner(LoggingConfigurable):
                 event = await changes.get()
                 uid = event.object["metadata"].get("uid")
                 phase = model.phase_of(event.object)
-                if event.type == "DELETED":
+                if event.type != "DELETED" and not (event.object.get("status") or {}).get("phase"):
+                    await self._begin_status(event.object)  # its MODIFIED event schedules it
+                elif event.type == "DELETED":
                     task = self._tasks.get(uid)
                     if task:
                         self.log.info("image %s deleted during its build: stopping it", model.name_of(event.object))
@@ -164,6 +168,22 @@ class EmbeddedRunner(LoggingConfigurable):
                 await self._save_log(name, uid)
             if not await self._write_status(name, uid, status, expected_phase=phase):
                 return
+
+    async def _begin_status(self, obj: dict) -> None:
+        """An object created without a status (kubectl, GitOps: the status subresource drops
+        whatever status a create carries) starts Pending, as one the service created does."""
+        uid = obj["metadata"]["uid"]
+
+        def change(current: dict) -> dict | None:
+            if current["metadata"]["uid"] != uid or (current.get("status") or {}).get("phase"):
+                return None  # replaced, or begun already (an older event of the same object)
+            return model.initial_status()
+
+        self.log.info("image %s has no status yet: it starts Pending", model.name_of(obj))
+        try:
+            await modify_status(self.store, model.name_of(obj), change)
+        except NotFound:
+            pass
 
     async def _write_status(self, name: str, uid: str, status: dict, expected_phase: str | None = None) -> bool:
         """Write `status` unless the object is gone, was replaced, or (with `expected_phase`)

@@ -1,0 +1,268 @@
+"""Cluster mode's overhead, on the real test cluster (apiserver, kubelet, Tekton), in one run.
+
+Two measurements, each ours against a baseline measured in the same run:
+
+* ``imports``: N (default 500) CustomNBImages importing the same image, created at once (20
+  concurrent requests) in a namespace the operator drives. The first runs the one
+  ``cnbi-import`` PipelineRun (validation); identical requests that arrive while it runs wait
+  for it, later ones find it Ready: all reuse its image. Ours is the time from the first
+  create until all N are Ready; the baseline is the apiserver's own create + get of the same
+  N objects (20 concurrent requests) in a namespace nobody drives. Also printed: images
+  driven to Ready per second, PipelineRuns created (goal 1). Goal: ours / baseline <= 2.
+* ``builds``: M (default 20) PackageList images, each a different small package, created at
+  once, time until all are Ready (Prepare, uv lock, a PipelineRun: buildah build + push, the
+  validation task) against M bare Tekton TaskRuns of the same ``cnbi-build`` Task with the
+  same plans (the ConfigMaps our runs used), pushing elsewhere, created at once. Ours runs
+  first, so the package proxy's cold misses are ours. Goal: ours / baseline <= 1.3.
+
+Ratios are ours / baseline (below 1 would mean faster than the baseline).
+
+    scripts/kube-up /tmp/k --tier b          # once (the first run builds the binaries)
+    .venv/bin/python benchmarks/reconcile.py --rundir /tmp/k [--imports 500] [--builds 20]
+
+Needs root (the node), podman with the notebook base image, docker-registry; starts a
+registry and an operator of its own and removes its namespaces at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kubernetes_asyncio import client  # noqa: E402
+
+from cnbi_hub import model  # noqa: E402
+from cnbi_hub.baseimage import ensure_base_images  # noqa: E402
+from cnbi_hub.builderimage import ensure_builder_image, push  # noqa: E402
+from cnbi_hub.containers import podman_environ  # noqa: E402
+from cnbi_hub.kubeclient import api_client  # noqa: E402
+from tests.clusterfixtures import Operator, apply, rendered_manifests  # noqa: E402
+from tests.infra_kube import KubeCluster  # noqa: E402
+from tests.infra_registry import start_registry  # noqa: E402
+
+PACKAGES = ["tabulate==0.9.0", "termcolor==2.4.0", "colorama==0.4.6", "toolz==0.12.1", "humanize==4.9.0",
+            "python-slugify==8.0.4", "pyfiglet==1.0.2", "emoji==2.12.1", "inflection==0.5.1", "cachetools==5.3.3",
+            "more-itertools==10.3.0", "isodate==0.6.1", "sortedcontainers==2.4.0", "boltons==24.0.0",
+            "multipledispatch==1.0.0", "xmltodict==0.13.0", "jmespath==1.0.1", "tinydb==4.8.0", "munch==4.0.0",
+            "text-unidecode==1.3"]
+CONCURRENT_REQUESTS = 20
+
+
+def say(text: str) -> None:
+    print(f"[reconcile] {text}", flush=True)
+
+
+async def bounded(coroutines, limit: int = CONCURRENT_REQUESTS):
+    semaphore = asyncio.Semaphore(limit)
+
+    async def run(coroutine):
+        async with semaphore:
+            return await coroutine
+
+    return await asyncio.gather(*(run(c) for c in coroutines))
+
+
+def image_body(name: str, spec: dict, namespace: str) -> dict:
+    body = model.validate_new_object({"metadata": {"name": name}, "spec": spec}, creator="bench")
+    body.update(apiVersion=model.API_VERSION, kind=model.KIND)
+    body["metadata"]["namespace"] = namespace
+    return body
+
+
+async def create_all(objects: client.CustomObjectsApi, namespace: str, bodies: list[dict]) -> None:
+    await bounded(objects.create_namespaced_custom_object(model.GROUP, model.VERSION, namespace, model.PLURAL, b)
+                  for b in bodies)
+
+
+async def phases(objects, namespace: str) -> list[dict]:
+    listing = await objects.list_namespaced_custom_object(model.GROUP, model.VERSION, namespace, model.PLURAL)
+    return listing["items"]
+
+
+async def wait_all_final(objects, namespace: str, count: int, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        items = await phases(objects, namespace)
+        final = [o for o in items if model.phase_of(o) in model.TERMINAL_PHASES]
+        if len(final) == count:
+            return items
+        if time.monotonic() > deadline:
+            counts = {}
+            for o in items:
+                counts[model.phase_of(o)] = counts.get(model.phase_of(o), 0) + 1
+            raise SystemExit(f"not all final after {timeout:.0f}s: {counts}")
+        await asyncio.sleep(0.5)
+
+
+async def count_runs(objects, namespace: str, plural: str) -> int:
+    listing = await objects.list_namespaced_custom_object("tekton.dev", "v1", namespace, plural)
+    return len(listing["items"])
+
+
+async def bench_imports(cluster: KubeCluster, objects, registry: dict, count: int, workdir: Path) -> dict:
+    spec = {"buildType": "ImageImport", "fromImage": registry["base"]}
+    # baseline: the apiserver's own create + get of the same objects, nobody driving them
+    baseline_ns = cluster.namespace("bench-plain")
+    bodies = [image_body(f"import-{i:04d}", spec, baseline_ns) for i in range(count)]
+    started = time.monotonic()
+    await create_all(objects, baseline_ns, bodies)
+    await bounded(objects.get_namespaced_custom_object(model.GROUP, model.VERSION, baseline_ns, model.PLURAL,
+                                                       b["metadata"]["name"]) for b in bodies)
+    baseline = time.monotonic() - started
+    say(f"imports baseline: create+get of {count} objects in {baseline:.1f}s")
+
+    namespace = cluster.namespace("bench-imports")
+    apply(cluster, rendered_manifests(cluster, namespace))
+    operator = Operator(cluster, namespace, registry, workdir / "operator-imports.log",
+                        overrides={"max_concurrent_builds": 10}).start()
+    try:
+        await asyncio.sleep(3)  # the operator lists and starts watching
+        bodies = [image_body(f"import-{i:04d}", spec, namespace) for i in range(count)]
+        started = time.monotonic()
+        await create_all(objects, namespace, bodies)
+        items = await wait_all_final(objects, namespace, count, timeout=1800)
+        ours = time.monotonic() - started
+    finally:
+        operator.stop()
+    ready = [o for o in items if model.phase_of(o) == "Ready"]
+    if len(ready) != count:
+        failed = [o for o in items if model.phase_of(o) != "Ready"][:3]
+        raise SystemExit("imports: not all Ready: " + json.dumps([o.get("status") for o in failed])[:2000])
+    reused = sum(1 for o in ready if o["status"].get("reusedFrom"))
+    pipelineruns = await count_runs(objects, namespace, "pipelineruns")
+    say(f"imports ours: {count} Ready in {ours:.1f}s ({reused} reused), {pipelineruns} PipelineRun(s)")
+    return {"baseline": baseline, "ours": ours, "per_second": count / ours, "pipelineruns": pipelineruns,
+            "reused": reused}
+
+
+async def bench_builds(cluster: KubeCluster, objects, registry: dict, count: int, workdir: Path) -> dict:
+    namespace = cluster.namespace("bench-builds")
+    apply(cluster, rendered_manifests(cluster, namespace))
+    operator = Operator(cluster, namespace, registry, workdir / "operator-builds.log",
+                        overrides={"max_concurrent_builds": count}).start()
+    try:
+        await asyncio.sleep(3)
+        bodies = [image_body(f"build-{i:02d}", {"buildType": "PackageList", "baseImage": registry["base"],
+                                                "packageVersions": [PACKAGES[i % len(PACKAGES)]]}, namespace)
+                  for i in range(count)]
+        started = time.monotonic()
+        await create_all(objects, namespace, bodies)
+        items = await wait_all_final(objects, namespace, count, timeout=3600)
+        ours = time.monotonic() - started
+    finally:
+        operator.stop()
+    not_ready = [o for o in items if model.phase_of(o) != "Ready"]
+    if not_ready:
+        raise SystemExit("builds: not all Ready: " + json.dumps([o.get("status") for o in not_ready[:3]])[:3000])
+    durations = []
+    for o in items:
+        times = o["status"]["phaseTimes"]
+        durations.append(_seconds(times["Ready"]) - _seconds(o["metadata"]["creationTimestamp"]))
+    say(f"builds ours: {count} Ready in {ours:.1f}s (per image median {statistics.median(durations):.0f}s)")
+
+    # baseline: the same build step as bare TaskRuns, on the plans our runs used
+    core = client.CoreV1Api(objects.api_client)
+    runs = []
+    for o in items:
+        plan = f"cnbi-{model.name_of(o)}-g1-r1"
+        await core.read_namespaced_config_map(plan, namespace)  # it is there
+        runs.append({"apiVersion": "tekton.dev/v1", "kind": "TaskRun",
+                     "metadata": {"name": f"bare-{model.name_of(o)}", "namespace": namespace},
+                     "spec": {"taskRef": {"name": "cnbi-build"},
+                              "params": [{"name": "image", "value": f"{registry['push']}/bare-{model.name_of(o)}:1"},
+                                         {"name": "builder-image", "value": registry["builder"]},
+                                         {"name": "tls-verify", "value": "false"}],
+                              "workspaces": [{"name": "plan", "configMap": {"name": plan}}],
+                              "podTemplate": {"hostNetwork": True}}})
+    started = time.monotonic()
+    await bounded(objects.create_namespaced_custom_object("tekton.dev", "v1", namespace, "taskruns", r) for r in runs)
+    deadline = time.monotonic() + 3600
+    while True:
+        listing = await objects.list_namespaced_custom_object("tekton.dev", "v1", namespace, "taskruns")
+        bare = [t for t in listing["items"] if t["metadata"]["name"].startswith("bare-")]
+        states = [_succeeded(t) for t in bare]
+        if len(bare) == count and all(s in ("True", "False") for s in states):
+            break
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bare TaskRuns did not finish: {states}")
+        await asyncio.sleep(0.5)
+    baseline = time.monotonic() - started
+    if states.count("True") != count:
+        raise SystemExit(f"bare TaskRuns failed: {states}")
+    say(f"builds baseline: {count} bare TaskRuns in {baseline:.1f}s")
+    return {"baseline": baseline, "ours": ours, "median_image": statistics.median(durations)}
+
+
+def _succeeded(run: dict) -> str:
+    for c in (run.get("status") or {}).get("conditions", []):
+        if c["type"] == "Succeeded":
+            return c["status"]
+    return "Unknown"
+
+
+def _seconds(timestamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rundir", default="/tmp/cnbi-kube-bench", help="the test cluster's run directory")
+    parser.add_argument("--imports", type=int, default=500)
+    parser.add_argument("--builds", type=int, default=20)
+    args = parser.parse_args()
+    rundir = Path(args.rundir)
+    if not (rundir / "state.json").exists():
+        subprocess.run([str(REPO / "scripts" / "kube-up"), str(rundir), "--tier", "b"], check=True)
+    cluster = KubeCluster.from_rundir(rundir)
+    workdir = Path(tempfile.mkdtemp(prefix="cnbi-bench-reconcile-"))
+    registry_process = start_registry(workdir / "registry")
+    try:
+        env = podman_environ()
+        base_local = ensure_base_images(["user"])["user"]
+        base = f"{registry_process.host}/cnbi/notebook-base:py311-user"
+        subprocess.run(["podman", "push", "--quiet", "--tls-verify=false", base_local, f"docker://{base}"],
+                       env=env, check=True)
+        builder = f"{registry_process.host}/cnbi/builder:1"
+        push(ensure_builder_image(), builder)
+        cluster.trust_registry(registry_process.host)
+        registry = {"base": base, "builder": builder, "push": f"{registry_process.host}/bench"}
+        api = await api_client(str(cluster.kubeconfig["admin"]))
+        objects = client.CustomObjectsApi(api)
+        try:
+            imports = await bench_imports(cluster, objects, registry, args.imports, workdir) if args.imports else None
+            builds = await bench_builds(cluster, objects, registry, args.builds, workdir) if args.builds else None
+        finally:
+            await api.close()
+            cluster.delete_test_namespaces()
+    finally:
+        registry_process.process.terminate()
+        registry_process.process.wait()
+    print()
+    print(f"{'measurement':<34}{'baseline':>12}{'ours':>12}{'ours/baseline':>15}{'goal':>8}")
+    if imports:
+        print(f"{f'{args.imports} identical imports':<34}{imports['baseline']:>11.1f}s{imports['ours']:>11.1f}s"
+              f"{imports['ours'] / imports['baseline']:>15.2f}{'<= 2':>8}")
+        print(f"  {imports['per_second']:.1f} images Ready/s, {imports['pipelineruns']} PipelineRun(s), "
+              f"{imports['reused']} reused")
+    if builds:
+        print(f"{f'{args.builds} builds vs bare TaskRuns':<34}{builds['baseline']:>11.1f}s{builds['ours']:>11.1f}s"
+              f"{builds['ours'] / builds['baseline']:>15.2f}{'<= 1.3':>8}")
+    print(f"(operator logs in {workdir})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    asyncio.run(main())
