@@ -39,6 +39,13 @@ class EmbeddedRunner(LoggingConfigurable):
         2, help="How many images are prepared/resolved/built at once; the rest wait in Pending with a queue position."
     ).tag(config=True)
 
+    queue_positions_shown = Integer(
+        50,
+        help="""How many waiting images are told their place in the queue (`status.queuePosition`);
+        those further back show as Pending until they move up. Every dequeue moves each of them
+        by one, and each move is a write: this bounds the writes a long queue costs.""",
+    ).tag(config=True)
+
     store = Instance(object, allow_none=True)
     phases = Instance(PhaseWork, allow_none=True)
 
@@ -49,6 +56,8 @@ class EmbeddedRunner(LoggingConfigurable):
         self._logs: dict[str, BuildLog] = {}
         self._schedule_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self._position_writer: asyncio.Task | None = None
+        self._positions_due = asyncio.Event()
         self._stopping = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -63,14 +72,16 @@ class EmbeddedRunner(LoggingConfigurable):
                               model.name_of(obj), model.phase_of(obj))
                 await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restart(obj))
         self._watcher = asyncio.create_task(self._watch(changes))
+        self._position_writer = asyncio.create_task(self._write_positions())
         await self.schedule()
 
     async def stop(self) -> None:
         # work cut off by a stop resumes at the next start: it is not the user's cancel, so a
         # build running outside this process (a PipelineRun) goes on and is found again
         self._stopping = True
-        if self._watcher:
-            self._watcher.cancel()
+        for background in (self._watcher, self._position_writer):
+            if background:
+                background.cancel()
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -114,11 +125,26 @@ class EmbeddedRunner(LoggingConfigurable):
                 self._tasks[uid] = asyncio.create_task(self._drive(model.name_of(obj), uid))
             QUEUE_LENGTH.set(len(waiting))
             RUNNING.set(len(self._tasks))
-            for position, obj in enumerate(waiting, start=1):
-                status = queued(obj, position)
-                if status is not None:
-                    await self._write_status(model.name_of(obj), obj["metadata"]["uid"], status,
-                                             expected_phase=PHASE_PENDING)
+        self._positions_due.set()
+
+    async def _write_positions(self) -> None:
+        """Keep the first `queue_positions_shown` waiting images' positions current, off the
+        scheduling path; changes that come close together are written as one."""
+        while True:
+            await self._positions_due.wait()
+            self._positions_due.clear()
+            try:
+                waiting = [o for o in await self.store.list(phase=PHASE_PENDING)
+                           if o["metadata"]["uid"] not in self._tasks]
+                waiting.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+                for position, obj in enumerate(waiting[:self.queue_positions_shown], start=1):
+                    status = queued(obj, position)
+                    if status is not None:
+                        await self._write_status(model.name_of(obj), obj["metadata"]["uid"], status,
+                                                 expected_phase=PHASE_PENDING)
+            except Exception as e:  # positions are a courtesy: the next change writes them again
+                self.log.warning("could not write queue positions: %s", e)
+            await asyncio.sleep(0.5)
 
     # --- driving one image ------------------------------------------------------------------
 
