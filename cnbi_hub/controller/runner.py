@@ -57,6 +57,9 @@ class EmbeddedRunner(LoggingConfigurable):
         self._schedule_lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._position_writer: asyncio.Task | None = None
+        # uid -> latest copy of each Pending image, kept from the change feed: scheduling reads
+        # this instead of listing the store at every change (a long queue made that quadratic)
+        self._pending: dict[str, dict] = {}
         self._positions_due = asyncio.Event()
         self._stopping = False
 
@@ -65,12 +68,15 @@ class EmbeddedRunner(LoggingConfigurable):
     async def start(self) -> None:
         changes = self.store.watch()  # before listing, so nothing created meanwhile is missed
         for obj in await self.store.list():
+            self._note(obj)
             if not (obj.get("status") or {}).get("phase"):
                 await self._begin_status(obj)
             elif model.phase_of(obj) in (PHASE_PREPARE, PHASE_RESOLVING, PHASE_BUILDING):
                 self.log.info("image %s was in %s when the service stopped: starting it again",
                               model.name_of(obj), model.phase_of(obj))
-                await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restart(obj))
+                restarted = restart(obj)
+                await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restarted)
+                self._note({**obj, "status": restarted})
         self._watcher = asyncio.create_task(self._watch(changes))
         self._position_writer = asyncio.create_task(self._write_positions())
         await self.schedule()
@@ -92,6 +98,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 event = await changes.get()
                 uid = event.object["metadata"].get("uid")
                 phase = model.phase_of(event.object)
+                self._note(event.object, deleted=event.type == "DELETED")
                 if event.type != "DELETED" and not (event.object.get("status") or {}).get("phase"):
                     await self._begin_status(event.object)  # its MODIFIED event schedules it
                 elif event.type == "DELETED":
@@ -114,11 +121,22 @@ class EmbeddedRunner(LoggingConfigurable):
                                                and uid not in self._tasks):
                     await self.schedule()
 
+    def _note(self, obj: dict, deleted: bool = False) -> None:
+        uid = obj["metadata"].get("uid")
+        if not deleted and (obj.get("status") or {}).get("phase", PHASE_PENDING) == PHASE_PENDING:
+            self._pending[uid] = obj
+        else:
+            self._pending.pop(uid, None)
+
+    def _waiting(self) -> list[dict]:
+        """Pending images not being worked on, oldest first."""
+        waiting = [o for uid, o in self._pending.items() if uid not in self._tasks]
+        return sorted(waiting, key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+
     async def schedule(self) -> None:
         """Start work on the oldest Pending images while slots are free; number the rest."""
         async with self._schedule_lock:
-            waiting = [o for o in await self.store.list(phase=PHASE_PENDING) if o["metadata"]["uid"] not in self._tasks]
-            waiting.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+            waiting = self._waiting()
             while waiting and len(self._tasks) < self.max_concurrent_builds:
                 obj = waiting.pop(0)
                 uid = obj["metadata"]["uid"]
@@ -134,9 +152,7 @@ class EmbeddedRunner(LoggingConfigurable):
             await self._positions_due.wait()
             self._positions_due.clear()
             try:
-                waiting = [o for o in await self.store.list(phase=PHASE_PENDING)
-                           if o["metadata"]["uid"] not in self._tasks]
-                waiting.sort(key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+                waiting = self._waiting()
                 for position, obj in enumerate(waiting[:self.queue_positions_shown], start=1):
                     status = queued(obj, position)
                     if status is not None:
@@ -162,6 +178,7 @@ class EmbeddedRunner(LoggingConfigurable):
         finally:
             flusher.cancel()
             self._tasks.pop(uid, None)
+            self._pending.pop(uid, None)  # it left Pending; the feed re-adds it if it goes back
             await self._save_log(name, uid)
             self._logs.pop(uid, None)
             await self.phases.cleanup(uid, cancelled and not self._stopping)
