@@ -88,7 +88,7 @@ class Operator:
             "PhaseWork": {"ca_bundle": CA_BUNDLE if os.path.exists(CA_BUNDLE) else ""},
         }
         for key, value in self.overrides.items():
-            config[key] = {**config[key], **value} if isinstance(value, dict) else value
+            config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
         env = dict(os.environ, CNBI_OPERATOR_CONFIG=json.dumps(config))
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -192,6 +192,17 @@ class KubeCluster:
         names, self._namespaces[:] = list(self._namespaces), []
         if names:
             self.kubectl("delete", "namespace", *names, "--wait=false", "--ignore-not-found", check=False)
+            self.release_finalizers(names)
+
+    def release_finalizers(self, namespaces: list[str]) -> None:
+        """Drop the operator's finalizer from the CustomNBImages left in `namespaces`: its
+        operator is gone by now, and without it they (and so the namespaces) would stay
+        Terminating for the rest of the session, the namespace controller retrying them."""
+        for namespace in namespaces:
+            found = self.kubectl("get", "customnbimages.meteor.zone", "-n", namespace, "-o", "name", check=False)
+            for name in found.stdout.split() if found.returncode == 0 else []:
+                self.kubectl("patch", name, "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}',
+                             check=False)
 
     # -- waiting --------------------------------------------------------------------------------
 

@@ -216,3 +216,32 @@ async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready
         assert "Pending" in obj["status"]["phaseTimes"]
     finally:
         await store.aclose()
+
+
+async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
+        kube_node, cluster_namespace, cluster_registry, make_git_repo, tmp_path):
+    repo = make_git_repo("cluster-requirements", {"requirements.txt": "tabulate==0.9.0\n",
+                                                  "README.md": "a repository built in a PipelineRun\n"})
+    operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                        overrides={"allowed_git_schemes": ["https", "git"]}).start()
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    try:
+        body = {"metadata": {"name": "from-git", "annotations": {model.ANNOTATION_DISPLAY_NAME: "From git"}},
+                "spec": {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main",
+                         "baseImage": cluster_registry["base"]}}
+        policy = model.ValidationPolicy(allowed_git_schemes=("https", "git"))
+        await store.create(model.validate_new_object(body, creator="alice", policy=policy))
+        obj = await wait_for_phase(store, "from-git", model.TERMINAL_PHASES)
+        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+        assert obj["status"]["gitCommit"] == repo.commit
+        [run] = pipeline_runs(kube_node, cluster_namespace)
+        assert run["spec"]["pipelineRef"]["name"] == "cnbi-gitrepo"
+        params = {p["name"]: p["value"] for p in run["spec"]["params"]}
+        assert params["git-url"] == repo.url and params["git-commit"] == repo.commit
+        assert {"name": "tabulate", "version": "0.9.0", "visible": True} in [
+            {k: p[k] for k in ("name", "version", "visible")} for p in obj["status"]["packages"]]
+        assert "check imports: ok" in await store.get_artifact("from-git", "log")
+    finally:
+        await store.aclose()
+        operator.stop()
+        print("--- operator log (tail) ---\n" + operator.log())
