@@ -289,6 +289,12 @@ def test_hub_in_cluster_mode_builds_publishes_and_spawns_a_kubespawner_pod(
         slugs = profile_slugs(form.text)
         assert slugs == ["base", f"cnbi-{name}", "cnbi-imagestream-custom-dashboard-base-2024.2"], (form.url, form.text[:3000])
         assert "Dashboard base (2024.2)" in form.text and "Python v3.11" in form.text
+        if os.environ.get("CNBI_SPAWN_SCREENSHOTS"):  # to look at the form as alice does
+            shot = subprocess.run(
+                ["node", "ui-tests/scripts/spawn-form-screenshots.js", hub.url, "alice", "any",
+                 os.environ["CNBI_SPAWN_SCREENSHOTS"]], cwd=Path(__file__).parent.parent, capture_output=True, text=True,
+                env=dict(os.environ, NODE_PATH=str(Path(__file__).parent.parent / "ui-tests" / "node_modules")))
+            assert shot.returncode == 0, shot.stderr
         bob_form = hub.browser("bob").get(hub.url + "hub/spawn/bob", timeout=60)
         assert profile_slugs(bob_form.text) == ["base", "cnbi-imagestream-custom-dashboard-base-2024.2"]
         assert hub.call("GET", "services/cnbi/api/imagestreams", bob).json()["available"] is True
