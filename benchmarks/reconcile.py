@@ -90,19 +90,23 @@ async def phases(objects, namespace: str) -> list[dict]:
     return listing["items"]
 
 
-async def wait_all_final(objects, namespace: str, count: int, timeout: float) -> list[dict]:
+async def poll_until(read, done, timeout: float, what: str):
+    """`await read()` every half second until `done(value)`; exit naming `what` on timeout."""
     deadline = time.monotonic() + timeout
     while True:
-        items = await phases(objects, namespace)
-        final = [o for o in items if model.phase_of(o) in model.TERMINAL_PHASES]
-        if len(final) == count:
-            return items
+        value = await read()
+        if done(value):
+            return value
         if time.monotonic() > deadline:
-            counts = {}
-            for o in items:
-                counts[model.phase_of(o)] = counts.get(model.phase_of(o), 0) + 1
-            raise SystemExit(f"not all final after {timeout:.0f}s: {counts}")
+            raise SystemExit(f"{what} after {timeout:.0f}s: {value if not isinstance(value, list) else len(value)}")
         await asyncio.sleep(0.5)
+
+
+async def wait_all_final(objects, namespace: str, count: int, timeout: float) -> list[dict]:
+    return await poll_until(
+        lambda: phases(objects, namespace),
+        lambda items: sum(model.phase_of(o) in model.TERMINAL_PHASES for o in items) == count,
+        timeout, "not all images final")
 
 
 async def release(objects, namespace: str) -> None:
@@ -203,16 +207,13 @@ async def bench_builds(cluster: KubeCluster, objects, registry: dict, count: int
                               "podTemplate": {"hostNetwork": True}}})
     started = time.monotonic()
     await bounded(objects.create_namespaced_custom_object("tekton.dev", "v1", namespace, "taskruns", r) for r in runs)
-    deadline = time.monotonic() + 3600
-    while True:
+
+    async def bare_states():
         listing = await objects.list_namespaced_custom_object("tekton.dev", "v1", namespace, "taskruns")
-        bare = [t for t in listing["items"] if t["metadata"]["name"].startswith("bare-")]
-        states = [_succeeded(t) for t in bare]
-        if len(bare) == count and all(s in ("True", "False") for s in states):
-            break
-        if time.monotonic() > deadline:
-            raise SystemExit(f"bare TaskRuns did not finish: {states}")
-        await asyncio.sleep(0.5)
+        return [_succeeded(t) for t in listing["items"] if t["metadata"]["name"].startswith("bare-")]
+
+    states = await poll_until(bare_states, lambda s: len(s) == count and all(x in ("True", "False") for x in s),
+                              3600, "bare TaskRuns did not finish")
     baseline = time.monotonic() - started
     if states.count("True") != count:
         raise SystemExit(f"bare TaskRuns failed: {states}")

@@ -5,6 +5,7 @@
 - ``cluster_namespace``: a fresh namespace with the shipped manifests applied (no Deployment:
   the operator runs on this machine, as its ServiceAccount).
 - ``operator``: ``python -m cnbi_hub.controller`` running for the test (:class:`Operator`).
+- ``cluster_store``: a KubernetesImageStore on ``cluster_namespace`` as the cluster admin.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import yaml
 
 from cnbi_hub import model
+from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.hubfixtures import CA_BUNDLE
 
 MANIFESTS = Path(model.__file__).parent / "manifests"
@@ -142,3 +145,10 @@ async def wait_for_phase(store, name, phases, timeout=900):
 
 def pipeline_runs(cluster, namespace: str) -> list[dict]:
     return cluster.get("pipelineruns.tekton.dev", namespace=namespace)["items"]
+
+
+@pytest_asyncio.fixture
+async def cluster_store(kube_node, cluster_namespace):
+    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
+    yield store
+    await store.aclose()

@@ -34,6 +34,7 @@ import pytest
 
 from cnbi_hub.baseimage import ALL_VARIANTS, BaseImageBuilder, ensure_base_images
 from cnbi_hub.containers import podman_environ, podman_state_mismatch
+from tests.infra_registry import end_process
 
 GIT_DAEMON_START_TIMEOUT = 15.0
 REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -194,12 +195,7 @@ def git_server(tmp_path_factory):
         _wait_for_port(port, process, log)
         yield GitServer(repos, port, process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
 
 
 @pytest.fixture

@@ -78,6 +78,18 @@ def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
     return result
 
 
+def end_process(process: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM a process this test run started, then SIGKILL it if it does not exit in time."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 # -- registries ---------------------------------------------------------------------------------
 
 
@@ -123,13 +135,7 @@ class LocalRegistry:
         return json.loads(run(argv, timeout=60).stdout)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        end_process(self.process)
 
 
 def _wait_for_registry(host: str, process: subprocess.Popen, log_path: Path) -> None:

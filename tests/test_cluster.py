@@ -15,7 +15,6 @@ import time
 import pytest
 
 from cnbi_hub import model
-from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
 
 pytestmark = pytest.mark.kube
@@ -90,29 +89,25 @@ def test_manifests_apply_and_each_identity_may_do_exactly_its_part(kube_cluster)
     assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
 
 
-async def test_operator_builds_an_image_with_a_tekton_pipelinerun(kube_node, cluster_namespace, cluster_registry,
-                                                                 operator, local_registry):
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
-    try:
-        await store.create(image_object("tabulate", cluster_registry["base"]))
-        obj = await wait_for_phase(store, "tabulate", model.TERMINAL_PHASES)
-        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
-        status = obj["status"]
-        repository, digest = status["image"].split("@")
-        assert repository == f"{cluster_registry['push']}/tabulate"
-        manifest = local_registry.skopeo_inspect(f"built/tabulate@{digest}")
-        assert manifest["Digest"] == digest
-        visible = {p["name"].lower(): p["version"] for p in status["packages"] if p["visible"]}
-        assert visible == {"tabulate": "0.9.0"}
-        runs = pipeline_runs(kube_node, cluster_namespace)
-        assert [r["metadata"]["name"] for r in runs] == ["cnbi-tabulate-g1-r1"]
-        succeeded = [c for c in runs[0]["status"]["conditions"] if c["type"] == "Succeeded"][0]
-        assert succeeded["status"] == "True"
-        assert runs[0]["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
-        log = await store.get_artifact("tabulate", "log")
-        assert "check imports: ok" in log and "==> Building -> Ready" in log
-    finally:
-        await store.aclose()
+async def test_operator_builds_an_image_with_a_tekton_pipelinerun(kube_node, cluster_store, cluster_namespace,
+                                                                 cluster_registry, operator, local_registry):
+    await cluster_store.create(image_object("tabulate", cluster_registry["base"]))
+    obj = await wait_for_phase(cluster_store, "tabulate", model.TERMINAL_PHASES)
+    assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+    status = obj["status"]
+    repository, digest = status["image"].split("@")
+    assert repository == f"{cluster_registry['push']}/tabulate"
+    manifest = local_registry.skopeo_inspect(f"built/tabulate@{digest}")
+    assert manifest["Digest"] == digest
+    visible = {p["name"].lower(): p["version"] for p in status["packages"] if p["visible"]}
+    assert visible == {"tabulate": "0.9.0"}
+    runs = pipeline_runs(kube_node, cluster_namespace)
+    assert [r["metadata"]["name"] for r in runs] == ["cnbi-tabulate-g1-r1"]
+    succeeded = [c for c in runs[0]["status"]["conditions"] if c["type"] == "Succeeded"][0]
+    assert succeeded["status"] == "True"
+    assert runs[0]["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
+    log = await cluster_store.get_artifact("tabulate", "log")
+    assert "check imports: ok" in log and "==> Building -> Ready" in log
 
 
 async def wait_for_running_pipelinerun(cluster, namespace: str, name: str, timeout: float = 300) -> dict:
@@ -133,41 +128,33 @@ def failure_message(obj: dict) -> str:
 
 
 async def test_an_operator_killed_mid_build_follows_the_same_pipelinerun_after_restart(
-        kube_node, cluster_namespace, cluster_registry, operator):
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
-    try:
-        await store.create(image_object("survivor", cluster_registry["base"]))
-        await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-survivor-g1-r1")
-        operator.kill()  # SIGKILL: no cleanup, no status written
-        assert model.phase_of(await store.get("survivor")) == "Building"
-        operator.start()
-        obj = await wait_for_phase(store, "survivor", model.TERMINAL_PHASES)
-        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
-        # one build: the restarted operator found its PipelineRun and followed it to the end
-        assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)] == ["cnbi-survivor-g1-r1"]
-        assert "already exists (started before a restart): following it" in await store.get_artifact("survivor", "log")
-    finally:
-        await store.aclose()
+        kube_node, cluster_store, cluster_namespace, cluster_registry, operator):
+    await cluster_store.create(image_object("survivor", cluster_registry["base"]))
+    await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-survivor-g1-r1")
+    operator.kill()  # SIGKILL: no cleanup, no status written
+    assert model.phase_of(await cluster_store.get("survivor")) == "Building"
+    operator.start()
+    obj = await wait_for_phase(cluster_store, "survivor", model.TERMINAL_PHASES)
+    assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+    # one build: the restarted operator found its PipelineRun and followed it to the end
+    assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)] == ["cnbi-survivor-g1-r1"]
+    assert "already exists (started before a restart): following it" in await cluster_store.get_artifact("survivor", "log")
 
 
 async def test_a_pipelinerun_cancelled_in_tekton_ends_the_image_failed_with_tektons_words(
-        kube_node, cluster_namespace, cluster_registry, operator):
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
-    try:
-        await store.create(image_object("stopped", cluster_registry["base"]))
-        await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-stopped-g1-r1")
-        # someone (a cluster admin, `tkn pipelinerun cancel`) cancels the run itself
-        kube_node.kubectl("patch", "pipelineruns.tekton.dev", "cnbi-stopped-g1-r1", "-n", cluster_namespace,
-                          "--type=merge", "-p", '{"spec": {"status": "Cancelled"}}')
-        obj = await wait_for_phase(store, "stopped", model.TERMINAL_PHASES, timeout=300)
-        assert model.phase_of(obj) == "Failed", json.dumps(obj["status"], indent=1)
-        [run] = pipeline_runs(kube_node, cluster_namespace)
-        succeeded = [c for c in run["status"]["conditions"] if c["type"] == "Succeeded"][0]
-        assert succeeded["status"] == "False" and succeeded["reason"] == "Cancelled"
-        assert succeeded["message"] in failure_message(obj), (succeeded["message"], obj["status"])
-        assert any(c.get("reason") == "Cancelled" for c in obj["status"]["conditions"])
-    finally:
-        await store.aclose()
+        kube_node, cluster_store, cluster_namespace, cluster_registry, operator):
+    await cluster_store.create(image_object("stopped", cluster_registry["base"]))
+    await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-stopped-g1-r1")
+    # someone (a cluster admin, `tkn pipelinerun cancel`) cancels the run itself
+    kube_node.kubectl("patch", "pipelineruns.tekton.dev", "cnbi-stopped-g1-r1", "-n", cluster_namespace,
+                      "--type=merge", "-p", '{"spec": {"status": "Cancelled"}}')
+    obj = await wait_for_phase(cluster_store, "stopped", model.TERMINAL_PHASES, timeout=300)
+    assert model.phase_of(obj) == "Failed", json.dumps(obj["status"], indent=1)
+    [run] = pipeline_runs(kube_node, cluster_namespace)
+    succeeded = [c for c in run["status"]["conditions"] if c["type"] == "Succeeded"][0]
+    assert succeeded["status"] == "False" and succeeded["reason"] == "Cancelled"
+    assert succeeded["message"] in failure_message(obj), (succeeded["message"], obj["status"])
+    assert any(c.get("reason") == "Cancelled" for c in obj["status"]["conditions"])
 
 
 @pytest.fixture
@@ -178,14 +165,13 @@ def closed_port():
 
 
 async def test_a_failing_build_ends_failed_with_tektons_reason_and_the_steps_own_words(
-        kube_node, cluster_namespace, cluster_registry, closed_port, tmp_path):
+        kube_node, cluster_store, cluster_namespace, cluster_registry, closed_port, tmp_path):
     # builds push to a registry that is not there: buildah's push step fails inside Tekton
     unreachable = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
                            overrides={"push_registry": f"127.0.0.1:{closed_port}/built"}).start()
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
     try:
-        await store.create(image_object("unpushable", cluster_registry["base"]))
-        obj = await wait_for_phase(store, "unpushable", model.TERMINAL_PHASES)
+        await cluster_store.create(image_object("unpushable", cluster_registry["base"]))
+        obj = await wait_for_phase(cluster_store, "unpushable", model.TERMINAL_PHASES)
         assert model.phase_of(obj) == "Failed", json.dumps(obj["status"], indent=1) + unreachable.log()
         [run] = pipeline_runs(kube_node, cluster_namespace)
         succeeded = [c for c in run["status"]["conditions"] if c["type"] == "Succeeded"][0]
@@ -194,13 +180,12 @@ async def test_a_failing_build_ends_failed_with_tektons_reason_and_the_steps_own
         assert succeeded["message"] in message  # Tekton's sentence...
         assert f"127.0.0.1:{closed_port}" in message and "connection refused" in message.lower()  # ...and buildah's
     finally:
-        await store.aclose()
         unreachable.stop()
         print("--- operator log (tail) ---\n" + unreachable.log())
 
 
 async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready(
-        kube_node, cluster_namespace, cluster_registry, operator):
+        kube_node, cluster_store, cluster_namespace, cluster_registry, operator):
     # as `kubectl apply` or GitOps create one: the status subresource drops any status given
     body = {"apiVersion": model.API_VERSION, "kind": model.KIND,
             "metadata": {"name": "from-kubectl", "namespace": cluster_namespace,
@@ -208,30 +193,25 @@ async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready
                                          model.ANNOTATION_CREATOR: "alice"}},
             "spec": {"buildType": "ImageImport", "fromImage": cluster_registry["base"]}}
     kube_node.kubectl("create", "-f", "-", input=json.dumps(body))
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
-    try:
-        obj = await wait_for_phase(store, "from-kubectl", model.TERMINAL_PHASES, timeout=600)
-        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
-        assert obj["status"]["image"].split("@")[0] == cluster_registry["base"].rsplit(":", 1)[0]
-        assert "Pending" in obj["status"]["phaseTimes"]
-    finally:
-        await store.aclose()
+    obj = await wait_for_phase(cluster_store, "from-kubectl", model.TERMINAL_PHASES, timeout=600)
+    assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+    assert obj["status"]["image"].split("@")[0] == cluster_registry["base"].rsplit(":", 1)[0]
+    assert "Pending" in obj["status"]["phaseTimes"]
 
 
 async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
-        kube_node, cluster_namespace, cluster_registry, make_git_repo, tmp_path):
+        kube_node, cluster_store, cluster_namespace, cluster_registry, make_git_repo, tmp_path):
     repo = make_git_repo("cluster-requirements", {"requirements.txt": "tabulate==0.9.0\n",
                                                   "README.md": "a repository built in a PipelineRun\n"})
     operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
                         overrides={"allowed_git_schemes": ["https", "git"]}).start()
-    store = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig["admin"]))
     try:
         body = {"metadata": {"name": "from-git", "annotations": {model.ANNOTATION_DISPLAY_NAME: "From git"}},
                 "spec": {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main",
                          "baseImage": cluster_registry["base"]}}
         policy = model.ValidationPolicy(allowed_git_schemes=("https", "git"))
-        await store.create(model.validate_new_object(body, creator="alice", policy=policy))
-        obj = await wait_for_phase(store, "from-git", model.TERMINAL_PHASES)
+        await cluster_store.create(model.validate_new_object(body, creator="alice", policy=policy))
+        obj = await wait_for_phase(cluster_store, "from-git", model.TERMINAL_PHASES)
         assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
         assert obj["status"]["gitCommit"] == repo.commit
         [run] = pipeline_runs(kube_node, cluster_namespace)
@@ -240,8 +220,7 @@ async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
         assert params["git-url"] == repo.url and params["git-commit"] == repo.commit
         assert {"name": "tabulate", "version": "0.9.0", "visible": True} in [
             {k: p[k] for k in ("name", "version", "visible")} for p in obj["status"]["packages"]]
-        assert "check imports: ok" in await store.get_artifact("from-git", "log")
+        assert "check imports: ok" in await cluster_store.get_artifact("from-git", "log")
     finally:
-        await store.aclose()
         operator.stop()
         print("--- operator log (tail) ---\n" + operator.log())

@@ -29,6 +29,7 @@ import requests
 from cnbi_hub import imagestreams as ist
 from cnbi_hub import model
 from tests.clusterfixtures import apply, pipeline_runs
+from tests.infra_registry import end_process
 
 pytestmark = pytest.mark.kube
 
@@ -58,12 +59,7 @@ def openshift_image_api(kube_node, local_registry, tmp_path_factory):
              "--insecure-registry", local_registry.host],
             stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent, start_new_session=True)
     yield log_path
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    end_process(process, timeout=20)
     print("--- stand-in log (tail) ---\n" + log_path.read_text(errors="replace")[-3000:])
 
 

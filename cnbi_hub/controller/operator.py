@@ -132,16 +132,24 @@ class CNBIOperator(Application):
     async def publish_ready_images(self) -> None:
         """Keep each Ready image's ImageStream current (where the cluster has the image API):
         every Ready image at start, then each that becomes Ready; a failed write is retried."""
-        if not self.publish_imagestreams or not await self.imagestreams.available():
+        if not self.publish_imagestreams:
+            return
+        try:
+            served = await self.imagestreams.available()
+        except Exception as e:  # discovery refused: say so, the engine goes on without streams
+            self.log.error("could not ask the apiserver for image.openshift.io: %s", e)
+            return
+        if not served:
             self.log.info("no image.openshift.io API here: Ready images are not published as ImageStreams")
             return
         published: set[tuple] = set()
         waiting: dict[str, dict] = {}
 
+        def publication(obj: dict) -> tuple:
+            return obj["metadata"].get("uid"), obj["metadata"].get("generation"), (obj.get("status") or {}).get("image")
+
         def consider(obj: dict) -> None:
-            status = obj.get("status") or {}
-            key = (obj["metadata"].get("uid"), obj["metadata"].get("generation"), status.get("image"))
-            if model.phase_of(obj) == model.PHASE_READY and status.get("image") and key not in published:
+            if model.phase_of(obj) == model.PHASE_READY and publication(obj)[2] and publication(obj) not in published:
                 waiting[model.name_of(obj)] = obj
 
         changes = self.store.watch()
@@ -155,10 +163,9 @@ class CNBIOperator(Application):
                     except Exception as e:  # the apiserver's answer; the next round tries again
                         self.log.warning("could not publish %s as an ImageStream: %s", name, e)
                         continue
-                    status = obj.get("status") or {}
-                    published.add((obj["metadata"].get("uid"), obj["metadata"].get("generation"), status.get("image")))
+                    published.add(publication(obj))
                     del waiting[name]
-                    self.log.info("published %s as ImageStream tag %s", name, status.get("image"))
+                    self.log.info("published %s as ImageStream tag %s", name, publication(obj)[2])
                 try:
                     event = await changes.get(timeout=self.publish_retry_seconds if waiting else None)
                 except asyncio.TimeoutError:

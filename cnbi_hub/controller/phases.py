@@ -286,11 +286,9 @@ class PhaseWork(LoggingConfigurable):
         if requirements is None:
             key = spec_hash(obj, status.get("resolvedBaseImage", ""), None)
             reused = await self.reuse_or_claim(obj, key, say)
-            if reused is not None:  # the same image imported, or the same commit built, before
+            if reused is not None:  # the same commit built before
                 return self._reused(reused, {"specHash": key})
-            what = ("the image is used as it is" if obj["spec"]["buildType"] == "ImageImport"
-                    else "the repository builds itself")
-            return Outcome(True, "NothingToResolve", what, {"specHash": key})
+            return Outcome(True, "NothingToResolve", "the repository builds itself", {"specHash": key})
         info = BaseImageInfo.from_status(status["baseImageInfo"])
         say(f"resolving {len(requirements)} requirements for Python {info.python_version} "
             f"against the {len(info.packages)} packages already in the base image")
