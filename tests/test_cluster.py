@@ -33,6 +33,9 @@ def can_i(cluster, who: str, verb: str, resource: str, namespace: str) -> bool:
     return bool(answer["status"].get("allowed"))
 
 
+OPERATOR_FINALIZER = f"{model.PREFIX}/operator"
+
+
 def image_object(name: str, base: str, packages=("tabulate==0.9.0",), creator: str = "alice") -> dict:
     body = {"metadata": {"name": name, "annotations": {model.ANNOTATION_DISPLAY_NAME: name}},
             "spec": {"buildType": "PackageList", "baseImage": base, "packageVersions": list(packages)}}
@@ -132,13 +135,21 @@ async def test_an_operator_killed_mid_build_follows_the_same_pipelinerun_after_r
     await cluster_store.create(image_object("survivor", cluster_registry["base"]))
     await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-survivor-g1-r1")
     operator.kill()  # SIGKILL: no cleanup, no status written
-    assert model.phase_of(await cluster_store.get("survivor")) == "Building"
+    building = await cluster_store.get("survivor")
+    assert model.phase_of(building) == "Building"
+    # an image in work holds the operator's finalizer: deleting it would cancel its PipelineRun
+    assert OPERATOR_FINALIZER in building["metadata"].get("finalizers", [])
     operator.start()
     obj = await wait_for_phase(cluster_store, "survivor", model.TERMINAL_PHASES)
     assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
     # one build: the restarted operator found its PipelineRun and followed it to the end
     assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)] == ["cnbi-survivor-g1-r1"]
     assert "already exists (started before a restart): following it" in await cluster_store.get_artifact("survivor", "log")
+    # finished, it holds none: what it owns goes with it, and no namespace waits for an operator
+    deadline = time.monotonic() + 60
+    while OPERATOR_FINALIZER in (await cluster_store.get("survivor"))["metadata"].get("finalizers", []):
+        assert time.monotonic() < deadline, "the finalizer stayed on a Ready image"
+        await asyncio.sleep(0.5)
 
 
 async def test_a_pipelinerun_cancelled_in_tekton_ends_the_image_failed_with_tektons_words(
@@ -197,6 +208,23 @@ async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready
     assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
     assert obj["status"]["image"].split("@")[0] == cluster_registry["base"].rsplit(":", 1)[0]
     assert "Pending" in obj["status"]["phaseTimes"]
+
+    # the same import again: reused outside the build slots, Pending to Ready in one status
+    # write, no second PipelineRun, never a finalizer
+    runs_before = len(pipeline_runs(kube_node, cluster_namespace))
+    body["metadata"]["name"] = "from-kubectl-again"
+    kube_node.kubectl("create", "-f", "-", input=json.dumps(body))
+    again = await wait_for_phase(cluster_store, "from-kubectl-again", model.TERMINAL_PHASES, timeout=120)
+    assert model.phase_of(again) == "Ready", json.dumps(again["status"], indent=1) + operator.log()
+    assert again["status"]["reusedFrom"] == "from-kubectl"
+    assert again["status"]["image"] == obj["status"]["image"]
+    assert again["status"]["baseImageInfo"] == obj["status"]["baseImageInfo"]
+    assert {"Pending", "Prepare", "Ready"} <= set(again["status"]["phaseTimes"])
+    assert {c["type"]: c["status"] for c in again["status"]["conditions"]}["ImageImportReady"] == "True"
+    assert OPERATOR_FINALIZER not in again["metadata"].get("finalizers", [])
+    assert len(pipeline_runs(kube_node, cluster_namespace)) == runs_before
+    log = await cluster_store.get_artifact("from-kubectl-again", "log")
+    assert "==> Pending -> Ready (Reused): identical to from-kubectl" in log, log
 
 
 async def test_a_git_repository_builds_with_the_gitrepo_pipeline(

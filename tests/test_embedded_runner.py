@@ -2,6 +2,7 @@
 the embedded runner — pushing Ready images to a registry, pull secrets, the build log."""
 
 import asyncio
+import socket
 import json
 
 import pytest
@@ -150,3 +151,63 @@ def test_appended_lines_finds_what_a_log_kept_elsewhere_gained_between_two_reads
     assert appended_lines(before, log.text()) == ["6", "7", "8"]
     # a new run's log shares nothing with the last one: all of it is new
     assert appended_lines("x\ny\n", "=== Run 2 ===\nz\n") == ["=== Run 2 ===", "z"]
+
+
+async def test_an_identical_import_is_ready_while_the_only_build_slot_is_busy(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    """Reusing an import costs a registry request and one write: it does not wait for the slot
+    a build holds. A registry that never answers keeps the one slot busy meanwhile."""
+    from tests.infra_podman import podman
+
+    base = f"{local_registry.host}/cnbi/notebook-base:py311-user"
+    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{base}",
+                    env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    events = []
+    runner = embedded_engine(store, publish=events.append, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+    runner.max_concurrent_builds = 1
+
+    def image(name, from_image):
+        return model.validate_new_object({"metadata": {"name": name},
+                                          "spec": {"buildType": "ImageImport", "fromImage": from_image}},
+                                         creator="importer")
+
+    await runner.start()
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        try:
+            await store.create(image("first", base))
+            first = await drive_to_end(store, "first")
+            assert model.phase_of(first) == "Ready", first["status"]
+            await store.create(image("holder", f"127.0.0.1:{silent.getsockname()[1]}/never/answers:1"))
+            for _ in range(120):  # its look outside the slots times out, then it takes the slot
+                if model.phase_of(await store.get("holder")) == "Prepare":
+                    break
+                await asyncio.sleep(0.25)
+            assert model.phase_of(await store.get("holder")) == "Prepare"
+            changes = store.watch()
+            await store.create(image("again", base))
+            again = await drive_to_end(store, "again", timeout_s=8)
+            assert model.phase_of(await store.get("holder")) == "Prepare"  # the slot is still taken
+            written = []
+            with changes:
+                while True:
+                    try:
+                        event = await changes.get(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        break
+                    if model.name_of(event.object) == "again":
+                        written.append(model.phase_of(event.object))
+        finally:
+            await runner.stop()
+    status = again["status"]
+    assert status["phase"] == "Ready" and status["reusedFrom"] == "first", status
+    assert status["image"] == first["status"]["image"] and status["specHash"] == first["status"]["specHash"]
+    assert status["baseImageInfo"] == first["status"]["baseImageInfo"] and "queuePosition" not in status
+    assert {"Pending", "Prepare", "Ready"} <= set(status["phaseTimes"])
+    assert written == ["Pending", "Ready"]  # created, then one status write
+    log = await store.get_artifact("again", "log")
+    assert "==> Pending -> Ready (Reused): identical to first" in log and "pinned " in log, log
+    assert any(e[0] == "log" and e[1]["line"].startswith("==> Pending -> Ready") for e in events)

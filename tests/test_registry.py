@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import json
 import socket
 import time
 
@@ -309,3 +310,67 @@ def test_parse_www_authenticate():
     }
     assert parse_www_authenticate('Basic realm="x, y"') == ("basic", {"realm": "x, y"})
     assert parse_www_authenticate("") == ("", {})
+
+
+# -- digests by HEAD, and pins that overlap ----------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("reference", ["cnbi-test/hello:v1", "cnbi-test/hello:docker", "cnbi-test/multi:v1",
+                                       "cnbi-test/multi:docker"])
+async def test_digest_of_agrees_with_resolve_and_skopeo(local_registry, registry_images, reference):
+    client = client_for(local_registry)
+    digest = await client.digest_of(f"{local_registry.host}/{reference}")
+    assert digest == registry_images[reference] == local_registry.skopeo_inspect(reference)["Digest"]
+    assert digest == (await client.resolve(f"{local_registry.host}/{reference}")).digest
+
+
+@pytest.mark.asyncio
+async def test_digest_of_a_missing_tag_says_what_resolve_says(local_registry, registry_images):
+    # a HEAD's 404 has no body to tell tag from repository: the GET that follows does
+    client = client_for(local_registry)
+    for reference in ("cnbi-test/hello:nope", "cnbi-test/nothing-here:v1"):
+        with pytest.raises(ImageNotFound) as by_head:
+            await client.digest_of(f"{local_registry.host}/{reference}")
+        with pytest.raises(ImageNotFound) as by_get:
+            await client.resolve(f"{local_registry.host}/{reference}")
+        assert str(by_head.value) == str(by_get.value) and reference in str(by_head.value)
+
+
+@pytest.mark.asyncio
+async def test_digest_of_a_token_registry_takes_one_token(token_registry):
+    requests = token_registry.token_service.requests
+    before = len(requests)
+    digest = await client_for(token_registry).digest_of(f"{token_registry.host}/cnbi-test/hello:v1",
+                                                        auth=token_registry.credentials)
+    assert digest == token_registry.images["cnbi-test/hello:v1"]
+    assert len(requests) == before + 1
+
+
+@pytest.mark.asyncio
+async def test_overlapping_pins_of_one_image_ask_the_registry_once(token_registry, tmp_path):
+    from cnbi_hub.controller.imageaccess import ImageAccess
+
+    auth_file = tmp_path / "auth.json"
+    auth_file.write_text(json.dumps(token_registry.auth_json))
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "wrong.json").write_text(
+        json.dumps({"auths": {token_registry.host: {"auth": _auth("cnbi-tester", "wrong")}}}))
+    access = ImageAccess(auth_file=str(auth_file), pull_secrets_dir=str(secrets),
+                         insecure_registries=[token_registry.host])
+    requests = token_registry.token_service.requests
+    before = len(requests)
+    reference = f"{token_registry.host}/cnbi-test/hello:v1"
+    pins = await asyncio.gather(*(access.pin(reference, None) for _ in range(20)))
+    digest = token_registry.images["cnbi-test/hello:v1"]
+    assert {p[1] for p in pins} == {digest} and {p[0] for p in pins} == {f"{reference.split(':v1')[0]}@{digest}"}
+    assert len(requests) == before + 1  # one exchange for the twenty
+    # nothing is kept once answered: the next pin asks again (a moved tag is seen at once)
+    await access.pin(reference, None)
+    assert len(requests) == before + 2
+    # an image naming other credentials (its pull secret) never shares a request with these
+    with_wrong_secret = {"spec": {"imagePullSecret": {"name": "wrong"}}}
+    results = await asyncio.gather(access.pin(reference, None), access.pin(reference, with_wrong_secret),
+                                   return_exceptions=True)
+    assert results[0][1] == digest and isinstance(results[1], ImageUnauthorized), results

@@ -51,6 +51,27 @@ async def test_stale_write_fails_and_modify_retries(db_url):
     with pytest.raises(Conflict):
         await store.update_status("race", {**obj["status"], "phase": "Failed"}, version)
     assert (await store.get("race"))["status"]["phase"] == "Prepare"
+    # a copy the caller already has (from the change feed) is tried first; stale, it is read again
+    seen = []
+
+    def to_building(current):
+        seen.append(current["metadata"]["resourceVersion"])
+        return {**current["status"], "phase": "Building"}
+
+    written = await modify_status(store, "race", to_building, known=obj)
+    assert written["status"]["phase"] == "Building"
+    assert seen[0] == version and len(seen) == 2 and seen[1] != version
+
+
+async def test_artifacts_are_written_only_for_the_image_the_writer_means(db_url):
+    store = SQLImageStore(db_url)
+    old = await store.create(new_object("twice"))
+    await store.put_artifact("twice", "log", "old\n", uid=old["metadata"]["uid"])
+    await store.delete("twice")
+    await store.create(new_object("twice"))
+    with pytest.raises(NotFound):
+        await store.put_artifact("twice", "log", "stale\n", uid=old["metadata"]["uid"])
+    assert await store.get_artifact("twice", "log") is None
 
 
 def test_no_lost_update_between_two_processes_sharing_the_database(db_url):

@@ -67,6 +67,9 @@ async def test_create_get_and_status_through_the_subresource(store):
     status = {**got["status"], "phase": "Prepare"}
     written = await store.update_status("first", status, got["metadata"]["resourceVersion"])
     assert model.phase_of(written) == "Prepare"
+    # the write sent status only: the stored spec, labels and annotations are as they were
+    assert written["spec"] == got["spec"] and written["metadata"]["labels"] == got["metadata"]["labels"]
+    assert written["metadata"]["annotations"] == got["metadata"]["annotations"]
     with pytest.raises(Conflict):  # based on the version before our own write
         await store.update_status("first", {**status, "phase": "Failed"}, got["metadata"]["resourceVersion"])
     # a spec change through replace leaves status alone and bumps the generation
@@ -186,9 +189,15 @@ async def test_artifacts_live_in_a_configmap_the_image_owns(store, crd_installed
     owner = configmap["metadata"]["ownerReferences"][0]
     assert owner["kind"] == "CustomNBImage" and owner["name"] == "with-lock"
     # an image made again under the same name does not inherit the old one's artifacts
+    old_uid = (await store.get("with-lock"))["metadata"]["uid"]
     await store.delete("with-lock")
     await store.create(new_image("alice", "with-lock"))
     assert await store.get_artifact("with-lock", "lock") is None
+    # a writer that still holds the old image's uid writes nothing to the new one's
+    await store.put_artifact("with-lock", "log", "the new image's log\n")
+    with pytest.raises(NotFound):
+        await store.put_artifact("with-lock", "log", "a stale writer's log\n", uid=old_uid)
+    assert await store.get_artifact("with-lock", "log") == "the new image's log\n"
 
 
 async def test_the_change_feed_tells_creates_changes_and_deletes(store):

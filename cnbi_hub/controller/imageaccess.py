@@ -8,6 +8,7 @@ images built on this machine), so the builder answers for them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -50,6 +51,7 @@ class ImageAccess(LoggingConfigurable):
         super().__init__(**kwargs)
         if self.registry is None:
             self.registry = RegistryClient(parent=self)
+        self._digests_in_flight: dict[tuple, asyncio.Future] = {}
 
     def auth_documents(self, obj: dict | None) -> list[dict]:
         """Credentials documents for pulling: the object's pull secret first, then the auth file."""
@@ -89,13 +91,32 @@ class ImageAccess(LoggingConfigurable):
                 raise ImageNotFound(f"image {text} does not exist in this machine's image storage")
             return str(ref.with_digest(stored.digest)), stored.digest, None
         client, credentials = self._client_and_credentials(ref, self.auth_documents(obj))
-        resolved = await client.resolve(ref, auth=credentials and (credentials.username, credentials.password))
+        digest = await self._digest_shared(client, ref, credentials)
         access = PullAccess(
             username=credentials.username if credentials else None,
             password=credentials.password if credentials else None,
             tls_verify=not self.is_insecure(ref),
         )
-        return str(ref.with_digest(resolved.digest)), resolved.digest, access
+        return str(ref.with_digest(digest)), digest, access
+
+    async def _digest_shared(self, client: RegistryClient, ref: ImageReference, credentials) -> str:
+        """Pins of the same reference with the same credentials that overlap share one request:
+        a burst of identical imports asks the registry once, not once each (nothing is kept
+        after the answer: the next pin asks again)."""
+        key = (str(ref), tuple(client.insecure_registries), credentials)
+        running = self._digests_in_flight.get(key)
+        if running is None:
+            running = asyncio.ensure_future(
+                client.digest_of(ref, auth=credentials and (credentials.username, credentials.password)))
+            self._digests_in_flight[key] = running
+
+            def forget(done: asyncio.Future) -> None:
+                self._digests_in_flight.pop(key, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved here too: its waiters may all have gone
+
+            running.add_done_callback(forget)
+        return await asyncio.shield(running)
 
     async def check(self, text: str) -> dict:
         """`GET api/check-image`: {exists, digest, platforms}; raises ImageUnauthorized for an

@@ -3,9 +3,9 @@
 The same engine as embedded mode — the embedded runner's queue driving `PhaseWork` — over the
 Kubernetes store (CustomNBImage resources) with the Tekton builder, so one PipelineRun runs per
 build. kopf runs it as an operator: it logs in, owns the process's lifecycle and health probe,
-and holds a finalizer on each image, so deleting one cancels its running PipelineRun before the
-object goes (the PipelineRun, its plan and artifacts are owned by the image and are collected
-with it).
+and holds a finalizer on each image in work, so deleting one cancels its running PipelineRun
+before the object goes (the PipelineRun, its plan, artifacts and ImageStream are owned by the
+image and are collected with it).
 
 Settings are traitlets options (`--generate-config`, a `cnbi_operator_config.py`, or JSON in
 $CNBI_OPERATOR_CONFIG), like the service's.
@@ -222,7 +222,13 @@ def _register_handlers(registry: kopf.OperatorRegistry, app: CNBIOperator) -> No
         settings.persistence.finalizer = f"{model.PREFIX}/operator"
         settings.watching.server_timeout = 300
 
-    @kopf.on.delete(group, version, plural, registry=registry, optional=False)
+    def in_work(status, **_) -> bool:
+        # only an image in work holds the finalizer: a Ready image's ImageStream, PipelineRun and
+        # artifacts are owned by it and go with it (the garbage collector), so finished images
+        # cost no finalizer write and never keep a namespace Terminating without an operator
+        return (status or {}).get("phase") in (model.PHASE_PREPARE, model.PHASE_RESOLVING, model.PHASE_BUILDING)
+
+    @kopf.on.delete(group, version, plural, registry=registry, optional=False, when=in_work)
     async def cancel_build_of_deleted_image(body, logger, **_):
         """A deleted image's PipelineRun stops now, not when the garbage collector gets to it."""
         obj = json.loads(json.dumps(dict(body)))

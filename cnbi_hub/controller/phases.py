@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 import os
 import shutil
 import time
@@ -109,6 +110,15 @@ class PhaseWork(LoggingConfigurable):
         # arrive meanwhile wait for it and reuse its image instead of building it again
         self._in_flight: dict[str, tuple[str, asyncio.Future]] = {}
         self._claims: dict[str, str] = {}  # uid -> the spec hash it builds
+        # spec hash -> (uid, object) of one Ready image with it, kept by the runner from its
+        # change feed (an informer's cache): a burst of identical requests finds it without a
+        # list each; a miss still asks the store, which is never behind
+        self._ready_by_hash: dict[str, tuple[str, dict]] = {}
+        # what imports in that index and those building now import: only an import of one of
+        # these can be reused, so only those look outside the slots (a first import of an
+        # unknown image, or of a registry that never answers, goes the usual way, once)
+        self._import_sources: Counter[str] = Counter()
+        self._claimed_sources: dict[str, str] = {}  # spec hash -> fromImage of an import building it
 
     # --- one step -----------------------------------------------------------------------------
 
@@ -137,10 +147,7 @@ class PhaseWork(LoggingConfigurable):
         work = Path(self.work_dir) / uid
         if work.exists():
             await asyncio.to_thread(shutil.rmtree, work, True)
-        key = self._claims.pop(uid, None)
-        if key is not None:
-            _, done = self._in_flight.pop(key)
-            done.set_result(None)  # those waiting look again: reuse if it became Ready, else build
+        self.release_claim(uid)
         target = self._targets.pop(uid, None)
         building = self._building.pop(uid, None)
         if cancelled and building is not None:
@@ -348,11 +355,91 @@ class PhaseWork(LoggingConfigurable):
                 return reused
             holder = self._in_flight.get(key)
             if holder is None or self._claims.get(uid) == key:
-                self._in_flight.setdefault(key, (model.name_of(obj), asyncio.get_running_loop().create_future()))
-                self._claims[uid] = key
+                self._claim(obj, key)
                 return None
             say(f"{holder[0]} is building the same image now: waiting for it")
             await asyncio.shield(holder[1])
+
+    def _claim(self, obj: dict, key: str) -> None:
+        uid = obj["metadata"]["uid"]
+        if self._claims.get(uid) not in (None, key):
+            self.release_claim(uid)  # its input changed since (a tag moved): the old claim goes
+        self._in_flight.setdefault(key, (model.name_of(obj), asyncio.get_running_loop().create_future()))
+        self._claims[uid] = key
+        if obj["spec"]["buildType"] == "ImageImport":
+            self._claimed_sources[key] = obj["spec"]["fromImage"]
+
+    def release_claim(self, uid: str) -> None:
+        """The image no longer builds what it claimed (it ended, was cancelled or deleted):
+        those waiting for it look again, and reuse its image or build it themselves."""
+        key = self._claims.pop(uid, None)
+        if key is not None:
+            _, done = self._in_flight.pop(key)
+            self._claimed_sources.pop(key, None)
+            done.set_result(None)
+
+    def reusable_without_slot(self, obj: dict) -> bool:
+        """Whether `reuse_at_once` may finish the object outside a build slot: an import (its
+        reuse costs one registry request and one lookup; a package list needs a resolution)
+        of an image that a Ready import or one building now imports too."""
+        if obj["spec"]["buildType"] != "ImageImport":
+            return False
+        source = obj["spec"]["fromImage"]
+        return self._import_sources[source] > 0 or source in self._claimed_sources.values()
+
+    async def reuse_at_once(self, obj: dict, say=_no_log) -> Outcome | asyncio.Future | None:
+        """For an import (`reusable_without_slot`): pin its image and, when a Ready image of the
+        same input exists, the Outcome that reuses it (Prepare's, straight to Ready, with the
+        base's inspection copied from it: the same digest); when one is building that input now,
+        a future that ends with that build (look again then); else None, with the build of that
+        input claimed for `obj`: it takes a build slot, and its Prepare says what went wrong if
+        pinning failed."""
+        say(f"pinning {obj['spec']['fromImage']}")
+        try:
+            pinned, digest, _ = await self.access.pin(obj["spec"]["fromImage"], obj)
+        except (RegistryError, LookupError):
+            return None
+        key = spec_hash(obj, pinned, None)
+        reused = await self.find_reusable(obj, key)
+        if reused is not None:
+            if not reused.get("baseImageInfo"):
+                return None  # an image from before inspections were kept: Prepare inspects
+            say(f"pinned {pinned}")
+            return self._reused(reused, {"resolvedBaseImage": pinned, "baseImageDigest": digest, "specHash": key})
+        holder = self._in_flight.get(key)
+        if holder is not None and self._claims.get(obj["metadata"]["uid"]) != key:
+            say(f"{holder[0]} is building the same image now: waiting for it")
+            return holder[1]
+        self._claim(obj, key)
+        return None
+
+    def note(self, obj: dict, gone: bool = False) -> None:
+        """Keep the Ready-by-spec-hash index current with one change of `obj`."""
+        status, uid = obj.get("status") or {}, obj["metadata"].get("uid")
+        key = status.get("specHash")
+        if not key:
+            return
+        held = self._ready_by_hash.get(key)
+        if gone or status.get("phase") != PHASE_READY or not status.get("image"):
+            if held and held[0] == uid:
+                self._forget_source(held[1])
+                del self._ready_by_hash[key]
+        elif held is None or held[0] == uid:
+            if held:
+                self._forget_source(held[1])
+            entry = {"metadata": {"name": model.name_of(obj), "uid": uid},
+                     "spec": {"fromImage": obj["spec"].get("fromImage")},
+                     "status": {k: status[k] for k in _REUSED_FIELDS if k in status}}
+            self._ready_by_hash[key] = (uid, entry)
+            if entry["spec"]["fromImage"]:
+                self._import_sources[entry["spec"]["fromImage"]] += 1
+
+    def _forget_source(self, entry: dict) -> None:
+        source = entry["spec"]["fromImage"]
+        if source:
+            self._import_sources[source] -= 1
+            if self._import_sources[source] <= 0:
+                del self._import_sources[source]
 
     async def find_reusable(self, obj: dict, key: str) -> dict | None:
         """Status fields of a Ready image built from the same effective input, if its image is
@@ -363,19 +450,30 @@ class PhaseWork(LoggingConfigurable):
         nothing is named: the run keeps its previous image.
         """
         own_name, own_uid = model.name_of(obj), obj["metadata"]["uid"]
-        for other in await self.store.list(phase=PHASE_READY, spec_hash=key):
+
+        async def reusable(other: dict) -> dict | None:
             status = other.get("status") or {}
             if other["metadata"]["uid"] == own_uid or status.get("specHash") != key or not status.get("image"):
-                continue
+                return None
             if not await self._still_there(status["image"]):
-                continue
+                return None
             built_by = status.get("reusedFrom") or model.name_of(other)
             found = {"image": status["image"], "packages": status.get("packages", [])}
-            if status.get("imageSize"):
-                found["imageSize"] = status["imageSize"]
+            for copied in ("imageSize", "baseImageInfo"):  # the same input: the same base
+                if status.get(copied):
+                    found[copied] = status[copied]
             if built_by != own_name:
                 found["reusedFrom"] = built_by
             return found
+
+        held = self._ready_by_hash.get(key)
+        if held is not None and (found := await reusable(held[1])) is not None:
+            return found
+        # two are enough: every image of this input names the same built image (and one of
+        # them may be this image's own earlier run)
+        for other in await self.store.list(phase=PHASE_READY, spec_hash=key, limit=2):
+            if (found := await reusable(other)) is not None:
+                return found
         return None
 
     async def find_previous_generation(self, obj: dict, lock_text: str, base: str) -> dict | None:
@@ -514,6 +612,10 @@ class PhaseWork(LoggingConfigurable):
         digest = await self.builder.build(plan, checkout if checkout.exists() else None, secrets, say,
                                           obj=obj, checks=checks)
         return f"{repository}@{digest}"
+
+
+# what a reused image takes from the image it reuses (and what find_reusable reads)
+_REUSED_FIELDS = ("specHash", "image", "packages", "imageSize", "baseImageInfo", "reusedFrom")
 
 
 def _requirement_lines(text: str) -> list[list]:

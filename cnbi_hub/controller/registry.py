@@ -312,6 +312,30 @@ class RegistryClient(LoggingConfigurable):
             reference=ref, digest=digest, media_type=media_type, platforms=platforms
         )
 
+    async def digest_of(
+        self,
+        ref: ImageReference | str,
+        auth: RegistryCredentials | tuple[str, str] | None = None,
+    ) -> str:
+        """``ref``'s manifest digest, from a HEAD request's ``Docker-Content-Digest`` (as
+        ``crane digest`` and ``skopeo`` do: one small request, which registries do not count
+        against pull limits); a registry that does not say, or refuses, is asked with ``resolve``,
+        whose errors say exactly what is wrong."""
+        if isinstance(ref, str):
+            ref = parse_image_reference(ref)
+        session = _Session(ref, RegistryCredentials(*auth) if auth else None)
+        url = self._api_url(ref, f"manifests/{ref.manifest_reference}")
+        try:
+            response = await self._fetch(session, url, {"Accept": MANIFEST_ACCEPT}, method="HEAD")
+        except RegistryUnreachable:
+            raise
+        except RegistryError:
+            response = None
+        digest = response.headers.get("Docker-Content-Digest", "") if response is not None else ""
+        if re.fullmatch(r"sha256:[a-f0-9]{64}", digest) and (not ref.digest or digest == ref.digest):
+            return digest
+        return (await self.resolve(ref, auth=auth)).digest
+
     async def exists(
         self,
         ref: ImageReference | str,
@@ -345,11 +369,11 @@ class RegistryClient(LoggingConfigurable):
         )
 
     def _request(
-        self, url: str, headers: Mapping[str, str], *, follow_redirects: bool = True
+        self, url: str, headers: Mapping[str, str], *, follow_redirects: bool = True, method: str = "GET"
     ) -> HTTPRequest:
         return HTTPRequest(
             url,
-            method="GET",
+            method=method,
             headers={"User-Agent": self.user_agent, **headers},
             connect_timeout=self.timeout,
             request_timeout=self.timeout,
@@ -383,21 +407,23 @@ class RegistryClient(LoggingConfigurable):
                 RegistryUnreachable, ref, f"could not be reached at {host}: {error}"
             ) from error
 
-    async def _fetch(self, session: _Session, url: str, headers: Mapping[str, str]) -> HTTPResponse:
-        """GET ``url`` from the image's registry, answering an auth challenge once."""
+    async def _fetch(
+        self, session: _Session, url: str, headers: Mapping[str, str], method: str = "GET"
+    ) -> HTTPResponse:
+        """GET (or HEAD) ``url`` from the image's registry, answering an auth challenge once."""
         ref = session.ref
         request_headers = dict(headers)
         if session.authorization:
             request_headers["Authorization"] = session.authorization
         # Redirects are followed by hand so Authorization never goes to a blob-storage host.
         response = await self._send(
-            ref, self._request(url, request_headers, follow_redirects=False)
+            ref, self._request(url, request_headers, follow_redirects=False, method=method)
         )
         if response.code == 401 and not session.authorization:
             session.authorization = await self._authorize(session, response)
             request_headers["Authorization"] = session.authorization
             response = await self._send(
-                ref, self._request(url, request_headers, follow_redirects=False)
+                ref, self._request(url, request_headers, follow_redirects=False, method=method)
             )
         if response.code in (301, 302, 303, 307, 308) and response.headers.get("Location"):
             location = urljoin(url, response.headers["Location"])
@@ -405,7 +431,7 @@ class RegistryClient(LoggingConfigurable):
             redirect_headers = dict(headers)
             if same_host and session.authorization:
                 redirect_headers["Authorization"] = session.authorization
-            response = await self._send(ref, self._request(location, redirect_headers))
+            response = await self._send(ref, self._request(location, redirect_headers, method=method))
         self._raise_for_status(session, response)
         return response
 

@@ -21,7 +21,7 @@ from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVIN
 from ..store.base import NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
-from .statemachine import advance, queued, restart, run_separator
+from .statemachine import Outcome, advance, queued, restart, run_separator
 
 BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
 PHASE_SECONDS = Histogram(
@@ -46,6 +46,13 @@ class EmbeddedRunner(LoggingConfigurable):
         by one, and each move is a write: this bounds the writes a long queue costs.""",
     ).tag(config=True)
 
+    reuse_concurrency = Integer(
+        50,
+        help="""How many imports may look for an identical Ready image at once, outside the build
+        slots: finding one costs a registry request and a lookup, so a burst of identical
+        imports goes to Ready without waiting for slots that builds need.""",
+    ).tag(config=True)
+
     store = Instance(object, allow_none=True)
     phases = Instance(PhaseWork, allow_none=True)
 
@@ -60,6 +67,9 @@ class EmbeddedRunner(LoggingConfigurable):
         # uid -> latest copy of each Pending image, kept from the change feed: scheduling reads
         # this instead of listing the store at every change (a long queue made that quadratic)
         self._pending: dict[str, dict] = {}
+        self._reusing: dict[str, asyncio.Task] = {}  # uid -> its look for an identical Ready image
+        self._needs_slot: set[str] = set()  # uids that looked and found none: they wait for a slot
+        self._reuse_slots = asyncio.Semaphore(self.reuse_concurrency)
         self._positions_due = asyncio.Event()
         self._stopping = False
 
@@ -88,9 +98,9 @@ class EmbeddedRunner(LoggingConfigurable):
         for background in (self._watcher, self._position_writer):
             if background:
                 background.cancel()
-        for task in list(self._tasks.values()):
+        for task in [*self._tasks.values(), *self._reusing.values()]:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._reusing.values(), return_exceptions=True)
 
     async def _watch(self, changes) -> None:
         with changes:
@@ -100,12 +110,18 @@ class EmbeddedRunner(LoggingConfigurable):
                 phase = model.phase_of(event.object)
                 self._note(event.object, deleted=event.type == "DELETED")
                 if event.type != "DELETED" and not (event.object.get("status") or {}).get("phase"):
-                    await self._begin_status(event.object)  # its MODIFIED event schedules it
+                    if self.phases.reusable_without_slot(event.object):
+                        await self.schedule()  # it may go to Ready in one write; if not, it begins then
+                    else:
+                        await self._begin_status(event.object)  # its MODIFIED event schedules it
                 elif event.type == "DELETED":
                     task = self._tasks.get(uid)
                     if task:
                         self.log.info("image %s deleted during its build: stopping it", model.name_of(event.object))
                         task.cancel()
+                    else:
+                        self._stop_reuse(uid)
+                        self.phases.release_claim(uid)  # deleted while it waited for a slot
                     await self.schedule()
                 elif event.type == "MODIFIED" and phase in model.TERMINAL_PHASES:
                     task = self._tasks.get(uid)
@@ -116,6 +132,9 @@ class EmbeddedRunner(LoggingConfigurable):
                         self._log_line(name, uid, f"==> {reason}")
                         self.log.info("image %s: %s", name, reason)
                         task.cancel()
+                    elif not task:
+                        self._stop_reuse(uid)
+                        self.phases.release_claim(uid)  # cancelled while it waited for a slot
                     await self.schedule()
                 elif event.type == "ADDED" or (event.type == "MODIFIED" and phase == PHASE_PENDING
                                                and uid not in self._tasks):
@@ -123,20 +142,28 @@ class EmbeddedRunner(LoggingConfigurable):
 
     def _note(self, obj: dict, deleted: bool = False) -> None:
         uid = obj["metadata"].get("uid")
+        self.phases.note(obj, gone=deleted)
         if not deleted and (obj.get("status") or {}).get("phase", PHASE_PENDING) == PHASE_PENDING:
             self._pending[uid] = obj
         else:
             self._pending.pop(uid, None)
+            self._needs_slot.discard(uid)
 
     def _waiting(self) -> list[dict]:
-        """Pending images not being worked on, oldest first."""
-        waiting = [o for uid, o in self._pending.items() if uid not in self._tasks]
+        """Pending images not being worked on nor looking for an identical image, oldest first."""
+        waiting = [o for uid, o in self._pending.items() if uid not in self._tasks and uid not in self._reusing]
         return sorted(waiting, key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
 
     async def schedule(self) -> None:
         """Start work on the oldest Pending images while slots are free; number the rest."""
         async with self._schedule_lock:
-            waiting = self._waiting()
+            waiting = []
+            for obj in self._waiting():
+                uid = obj["metadata"]["uid"]
+                if uid not in self._needs_slot and self.phases.reusable_without_slot(obj):
+                    self._reusing[uid] = asyncio.create_task(self._reuse(model.name_of(obj), uid))
+                else:
+                    waiting.append(obj)
             while waiting and len(self._tasks) < self.max_concurrent_builds:
                 obj = waiting.pop(0)
                 uid = obj["metadata"]["uid"]
@@ -161,6 +188,58 @@ class EmbeddedRunner(LoggingConfigurable):
             except Exception as e:  # positions are a courtesy: the next change writes them again
                 self.log.warning("could not write queue positions: %s", e)
             await asyncio.sleep(0.5)
+
+    # --- reuse outside the slots --------------------------------------------------------------
+
+    def _stop_reuse(self, uid: str) -> None:
+        looking = self._reusing.get(uid)
+        if looking:
+            looking.cancel()  # it left Pending (cancelled, deleted): its registry request goes too
+
+    async def _reuse(self, name: str, uid: str) -> None:
+        """Finish an import by reusing an identical Ready image, in one status write (Pending to
+        Ready, with Prepare's conditions and times), or wait for the identical one building now;
+        when there is none, it joins the queue for a build slot."""
+        log = BuildLog()
+
+        def say(line: str) -> None:
+            log.append(line)
+            self.publish(("log", {"metadata": {"name": name, "uid": uid}, "line": line}))
+
+        try:
+            while True:
+                obj = self._pending.get(uid)
+                if obj is None:
+                    return  # it left Pending meanwhile (deleted, cancelled, begun elsewhere)
+                async with self._reuse_slots:
+                    found = await self.phases.reuse_at_once(obj, say)
+                if isinstance(found, asyncio.Future):
+                    await asyncio.shield(found)  # the identical build ended: look again
+                    continue
+                break
+            if found is None:
+                self._needs_slot.add(uid)
+                if not (obj.get("status") or {}).get("phase"):
+                    await self._begin_status(obj)
+                return
+            started = advance(obj, Outcome(True, "Started", "an identical image is Ready"))
+            status = advance({**obj, "status": started}, found)
+            say(f"==> Pending -> Ready ({found.reason}): {found.message}")
+            try:  # the log first, as a finished build's: whoever sees it Ready can read it
+                await self.store.put_artifact(name, "log", log.text(), uid=uid)
+            except NotFound:
+                return
+            if await self._write_status(name, uid, status, expected_phase=PHASE_PENDING, known=obj):
+                BUILDS.labels("reused").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # it goes the long way, through a slot, which reports what is wrong
+            self.log.exception("looking for an image identical to %s failed", name)
+            self._needs_slot.add(uid)
+        finally:
+            self._reusing.pop(uid, None)
+            if not self._stopping:
+                asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
 
     # --- driving one image ------------------------------------------------------------------
 
@@ -228,7 +307,8 @@ class EmbeddedRunner(LoggingConfigurable):
         except NotFound:
             pass
 
-    async def _write_status(self, name: str, uid: str, status: dict, expected_phase: str | None = None) -> bool:
+    async def _write_status(self, name: str, uid: str, status: dict, expected_phase: str | None = None,
+                            known: dict | None = None) -> bool:
         """Write `status` unless the object is gone, was replaced, or (with `expected_phase`)
         left that phase meanwhile: a build that was cancelled stays cancelled."""
         written: list[bool] = []
@@ -242,7 +322,7 @@ class EmbeddedRunner(LoggingConfigurable):
             return status
 
         try:
-            await modify_status(self.store, name, change)
+            await modify_status(self.store, name, change, known=known)
         except NotFound:
             return False
         return bool(written)

@@ -59,9 +59,11 @@ class ImageStore(Protocol):
         self, *, owner: str | None = None, include_shared: bool = False, groups=(), phase: str | None = None,
         build_type: str | None = None,
         spec_hash: str | None = None,
+        limit: int | None = None,
     ) -> list[dict]:
         """Oldest first; `owner` limits to one creator (plus, with `include_shared`, images
-        shared with everyone or with one of `groups`)."""
+        shared with everyone or with one of `groups`); `limit` (without `owner`) asks for at
+        most that many matches, any of them: enough to know one exists."""
 
     async def count(self, owner: str) -> int: ...
 
@@ -76,23 +78,27 @@ class ImageStore(Protocol):
     def watch(self) -> "Subscription":
         """Start following changes now; read the current state after this call."""
 
-    async def put_artifact(self, name: str, kind: str, text: str) -> None: ...
+    async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
+        """Store an artifact (log, lock) of the image; with `uid`, of that image only (one that
+        replaced it under the same name is not written to), and without reading it first."""
 
     async def get_artifact(self, name: str, kind: str) -> str | None: ...
 
 
 async def modify_status(
-    store: ImageStore, name: str, change: Callable[[dict], dict | None], attempts: int = 20
+    store: ImageStore, name: str, change: Callable[[dict], dict | None], attempts: int = 20,
+    known: dict | None = None,
 ) -> dict | None:
     """Read-modify-write of an object's status that survives concurrent writers.
 
     `change(obj)` returns the new status (or None to leave the object alone); on a Conflict the
     object is read again and `change` runs again on the fresh copy, so no update is lost.
     Retries wait a little, with jitter, so two writers do not keep colliding in lockstep
-    (client-go's RetryOnConflict does the same).
+    (client-go's RetryOnConflict does the same). `known`, a copy the caller has (from the
+    change feed), is tried first, sparing a read when it is still current.
     """
     for attempt in range(attempts):
-        obj = await store.get(name)
+        obj = known if attempt == 0 and known is not None else await store.get(name)
         new_status = change(copy.deepcopy(obj))
         if new_status is None:
             return obj

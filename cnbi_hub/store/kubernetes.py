@@ -140,11 +140,11 @@ class KubernetesImageStore(LoggingConfigurable):
             raise NotFound(f"image {name} not found", "metadata.name")
         return obj
 
-    async def _list(self, label_selector: str = "", field_selector: str = "") -> list[dict]:
+    async def _list(self, label_selector: str = "", field_selector: str = "", limit: int | None = None) -> list[dict]:
         api = await self._objects()
         items, token = [], None
         while True:
-            kwargs = {"limit": 500}
+            kwargs = {"limit": limit or 500}
             if label_selector:
                 kwargs["label_selector"] = label_selector
             if field_selector:
@@ -154,7 +154,7 @@ class KubernetesImageStore(LoggingConfigurable):
             listing = await api.list_namespaced_custom_object(**self._resource(), **kwargs)
             items += [o for o in listing.get("items", []) if not o["metadata"].get("deletionTimestamp")]
             token = listing.get("metadata", {}).get("continue")
-            if not token:
+            if not token or limit:
                 return items
 
     async def list(
@@ -166,9 +166,11 @@ class KubernetesImageStore(LoggingConfigurable):
         phase: str | None = None,
         build_type: str | None = None,
         spec_hash: str | None = None,
+        limit: int | None = None,
     ) -> list[dict]:
         """Objects, oldest first, filtered by the apiserver (labels; phase, build type and spec
-        hash are the CRD's selectable fields)."""
+        hash are the CRD's selectable fields); with `limit`, at most that many of them, not
+        necessarily the oldest."""
         fields = []
         if spec_hash:
             fields.append(f"status.specHash={spec_hash}")
@@ -178,7 +180,7 @@ class KubernetesImageStore(LoggingConfigurable):
             fields.append(f"spec.buildType={build_type}")
         field_selector = ",".join(fields)
         if owner is None:
-            found = await self._list(field_selector=field_selector)
+            found = await self._list(field_selector=field_selector, limit=limit)
         else:
             selectors = [f"{model.LABEL_OWNER}={model.owner_label_value(owner)}"]
             if include_shared:
@@ -262,9 +264,14 @@ class KubernetesImageStore(LoggingConfigurable):
         without, retried on a fresh read when someone wrote in between (409)."""
         api = await self._objects()
         for _ in range(20):
-            current = await self.get(name)
             if resource_version is not None:
-                current["metadata"]["resourceVersion"] = resource_version
+                # the status subresource keeps everything but status from the stored object, so
+                # name and resourceVersion (the precondition) are all the body needs: no read
+                current = {"apiVersion": model.API_VERSION, "kind": model.KIND,
+                           "metadata": {"name": name, "namespace": self.namespace,
+                                        "resourceVersion": resource_version}}
+            else:
+                current = await self.get(name)
             current["status"] = copy.deepcopy(status)
             try:
                 return await api.replace_namespaced_custom_object_status(**self._resource(), name=name, body=current)
@@ -377,33 +384,37 @@ class KubernetesImageStore(LoggingConfigurable):
     def _artifact_map_name(self, name: str) -> str:
         return f"cnbi-artifacts-{name}"
 
-    async def put_artifact(self, name: str, kind: str, text: str) -> None:
-        obj = await self.get(name)
+    async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
+        if uid is None:
+            uid = (await self.get(name))["metadata"]["uid"]
         if len(text) > MAX_ARTIFACT_CHARS:
             text = "[earlier lines cut]\n" + text[-MAX_ARTIFACT_CHARS:].split("\n", 1)[-1]
         core = await self._core()
         map_name = self._artifact_map_name(name)
         owner = client.V1OwnerReference(api_version=model.API_VERSION, kind=model.KIND, name=name,
-                                        uid=obj["metadata"]["uid"], block_owner_deletion=False)
+                                        uid=uid, block_owner_deletion=False)
+        body = client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=map_name, owner_references=[owner],
+                                         labels={f"{model.PREFIX}/image": name}),
+            data={kind: text},
+        )
         for _ in range(10):
+            # create first: most images write their artifacts once (a reused image, its log)
+            try:
+                await core.create_namespaced_config_map(self.namespace, body)
+                return
+            except ApiException as e:
+                if e.status != 409:
+                    raise _status_code_error(e, name) from None
             try:
                 current = await core.read_namespaced_config_map(map_name, self.namespace)
             except ApiException as e:
-                if e.status != 404:
-                    raise _status_code_error(e, name) from None
-                body = client.V1ConfigMap(
-                    metadata=client.V1ObjectMeta(name=map_name, owner_references=[owner],
-                                                 labels={f"{model.PREFIX}/image": name}),
-                    data={kind: text},
-                )
-                try:
-                    await core.create_namespaced_config_map(self.namespace, body)
-                    return
-                except ApiException as e:
-                    if e.status == 409:
-                        continue
-                    raise _status_code_error(e, name) from None
-            if any(ref.uid != obj["metadata"]["uid"] for ref in current.metadata.owner_references or []):
+                if e.status == 404:
+                    continue  # deleted in between: create again
+                raise _status_code_error(e, name) from None
+            if any(ref.uid != uid for ref in current.metadata.owner_references or []):
+                if (await self.get(name))["metadata"]["uid"] != uid:
+                    raise NotFound(f"image {name} was replaced", "metadata.name")  # a stale writer
                 current.metadata.owner_references = [owner]  # left from a deleted image of the same name
                 current.data = {}
             current.data = {**(current.data or {}), kind: text}

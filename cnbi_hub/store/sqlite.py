@@ -128,6 +128,7 @@ class SQLImageStore:
         phase: str | None = None,
         build_type: str | None = None,
         spec_hash: str | None = None,
+        limit: int | None = None,
     ) -> list[dict]:
         """Objects, oldest first. `owner` limits to one creator (plus, with `include_shared`,
         images shared with everyone or with one of `groups`); no owner means every object."""
@@ -148,7 +149,7 @@ class SQLImageStore:
             found = [self._object(row) for row in session.scalars(query.order_by(ImageRow.id))]
         if spec_hash:  # few objects share a phase and owner here: no column for it
             found = [o for o in found if (o.get("status") or {}).get("specHash") == spec_hash]
-        return found
+        return found[:limit] if limit else found
 
     async def count(self, owner: str) -> int:
         with Session(self.engine) as session:
@@ -273,9 +274,12 @@ class SQLImageStore:
 
     # --- artifacts -------------------------------------------------------------------------
 
-    async def put_artifact(self, name: str, kind: str, text: str) -> None:
+    async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
         with Session(self.engine) as session:
-            uid = self._row(session, name).uid
+            stored_uid = self._row(session, name).uid
+            if uid is not None and uid != stored_uid:
+                raise NotFound(f"image {name} was replaced")
+            uid = stored_uid
             session.merge(ArtifactRow(uid=uid, kind=kind, text=text))
             session.commit()
 
