@@ -112,6 +112,11 @@ def hub_config(data_dir, **service_config) -> Config:
     return c
 
 
+# the session hub's webhook secrets (tests sign deliveries with them)
+GITHUB_WEBHOOK_SECRET = "cnbi-test-github-webhook-secret"
+GITLAB_WEBHOOK_TOKEN = "cnbi-test-gitlab-webhook-token"
+
+
 def _free_port() -> int:
     from jupyterhub.utils import random_port
 
@@ -122,7 +127,8 @@ def _free_port() -> int:
 async def hub(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cnbi-data")
     config = hub_config(data_dir, max_images_per_user=5, heartbeat_interval=1.0,
-                        allowed_git_schemes=["https", "git"])
+                        allowed_git_schemes=["https", "git"], github_webhook_secret=GITHUB_WEBHOOK_SECRET,
+                        gitlab_webhook_token=GITLAB_WEBHOOK_TOKEN)
     MockHub.clear_instance()
     app = MockHub.instance(config=config)
     await app.initialize([])

@@ -163,6 +163,26 @@ class GitServer:
         return GitRepo(name=name, url=self.url(name), commit=commit, branch=branch, path=bare)
 
 
+def push_commit(repo: GitRepo, files: Mapping[str, str], branch: str | None = None, message: str = "change") -> str:
+    """Commit `files` (path -> text) on `branch` (default the repository's) of the served
+    repository, as a developer's push would; the new commit."""
+    branch = branch or repo.branch
+    with tempfile.TemporaryDirectory(prefix="cnbi-gitpush-") as work_dir:
+        work = Path(work_dir) / "work"
+        git("clone", "--quiet", str(repo.path), str(work))
+        if git("ls-remote", "--heads", "origin", branch, cwd=work):
+            git("checkout", "--quiet", branch, cwd=work)
+        else:
+            git("checkout", "--quiet", "-b", branch, cwd=work)
+        for relative, content in files.items():
+            (work / relative).parent.mkdir(parents=True, exist_ok=True)
+            (work / relative).write_text(content)
+        git("add", "--all", cwd=work)
+        git("commit", "--quiet", "--message", message, cwd=work)
+        git("push", "--quiet", "origin", f"HEAD:refs/heads/{branch}", cwd=work)
+        return git("rev-parse", "HEAD", cwd=work)
+
+
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + GIT_DAEMON_START_TIMEOUT
     while time.monotonic() < deadline:

@@ -18,10 +18,11 @@ from traitlets.config import LoggingConfigurable
 
 from .. import model
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVING
-from ..store.base import NotFound, modify_status
+from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
-from .statemachine import Outcome, advance, queued, restart, run_separator
+from .rebuild import start_rebuild
+from .statemachine import FIELDS_WRITTEN_BY_OTHERS, Outcome, advance, queued, restart, run_separator
 
 BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
 PHASE_SECONDS = Histogram(
@@ -67,6 +68,7 @@ class EmbeddedRunner(LoggingConfigurable):
         # uid -> latest copy of each Pending image, kept from the change feed: scheduling reads
         # this instead of listing the store at every change (a long queue made that quadratic)
         self._pending: dict[str, dict] = {}
+        self._rebuilding: dict[str, asyncio.Task] = {}  # uid -> starting a rebuild a push asked for
         self._reusing: dict[str, asyncio.Task] = {}  # uid -> its look for an identical Ready image
         self._needs_slot: set[str] = set()  # uids that looked and found none: they wait for a slot
         self._reuse_slots = asyncio.Semaphore(self.reuse_concurrency)
@@ -87,6 +89,8 @@ class EmbeddedRunner(LoggingConfigurable):
                 restarted = restart(obj)
                 await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restarted)
                 self._note({**obj, "status": restarted})
+            if model.phase_of(obj) in model.TERMINAL_PHASES and (obj.get("status") or {}).get("rebuildAfter"):
+                self._start_rebuild_after(obj)
         self._watcher = asyncio.create_task(self._watch(changes))
         self._position_writer = asyncio.create_task(self._write_positions())
         await self.schedule()
@@ -98,9 +102,10 @@ class EmbeddedRunner(LoggingConfigurable):
         for background in (self._watcher, self._position_writer):
             if background:
                 background.cancel()
-        for task in [*self._tasks.values(), *self._reusing.values()]:
+        background = [*self._tasks.values(), *self._reusing.values(), *self._rebuilding.values()]
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._reusing.values(), return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
 
     async def _watch(self, changes) -> None:
         with changes:
@@ -125,6 +130,8 @@ class EmbeddedRunner(LoggingConfigurable):
                     await self.schedule()
                 elif event.type == "MODIFIED" and phase in model.TERMINAL_PHASES:
                     task = self._tasks.get(uid)
+                    if not task and (event.object.get("status") or {}).get("rebuildAfter"):
+                        self._start_rebuild_after(event.object)
                     reason = _cancel_message(event.object)
                     if task and phase == model.PHASE_FAILED and reason:
                         # someone cancelled the build (api/images/{name}/cancel): stop its work
@@ -188,6 +195,38 @@ class EmbeddedRunner(LoggingConfigurable):
             except Exception as e:  # positions are a courtesy: the next change writes them again
                 self.log.warning("could not write queue positions: %s", e)
             await asyncio.sleep(0.5)
+
+    # --- a push that came during a run -------------------------------------------------------
+
+    def _start_rebuild_after(self, obj: dict) -> None:
+        uid = obj["metadata"]["uid"]
+        if uid not in self._rebuilding:
+            self._rebuilding[uid] = asyncio.create_task(self._rebuild_after(obj))
+
+    async def _rebuild_after(self, obj: dict) -> None:
+        """The run that a push arrived during has ended: build the pushed commit now, unless
+        this run already built it."""
+        name, uid = model.name_of(obj), obj["metadata"]["uid"]
+        trigger = obj["status"]["rebuildAfter"]
+        try:
+            if obj["status"].get("gitCommit") == trigger.get("to"):
+                def drop(current: dict) -> dict | None:
+                    status = current.get("status") or {}
+                    if current["metadata"]["uid"] != uid or "rebuildAfter" not in status:
+                        return None
+                    return {k: v for k, v in status.items() if k != "rebuildAfter"}
+
+                await modify_status(self.store, name, drop)
+                self.log.info("image %s already built %s: no rebuild for the push", name, trigger.get("to", "")[:12])
+            else:
+                await start_rebuild(self.store, obj, f"{trigger.get('source', 'a')} webhook", trigger)
+                self.log.info("image %s: rebuilding for the push that came during its run", name)
+        except (Conflict, NotFound):
+            pass  # changed meanwhile: its next change event looks again
+        except Exception:
+            self.log.exception("could not start the rebuild of %s for a push", name)
+        finally:
+            self._rebuilding.pop(uid, None)
 
     # --- reuse outside the slots --------------------------------------------------------------
 
@@ -319,7 +358,8 @@ class EmbeddedRunner(LoggingConfigurable):
             if expected_phase is not None and model.phase_of(current) != expected_phase:
                 return None
             written.append(True)
-            return status
+            theirs = current.get("status") or {}
+            return {**status, **{k: theirs[k] for k in FIELDS_WRITTEN_BY_OTHERS if k in theirs}}
 
         try:
             await modify_status(self.store, name, change, known=known)

@@ -180,15 +180,18 @@ def cancelled(obj: dict, by: str, now: str | None = None) -> dict | None:
     return status
 
 
-# how many earlier runs an image remembers (each a few hundred bytes)
+# how many earlier runs and triggers an image remembers (each a few hundred bytes)
 MAX_REMEMBERED_RUNS = 20
+MAX_REMEMBERED_TRIGGERS = 20
 
 
-def rebuilt(obj: dict, by: str, now: str | None = None) -> dict:
+def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = None) -> dict:
     """Status of a finished image sent through its phases again: a new run, numbered, with the
-    finished run kept in `runs` (its own times, outcome and what it reused)."""
+    finished run kept in `runs` (its own times, outcome and what it reused), and what set it
+    off in `triggers` (a person's rebuild, a webhook's push: what, who, when, from -> to)."""
     now = now or model.now_iso()
     old = obj.get("status") or {}
+    trigger = trigger or {"kind": "rebuild", "by": by, "at": now}
     finished = {"run": old.get("run", 1), "phase": old.get("phase")}
     for key in ("startTime", "completionTime", "reusedFrom", "image"):
         if old.get(key):
@@ -204,7 +207,23 @@ def rebuilt(obj: dict, by: str, now: str | None = None) -> dict:
     status["rebuildOf"] = old.get("image")
     status["rebuildRequestedBy"] = by
     status["rebuildRequestedAt"] = now
+    status["triggers"] = (list(old.get("triggers", [])) + [trigger])[-MAX_REMEMBERED_TRIGGERS:]
     return status
+
+
+def rebuild_after_this_run(obj: dict, trigger: dict) -> dict | None:
+    """Status of an image in work with `trigger` kept for when its run ends (a push arrived
+    while it built an older commit: its rebuild follows); None when it has finished (rebuild
+    it now instead)."""
+    status = obj.get("status") or model.initial_status()
+    if status.get("phase", PHASE_PENDING) in model.TERMINAL_PHASES:
+        return None
+    return {**copy.deepcopy(status), "rebuildAfter": trigger}
+
+
+# status fields that others than the engine write while it works (a push's pending rebuild):
+# the engine's own writes keep them
+FIELDS_WRITTEN_BY_OTHERS = ("rebuildAfter",)
 
 
 def run_separator(status: dict) -> str | None:

@@ -193,6 +193,35 @@ class CNBIService(Application):
         15.0, help="Seconds between heartbeat comments on the events stream (keeps proxies from timing out)."
     ).tag(config=True)
 
+    github_webhook_secret = Unicode(
+        help="""The secret of this hub's GitHub push webhooks (the hook's "Secret"; payload URL
+        `https://<hub>/services/cnbi/api/webhooks/github`, content type application/json). A push
+        rebuilds every GitRepository image that tracks the pushed branch. Each delivery must be
+        signed with it (`X-Hub-Signature-256`); unsigned or wrongly signed ones are refused with
+        401. Empty: GitHub webhooks are off. Default: $CNBI_GITHUB_WEBHOOK_SECRET.""",
+    ).tag(config=True)
+
+    @default("github_webhook_secret")
+    def _default_github_webhook_secret(self):
+        return os.environ.get("CNBI_GITHUB_WEBHOOK_SECRET", "")
+
+    gitlab_webhook_token = Unicode(
+        help="""The secret token of this hub's GitLab push webhooks (`.../api/webhooks/gitlab`),
+        sent by GitLab as `X-Gitlab-Token`; deliveries without it are refused with 401. Empty:
+        GitLab webhooks are off. Default: $CNBI_GITLAB_WEBHOOK_TOKEN.""",
+    ).tag(config=True)
+
+    @default("gitlab_webhook_token")
+    def _default_gitlab_webhook_token(self):
+        return os.environ.get("CNBI_GITLAB_WEBHOOK_TOKEN", "")
+
+    webhook_deliveries_remembered = Integer(
+        10000,
+        help="""How many webhook delivery ids are remembered, so a redelivered push (the same id)
+        starts nothing. Kept in memory: a delivery repeated after a restart is recognised by its
+        commit instead (an image already built at the pushed commit is not rebuilt).""",
+    ).tag(config=True)
+
     log_poll_interval = Float(
         2.0,
         help="""Cluster mode: seconds between reads of a building image's log (the operator
@@ -281,6 +310,7 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
             (route("api/imagestreams"), handlers.ImageStreamsHandler),
+            (route(r"api/webhooks/(?P<provider>[a-z]+)"), handlers.WebhookHandler),
             (route("api/settings"), handlers.SettingsHandler),
             (route("api/check-image"), handlers.CheckImageHandler),
             (route("metrics"), handlers.MetricsHandler),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import OrderedDict
 from importlib import resources
 from typing import Any
 
@@ -19,17 +20,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from .. import model
+from .. import model, webhooks
 from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
-from ..controller.statemachine import cancelled, rebuilt
-from ..store.base import AlreadyExists, NotFound, modify_status
+from ..controller.rebuild import full_log, start_rebuild
+from ..controller.statemachine import cancelled, rebuild_after_this_run
+from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
 
 MAX_BODY_BYTES = 64 * 1024
-# the logs route keeps the newest part of many runs' logs (each run's own is capped by BuildLog)
-MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
 
 
 class BaseHandler(HubOAuthenticated, web.RequestHandler):
@@ -159,16 +159,18 @@ class BodyLimitMixin:
         self._chunks = []
         self._received = 0
 
+    max_body_bytes = MAX_BODY_BYTES
+
     def data_received(self, chunk: bytes):
         self._received += len(chunk)
-        if self._received <= MAX_BODY_BYTES:
+        if self._received <= self.max_body_bytes:
             self._chunks.append(chunk)
         else:
             self._chunks = []
 
     def body_bytes(self) -> bytes:
-        if self._received > MAX_BODY_BYTES:
-            raise FieldError(413, f"the request body is larger than {MAX_BODY_BYTES // 1024} KiB")
+        if self._received > self.max_body_bytes:
+            raise FieldError(413, f"the request body is larger than {self.max_body_bytes // 1024} KiB")
         return b"".join(self._chunks)
 
 
@@ -437,23 +439,7 @@ class RebuildHandler(APIHandler):
         obj = await self.changeable_image(name)
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
             raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
-        await self.store.put_artifact(name, "log-history", await self.full_log(name))
-        await self.store.put_artifact(name, "log", "")
-        self.write_json(await self.store.update_status(name, rebuilt(obj, self.username),
-                                                       obj["metadata"]["resourceVersion"]))
-
-    async def full_log(self, name: str) -> str:
-        return await full_log(self.store, name)
-
-
-async def full_log(store, name: str) -> str:
-    """Every run's log: the earlier runs' (kept at each rebuild) and the current run's."""
-    earlier = await store.get_artifact(name, "log-history") or ""
-    current = await store.get_artifact(name, "log") or ""
-    text = earlier + ("\n" if earlier and current and not earlier.endswith("\n") else "") + current
-    if len(text) > MAX_LOG_HISTORY_CHARS:
-        text = "[earlier runs cut]\n" + text[-MAX_LOG_HISTORY_CHARS:].split("\n", 1)[-1]
-    return text
+        self.write_json(await start_rebuild(self.store, obj, self.username))
 
 
 class CancelHandler(APIHandler):
@@ -525,6 +511,107 @@ class SettingsHandler(APIHandler):
 class BaseImagesHandler(APIHandler):
     async def get(self):
         self.write_json({"items": self.cnbi.base_images})
+
+
+@web.stream_request_body
+class WebhookHandler(BodyLimitMixin, BaseHandler):
+    """POST api/webhooks/github, api/webhooks/gitlab: a push rebuilds every GitRepository image
+    that tracks the pushed branch; an image building now is rebuilt when its run ends, one
+    already built at the pushed commit is left alone. No hub login: the delivery's signature
+    (GitHub) or token (GitLab), checked in constant time before the body is read as JSON, is
+    the credential. The answer gives counts only, never whose images were rebuilt."""
+
+    max_body_bytes = 2 * 1024 * 1024  # GitHub caps deliveries at 25 MB; a push's is far smaller
+
+    def prepare(self):
+        self.prepare_body_limit()
+
+    def check_xsrf_cookie(self):
+        pass  # no cookie is used here: the sender signs each delivery
+
+    def secret(self, provider: str) -> str:
+        secrets = {"github": self.cnbi.github_webhook_secret, "gitlab": self.cnbi.gitlab_webhook_token}
+        if provider not in secrets:
+            raise FieldError(404, f"no webhooks from {provider}: only github and gitlab")
+        if not secrets[provider]:
+            setting = "github_webhook_secret" if provider == "github" else "gitlab_webhook_token"
+            raise FieldError(404, f"{provider} webhooks are not enabled on this hub (CNBIService.{setting})")
+        return secrets[provider]
+
+    async def post(self, provider: str):
+        secret = self.secret(provider)
+        body = self.body_bytes()
+        headers = self.request.headers
+        if provider == "github":
+            if not webhooks.github_signature_valid(secret, body, headers.get("X-Hub-Signature-256")):
+                raise FieldError(401, "the delivery is not signed with this hub's webhook secret "
+                                      "(X-Hub-Signature-256)")
+            event = headers.get("X-GitHub-Event", "")
+        else:
+            if not webhooks.gitlab_token_valid(secret, headers.get("X-Gitlab-Token")):
+                raise FieldError(401, "the delivery does not carry this hub's webhook token (X-Gitlab-Token)")
+            event = headers.get("X-Gitlab-Event", "")
+        delivery = webhooks.delivery_id(provider, headers)
+        seen = self.settings.setdefault("webhook_deliveries", OrderedDict())
+        if delivery and delivery in seen:
+            return self.write_json({"delivery": delivery, "status": "ignored", "reason": "delivered before"})
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the delivery is not JSON: {e}")
+        if provider == "github" and event == "ping":
+            return self.write_json({"delivery": delivery, "status": "pong"})
+        if not isinstance(payload, dict):
+            raise FieldError(400, "the delivery is not a JSON object")
+        try:
+            push = webhooks.parse_push(provider, event, payload, delivery)
+        except webhooks.WebhookRefused as e:
+            raise FieldError(e.status, e.message)
+        if delivery:  # remembered before acting: a redelivery racing this one starts nothing
+            seen[delivery] = True
+            while len(seen) > self.cnbi.webhook_deliveries_remembered:
+                seen.popitem(last=False)
+        if push is None or push.deleted:
+            reason = "the branch was deleted" if push else f"not a push to a branch ({event or 'no event header'})"
+            return self.write_json({"delivery": delivery, "status": "ignored", "reason": reason})
+        counts = {"rebuilding": 0, "afterCurrentRun": 0, "unchanged": 0}
+        for obj in await self.store.list(build_type="GitRepository"):
+            if webhooks.tracks(obj, push):
+                counts[await self.rebuild_for(obj, push)] += 1
+        self.cnbi.log.info("%s push to %s %s (%s): %s", provider, push.repository_name or "a repository",
+                           push.branch, push.after[:12], counts)
+        self.write_json({"delivery": delivery, "status": "accepted", "branch": push.branch, "commit": push.after,
+                         **counts}, 202)
+
+    async def rebuild_for(self, obj: dict, push: webhooks.Push) -> str:
+        """Rebuild `obj` for `push` now, after its current run, or not at all (already built)."""
+        name = model.name_of(obj)
+        for _ in range(10):
+            status = obj.get("status") or {}
+            trigger = webhooks.trigger_record(push, obj)
+            if model.phase_of(obj) in model.TERMINAL_PHASES:
+                if status.get("gitCommit") == push.after:
+                    return "unchanged"
+                try:
+                    await start_rebuild(self.store, obj, f"{push.provider} webhook", trigger)
+                    return "rebuilding"
+                except Conflict:
+                    pass  # it changed since we read it: read it again
+                except NotFound:
+                    return "unchanged"
+            else:
+                try:
+                    written = await modify_status(self.store, name,
+                                                  lambda current: rebuild_after_this_run(current, trigger))
+                except NotFound:
+                    return "unchanged"  # deleted meanwhile
+                if model.phase_of(written) not in model.TERMINAL_PHASES:
+                    return "afterCurrentRun"
+            try:
+                obj = await self.store.get(name)
+            except NotFound:
+                return "unchanged"
+        raise FieldError(503, f"image {name} kept changing; deliver the push again")
 
 
 class ImageStreamsHandler(APIHandler):

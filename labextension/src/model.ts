@@ -73,7 +73,26 @@ export interface ICustomNBImage {
     runs?: IRun[];
     /** Size in bytes of the built image (Ready images, when known). */
     imageSize?: number;
+    /** What started each rebuild, oldest first. */
+    triggers?: ITrigger[];
+    /** A push that came during the current run: its rebuild follows the run. */
+    rebuildAfter?: ITrigger;
   };
+}
+
+/** What started a rebuild (status.triggers): a person, or a push webhook. */
+export interface ITrigger {
+  kind: 'rebuild' | 'webhook';
+  /** Webhooks: github or gitlab. */
+  source?: string;
+  delivery?: string;
+  /** Who asked, or who pushed. */
+  by?: string;
+  at?: string;
+  ref?: string;
+  /** The commit built before, and the one pushed. */
+  from?: string;
+  to?: string;
 }
 
 /** One earlier run of an image (status.runs). */
@@ -488,6 +507,30 @@ export function runLabel(run: IRun): string {
   }
   if (run.reusedFrom) {
     parts.push(`reused ${run.reusedFrom}`);
+  }
+  return parts.join(' · ');
+}
+
+const PROVIDER_NAMES: Record<string, string> = { github: 'GitHub', gitlab: 'GitLab' };
+
+/** One line for a trigger: "Push to main by octocat (GitHub webhook) · 1a2b3c4 → 5d6e7f8 ·
+ * 2026-11-23 10:00 UTC", or "Rebuild asked by alice · 2026-11-23 10:00 UTC". */
+export function triggerLabel(trigger: ITrigger): string {
+  const when = trigger.at ? `${trigger.at.slice(0, 16).replace('T', ' ')} UTC` : '';
+  const parts: string[] = [];
+  if (trigger.kind === 'webhook') {
+    const branch = (trigger.ref ?? '').replace(/^refs\/heads\//, '');
+    const provider = PROVIDER_NAMES[trigger.source ?? ''] ?? trigger.source ?? 'a';
+    parts.push(`Push to ${branch || 'a branch'}${trigger.by ? ` by ${trigger.by}` : ''} (${provider} webhook)`);
+    const to = (trigger.to ?? '').slice(0, 7);
+    if (to) {
+      parts.push(trigger.from ? `${trigger.from.slice(0, 7)} → ${to}` : to);
+    }
+  } else {
+    parts.push(`Rebuild asked by ${trigger.by ?? 'someone'}`);
+  }
+  if (when) {
+    parts.push(when);
   }
   return parts.join(' · ');
 }

@@ -658,6 +658,18 @@ describe('ImageBuilder panel', () => {
           imageSize: 1_234_567_890,
           runs: [
             { run: 1, phase: 'Ready', startTime: '2026-11-22T09:00:00Z', completionTime: '2026-11-22T09:00:23Z' }
+          ],
+          triggers: [
+            { kind: 'rebuild', by: 'alice', at: '2026-11-22T09:00:30Z' },
+            {
+              kind: 'webhook',
+              source: 'github',
+              by: 'octocat',
+              at: '2026-11-23T09:00:00Z',
+              ref: 'refs/heads/main',
+              from: '1a2b3c4d',
+              to: '5d6e7f8a'
+            }
           ]
         },
         'alice',
@@ -681,6 +693,12 @@ describe('ImageBuilder panel', () => {
     expect(within(detail).getByTestId('cnbi-image-size').textContent).toBe('1.2 GB');
     expect(within(detail).getByTestId('cnbi-runs').textContent).toContain('Run 1 · Ready · built in 23 s');
     expect(within(detail).getByTestId('cnbi-reused').textContent).toBe('Reused the build of Display other');
+    expect(within(detail).queryByTestId('cnbi-rebuild-after')).toBeNull();
+    const rebuilds = within(detail).getByTestId('cnbi-triggers');
+    expect(Array.from(rebuilds.querySelectorAll('li')).map(li => li.textContent)).toEqual([
+      'Push to main by octocat (GitHub webhook) · 1a2b3c4 → 5d6e7f8 · 2026-11-23 09:00 UTC',
+      'Rebuild asked by alice · 2026-11-22 09:00 UTC'
+    ]);
 
     // the rebuild: badge and bar move together
     fireEvent.click(within(detail).getByTestId('cnbi-rebuild'));
@@ -693,8 +711,19 @@ describe('ImageBuilder panel', () => {
       metadata: { ...building.metadata, resourceVersion: '9' },
       status: { phase: 'Building' as const, run: 3, startTime: '2026-11-23T09:00:00Z' }
     };
-    act(() => service.push('again', 'object', next));
+    act(() =>
+      service.push('again', 'object', {
+        ...next,
+        status: {
+          ...next.status,
+          rebuildAfter: { kind: 'webhook', source: 'gitlab', by: 'jdoe', ref: 'refs/heads/main', to: '99aa88bb77' }
+        }
+      })
+    );
     await waitFor(() => expect(within(detail).getByTestId('cnbi-phase-badge').dataset.phase).toBe('Building'));
+    expect(within(detail).getByTestId('cnbi-rebuild-after').textContent).toBe(
+      'Push to main by jdoe (GitLab webhook) · 99aa88b came during this run: the image is rebuilt at that commit when it ends.'
+    );
     expect(within(detail).getByTestId('cnbi-progress').dataset.phase).toBe('Building');
     expect(within(detail).getByTestId('cnbi-duration').textContent).toMatch(/^running for /);
     view.unmount();

@@ -27,6 +27,7 @@ import {
   parsePackageLines,
   phaseProgress,
   runLabel,
+  triggerLabel,
   sharedWithLabel,
   sortNewestFirst,
   upsertImage,
@@ -178,6 +179,26 @@ describe('build duration and failure text', () => {
     ).toBe('Run 3 · Failed · failed after 4 s · Unresolvable');
     // no completion time: the reason still says what happened
     expect(runLabel({ run: 4, phase: 'Failed', reason: 'Cancelled' })).toBe('Run 4 · Failed · Cancelled');
+  });
+
+  it('says what started each rebuild', () => {
+    expect(
+      triggerLabel({
+        kind: 'webhook',
+        source: 'github',
+        by: 'octocat',
+        at: '2026-11-23T10:00:05Z',
+        ref: 'refs/heads/main',
+        from: '1a2b3c4d5e6f',
+        to: '5d6e7f8a9b0c'
+      })
+    ).toBe('Push to main by octocat (GitHub webhook) · 1a2b3c4 → 5d6e7f8 · 2026-11-23 10:00 UTC');
+    expect(triggerLabel({ kind: 'webhook', source: 'gitlab', ref: 'refs/heads/dev', to: 'abcdef0123' })).toBe(
+      'Push to dev (GitLab webhook) · abcdef0'
+    );
+    expect(triggerLabel({ kind: 'rebuild', by: 'alice', at: '2026-11-23T09:00:00Z' })).toBe(
+      'Rebuild asked by alice · 2026-11-23 09:00 UTC'
+    );
   });
 
   it('gives image sizes in human units', () => {

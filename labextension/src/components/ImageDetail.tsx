@@ -16,6 +16,7 @@ import {
   nameOf,
   phaseProgress,
   runLabel,
+  triggerLabel,
   withoutFieldPrefix
 } from '../model';
 import { EventSourceFactory, ImageEventStream, StreamState } from '../stream';
@@ -258,6 +259,8 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
   const reference = image.status?.image;
   const run = image.status?.run ?? 1;
   const runs = image.status?.runs ?? [];
+  const triggers = [...(image.status?.triggers ?? [])].reverse(); // newest first
+  const pendingPush = image.status?.rebuildAfter;
   const duration = durationLabel(image, now);
   const size = phase === 'Ready' ? formatBytes(image.status?.imageSize) : '';
   const reusedFrom = image.status?.reusedFrom;
@@ -400,6 +403,23 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
         )}
       </div>
       {user && <SharePanel api={api} image={image} user={user} onUpdate={onUpdate} />}
+      {pendingPush && (
+        <p className="cnbi-detail-meta" data-testid="cnbi-rebuild-after">
+          {triggerLabel(pendingPush)} came during this run: the image is rebuilt at that commit when it ends.
+        </p>
+      )}
+      {triggers.length > 0 && (
+        <div className="cnbi-runs" data-testid="cnbi-triggers">
+          <h4>Rebuilds</h4>
+          <ul>
+            {triggers.map((t, i) => (
+              <li key={`${t.at ?? ''}-${i}`} data-kind={t.kind}>
+                {triggerLabel(t)}
+              </li>
+            ))}
+          </ul>
+        </div>
+      )}
       {runs.length > 0 && (
         <div className="cnbi-runs" data-testid="cnbi-runs">
           <h4>Earlier runs</h4>
