@@ -14,8 +14,11 @@ import time
 
 import pytest
 
-from cnbi_hub import model
+from cnbi_hub import model, webhooks
+from cnbi_hub.controller.rebuild import rebuild_for_push
+from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
+from tests.infra_podman import push_commit
 
 pytestmark = pytest.mark.kube
 
@@ -249,6 +252,38 @@ async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
         assert {"name": "tabulate", "version": "0.9.0", "visible": True} in [
             {k: p[k] for k in ("name", "version", "visible")} for p in obj["status"]["packages"]]
         assert "check imports: ok" in await cluster_store.get_artifact("from-git", "log")
+
+        # pushes, as the service's webhook handler passes them on, with the service's identity
+        service = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig[
+            kube_node.serviceaccount_identity(cluster_namespace, "cnbi-service", create=False)]))
+        try:
+            second = push_commit(repo, {"README.md": "second\n"})
+            assert await rebuild_for_push(service, obj, github_push(repo, repo.commit, second, "d-2")) == "rebuilding"
+            await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-from-git-g1-r2")
+            # a push while run 2 builds the second commit: the operator rebuilds after it
+            third = push_commit(repo, {"README.md": "third\n"})
+            building = await cluster_store.get("from-git")
+            assert await rebuild_for_push(service, building, github_push(repo, second, third, "d-3")) == "afterCurrentRun"
+        finally:
+            await service.aclose()
+        done = await cluster_store.get("from-git")
+        deadline = time.monotonic() + 900
+        while not (done["status"].get("run") == 3 and model.phase_of(done) in model.TERMINAL_PHASES):
+            assert time.monotonic() < deadline, json.dumps(done["status"], indent=1) + operator.log()
+            await asyncio.sleep(1)
+            done = await cluster_store.get("from-git")
+        assert model.phase_of(done) == "Ready", json.dumps(done["status"], indent=1) + operator.log()
+        assert done["status"]["gitCommit"] == third and "rebuildAfter" not in done["status"]
+        assert [r["phase"] for r in done["status"]["runs"]] == ["Ready", "Ready"]
+        assert [(t["delivery"], t["to"]) for t in done["status"]["triggers"]] == [("d-2", second), ("d-3", third)]
+        assert sorted(r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)) == [
+            "cnbi-from-git-g1-r1", "cnbi-from-git-g1-r2", "cnbi-from-git-g1-r3"]
     finally:
         operator.stop()
         print("--- operator log (tail) ---\n" + operator.log())
+
+
+def github_push(repo, before: str, after: str, delivery: str):
+    payload = {"ref": "refs/heads/main", "before": before, "after": after,
+               "repository": {"clone_url": repo.url, "default_branch": "main"}, "pusher": {"name": "dev"}}
+    return webhooks.parse_push("github", "push", payload, delivery)

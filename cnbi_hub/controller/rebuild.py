@@ -5,8 +5,9 @@ starts a new run that records its trigger."""
 
 from __future__ import annotations
 
-from .. import model
-from .statemachine import rebuilt
+from .. import model, webhooks
+from ..store.base import Conflict, NotFound, modify_status
+from .statemachine import rebuild_after_this_run, rebuilt
 
 # the logs route keeps the newest part of many runs' logs (each run's own is capped by BuildLog)
 MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
@@ -28,3 +29,29 @@ async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) 
     await store.put_artifact(name, "log-history", await full_log(store, name), uid=uid)
     await store.put_artifact(name, "log", "", uid=uid)
     return await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
+
+
+async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
+    """What a push does to an image that tracks its branch: "rebuilding" (finished: rebuilt
+    now), "afterCurrentRun" (in work: the engine rebuilds it when this run ends) or "unchanged"
+    (already built at the pushed commit, or deleted meanwhile). Conflict if it keeps changing."""
+    name = model.name_of(obj)
+    for _ in range(10):
+        trigger = webhooks.trigger_record(push, obj)
+        try:
+            if model.phase_of(obj) in model.TERMINAL_PHASES:
+                if (obj.get("status") or {}).get("gitCommit") == push.after:
+                    return "unchanged"
+                try:
+                    await start_rebuild(store, obj, f"{push.provider} webhook", trigger)
+                    return "rebuilding"
+                except Conflict:
+                    pass  # it changed since it was read: read it again
+            else:
+                written = await modify_status(store, name, lambda current: rebuild_after_this_run(current, trigger))
+                if model.phase_of(written) not in model.TERMINAL_PHASES:
+                    return "afterCurrentRun"
+            obj = await store.get(name)  # it finished meanwhile: rebuild it now
+        except NotFound:
+            return "unchanged"
+    raise Conflict(f"image {name} kept changing; deliver the push again")

@@ -25,8 +25,8 @@ from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
-from ..controller.rebuild import full_log, start_rebuild
-from ..controller.statemachine import cancelled, rebuild_after_this_run
+from ..controller.rebuild import full_log, rebuild_for_push, start_rebuild
+from ..controller.statemachine import cancelled
 from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
 
 MAX_BODY_BYTES = 64 * 1024
@@ -577,42 +577,14 @@ class WebhookHandler(BodyLimitMixin, BaseHandler):
         counts = {"rebuilding": 0, "afterCurrentRun": 0, "unchanged": 0}
         for obj in await self.store.list(build_type="GitRepository"):
             if webhooks.tracks(obj, push):
-                counts[await self.rebuild_for(obj, push)] += 1
+                try:
+                    counts[await rebuild_for_push(self.store, obj, push)] += 1
+                except Conflict:
+                    raise FieldError(503, f"image {model.name_of(obj)} kept changing; deliver the push again")
         self.cnbi.log.info("%s push to %s %s (%s): %s", provider, push.repository_name or "a repository",
                            push.branch, push.after[:12], counts)
         self.write_json({"delivery": delivery, "status": "accepted", "branch": push.branch, "commit": push.after,
                          **counts}, 202)
-
-    async def rebuild_for(self, obj: dict, push: webhooks.Push) -> str:
-        """Rebuild `obj` for `push` now, after its current run, or not at all (already built)."""
-        name = model.name_of(obj)
-        for _ in range(10):
-            status = obj.get("status") or {}
-            trigger = webhooks.trigger_record(push, obj)
-            if model.phase_of(obj) in model.TERMINAL_PHASES:
-                if status.get("gitCommit") == push.after:
-                    return "unchanged"
-                try:
-                    await start_rebuild(self.store, obj, f"{push.provider} webhook", trigger)
-                    return "rebuilding"
-                except Conflict:
-                    pass  # it changed since we read it: read it again
-                except NotFound:
-                    return "unchanged"
-            else:
-                try:
-                    written = await modify_status(self.store, name,
-                                                  lambda current: rebuild_after_this_run(current, trigger))
-                except NotFound:
-                    return "unchanged"  # deleted meanwhile
-                if model.phase_of(written) not in model.TERMINAL_PHASES:
-                    return "afterCurrentRun"
-            try:
-                obj = await self.store.get(name)
-            except NotFound:
-                return "unchanged"
-        raise FieldError(503, f"image {name} kept changing; deliver the push again")
-
 
 class ImageStreamsHandler(APIHandler):
     """GET api/imagestreams — Open Data Hub notebook ImageStream tags (imported in the
