@@ -211,3 +211,59 @@ async def test_an_identical_import_is_ready_while_the_only_build_slot_is_busy(
     log = await store.get_artifact("again", "log")
     assert "==> Pending -> Ready (Reused): identical to first" in log and "pinned " in log, log
     assert any(e[0] == "log" and e[1]["line"].startswith("==> Pending -> Ready") for e in events)
+
+
+async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    """The base image check pins the tags Ready images were built on; when one names another
+    digest (here: the same base with one more label, pushed to the same tag), the images on it
+    are rebuilt, the trigger recorded. An image named by digest is left alone."""
+    from tests.infra_podman import podman
+
+    tag = f"{local_registry.host}/moving/base:latest"
+    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
+                    env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+    runner.base_image_check_interval = 0  # rounds are run by hand here
+
+    def image(name, from_image):
+        return model.validate_new_object({"metadata": {"name": name},
+                                          "spec": {"buildType": "ImageImport", "fromImage": from_image}},
+                                         creator="importer")
+
+    await runner.start()
+    try:
+        await store.create(image("follows-tag", tag))
+        first = await drive_to_end(store, "follows-tag")
+        assert model.phase_of(first) == "Ready", first["status"]
+        old_digest = first["status"]["baseImageDigest"]
+        await store.create(image("pinned", f"{tag.rsplit(':', 1)[0]}@{old_digest}"))
+        assert model.phase_of(await drive_to_end(store, "pinned")) == "Ready"
+        assert await runner.check_base_images() == 0  # nothing moved yet
+
+        # the tag moves: the same base with one more label is pushed to it
+        context = tmp_path / "moved"
+        context.mkdir()
+        (context / "Containerfile").write_text(f"FROM {notebook_base_images['user']}\nLABEL cnbi.test.moved=yes\n")
+        built = podman("build", "--quiet", "-t", "localhost/cnbi-test/moved:1", str(context), env=podman_env)
+        assert built.returncode == 0, built.stderr
+        pushed = podman("push", "--quiet", "--tls-verify=false", "localhost/cnbi-test/moved:1", f"docker://{tag}",
+                        env=podman_env)
+        assert pushed.returncode == 0, pushed.stderr
+        assert await runner.check_base_images() == 1
+        for _ in range(600):
+            current = await store.get("follows-tag")
+            if current["status"].get("run") == 2 and model.phase_of(current) in model.TERMINAL_PHASES:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await runner.stop()
+    status = current["status"]
+    assert status["phase"] == "Ready", status
+    assert status["baseImageDigest"] != old_digest and status["resolvedBaseImage"].endswith(status["baseImageDigest"])
+    [trigger] = status["triggers"]
+    assert (trigger["kind"], trigger["image"], trigger["from"], trigger["to"]) == (
+        "baseImage", tag, old_digest, status["baseImageDigest"])
+    assert (await store.get("pinned"))["status"].get("run", 1) == 1  # named by digest: never moves

@@ -174,6 +174,17 @@ class PhaseWork(LoggingConfigurable):
         offered = ", ".join(sorted({e["pythonVersion"] for e in self.base_images if e.get("pythonVersion")})) or "none"
         raise LookupError(f"no base image offers Python {wanted} (offered: {offered}); ask your admin or name spec.baseImage")
 
+    def moving_base(self, obj: dict) -> str | None:
+        """The tag an image was built on that can move (its base, or the image it imports); None
+        when it names a digest, or its repository's own Containerfile names its base."""
+        if (obj.get("status") or {}).get("recipe") == "containerfile":
+            return None
+        try:
+            reference = self.base_reference(obj)
+        except LookupError:
+            return None
+        return None if "@" in reference else reference
+
     async def prepare(self, obj: dict, say=_no_log) -> Outcome:
         spec = obj["spec"]
         observed: dict = {}

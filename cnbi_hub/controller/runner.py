@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
-from traitlets import Instance, Integer
+from traitlets import Float, Instance, Integer
 from traitlets.config import LoggingConfigurable
 
 from .. import model
@@ -22,7 +22,15 @@ from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
 from .rebuild import start_rebuild
-from .statemachine import FIELDS_WRITTEN_BY_OTHERS, Outcome, advance, queued, restart, run_separator
+from .statemachine import (
+    FIELDS_WRITTEN_BY_OTHERS,
+    Outcome,
+    advance,
+    queued,
+    restart,
+    run_separator,
+    trigger_satisfied,
+)
 
 BUILDS = Counter("cnbi_builds_total", "Images that reached a final phase, by outcome", ["outcome"])
 PHASE_SECONDS = Histogram(
@@ -54,6 +62,14 @@ class EmbeddedRunner(LoggingConfigurable):
         imports goes to Ready without waiting for slots that builds need.""",
     ).tag(config=True)
 
+    base_image_check_interval = Float(
+        3600.0,
+        help="""Seconds between checks of the tags Ready images were built on (`baseImage`,
+        `fromImage`): each tag is pinned again, and an image whose tag now names another digest
+        (a base image's security fix, a new upstream release) is rebuilt on it, the trigger
+        recorded in `status.triggers`. Images named by digest never move. 0 turns it off.""",
+    ).tag(config=True)
+
     store = Instance(object, allow_none=True)
     phases = Instance(PhaseWork, allow_none=True)
 
@@ -73,6 +89,7 @@ class EmbeddedRunner(LoggingConfigurable):
         self._needs_slot: set[str] = set()  # uids that looked and found none: they wait for a slot
         self._reuse_slots = asyncio.Semaphore(self.reuse_concurrency)
         self._positions_due = asyncio.Event()
+        self._base_watcher: asyncio.Task | None = None
         self._stopping = False
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -93,13 +110,15 @@ class EmbeddedRunner(LoggingConfigurable):
                 self._start_rebuild_after(obj)
         self._watcher = asyncio.create_task(self._watch(changes))
         self._position_writer = asyncio.create_task(self._write_positions())
+        if self.base_image_check_interval > 0:
+            self._base_watcher = asyncio.create_task(self._watch_base_images())
         await self.schedule()
 
     async def stop(self) -> None:
         # work cut off by a stop resumes at the next start: it is not the user's cancel, so a
         # build running outside this process (a PipelineRun) goes on and is found again
         self._stopping = True
-        for background in (self._watcher, self._position_writer):
+        for background in (self._watcher, self._position_writer, self._base_watcher):
             if background:
                 background.cancel()
         background = [*self._tasks.values(), *self._reusing.values(), *self._rebuilding.values()]
@@ -196,6 +215,47 @@ class EmbeddedRunner(LoggingConfigurable):
                 self.log.warning("could not write queue positions: %s", e)
             await asyncio.sleep(0.5)
 
+    # --- base images that moved --------------------------------------------------------------
+
+    async def _watch_base_images(self) -> None:
+        while True:
+            await asyncio.sleep(self.base_image_check_interval)
+            try:
+                await self.check_base_images()
+            except Exception:  # one failed round (the store away): the next one tries again
+                self.log.exception("checking base images failed")
+
+    async def check_base_images(self) -> int:
+        """One round: pin each tag that Ready images were built on (once per tag and pull
+        secret) and rebuild those whose tag moved; how many were rebuilt."""
+        groups: dict[tuple, list[dict]] = {}
+        for obj in await self.store.list(phase=model.PHASE_READY):
+            source = self.phases.moving_base(obj)
+            if source:
+                secret = (obj["spec"].get("imagePullSecret") or {}).get("name")
+                groups.setdefault((source, secret), []).append(obj)
+        rebuilt_count = 0
+        for (source, _), images in groups.items():
+            try:
+                _, digest, _ = await self.phases.access.pin(source, images[0])
+            except Exception as e:  # unreachable now: the next round asks again
+                self.log.warning("could not check base image %s: %s", source, e)
+                continue
+            for obj in images:
+                old = obj["status"].get("baseImageDigest")
+                if not old or old == digest:
+                    continue
+                trigger = {"kind": "baseImage", "image": source, "from": old, "to": digest,
+                           "at": model.now_iso(), "by": "base image check"}
+                try:
+                    await start_rebuild(self.store, obj, "a base image update", trigger)
+                except (Conflict, NotFound):
+                    continue  # changed meanwhile: the next round looks again
+                rebuilt_count += 1
+                self.log.info("image %s: %s moved from %s to %s: rebuilding", model.name_of(obj), source,
+                              old[:19], digest[:19])
+        return rebuilt_count
+
     # --- a push that came during a run -------------------------------------------------------
 
     def _start_rebuild_after(self, obj: dict) -> None:
@@ -209,7 +269,7 @@ class EmbeddedRunner(LoggingConfigurable):
         name, uid = model.name_of(obj), obj["metadata"]["uid"]
         trigger = obj["status"]["rebuildAfter"]
         try:
-            if obj["status"].get("gitCommit") == trigger.get("to"):
+            if trigger_satisfied(obj, trigger):
                 def drop(current: dict) -> dict | None:
                     status = current.get("status") or {}
                     if current["metadata"]["uid"] != uid or "rebuildAfter" not in status:

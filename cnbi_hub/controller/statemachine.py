@@ -221,6 +221,15 @@ def rebuild_after_this_run(obj: dict, trigger: dict) -> dict | None:
     return {**copy.deepcopy(status), "rebuildAfter": trigger}
 
 
+def trigger_satisfied(obj: dict, trigger: dict) -> bool:
+    """Whether the run that just ended already built what `trigger` asked for (the pushed
+    commit, the moved base's new digest): then no rebuild follows it."""
+    status = obj.get("status") or {}
+    if trigger.get("kind") == "baseImage":
+        return bool(trigger.get("to")) and status.get("baseImageDigest") == trigger["to"]
+    return bool(trigger.get("to")) and status.get("gitCommit") == trigger["to"]
+
+
 # status fields that others than the engine write while it works (a push's pending rebuild):
 # the engine's own writes keep them
 FIELDS_WRITTEN_BY_OTHERS = ("rebuildAfter",)

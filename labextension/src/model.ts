@@ -80,9 +80,12 @@ export interface ICustomNBImage {
   };
 }
 
-/** What started a rebuild (status.triggers): a person, or a push webhook. */
+/** What started a rebuild (status.triggers): a person, a push webhook, or a base image's tag
+ * that moved to another digest. */
 export interface ITrigger {
-  kind: 'rebuild' | 'webhook';
+  kind: 'rebuild' | 'webhook' | 'baseImage';
+  /** baseImage: the tag that moved. */
+  image?: string;
   /** Webhooks: github or gitlab. */
   source?: string;
   delivery?: string;
@@ -90,7 +93,7 @@ export interface ITrigger {
   by?: string;
   at?: string;
   ref?: string;
-  /** The commit built before, and the one pushed. */
+  /** The commit (or base digest) built before, and the one pushed (or the tag's new digest). */
   from?: string;
   to?: string;
 }
@@ -525,6 +528,12 @@ export function triggerLabel(trigger: ITrigger): string {
     const to = (trigger.to ?? '').slice(0, 7);
     if (to) {
       parts.push(trigger.from ? `${trigger.from.slice(0, 7)} → ${to}` : to);
+    }
+  } else if (trigger.kind === 'baseImage') {
+    parts.push(`Base image ${trigger.image ?? ''} updated`);
+    const short = (digest?: string) => (digest ?? '').replace(/^sha256:/, '').slice(0, 12);
+    if (trigger.to) {
+      parts.push(trigger.from ? `${short(trigger.from)} → ${short(trigger.to)}` : short(trigger.to));
     }
   } else {
     parts.push(`Rebuild asked by ${trigger.by ?? 'someone'}`);

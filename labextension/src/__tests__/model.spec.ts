@@ -196,6 +196,15 @@ describe('build duration and failure text', () => {
     expect(triggerLabel({ kind: 'webhook', source: 'gitlab', ref: 'refs/heads/dev', to: 'abcdef0123' })).toBe(
       'Push to dev (GitLab webhook) · abcdef0'
     );
+    expect(
+      triggerLabel({
+        kind: 'baseImage',
+        image: 'quay.io/jupyter/minimal-notebook:latest',
+        from: 'sha256:0123456789abcdef0123',
+        to: 'sha256:fedcba9876543210fedc',
+        at: '2026-11-23T08:00:00Z'
+      })
+    ).toBe('Base image quay.io/jupyter/minimal-notebook:latest updated · 0123456789ab → fedcba987654 · 2026-11-23 08:00 UTC');
     expect(triggerLabel({ kind: 'rebuild', by: 'alice', at: '2026-11-23T09:00:00Z' })).toBe(
       'Rebuild asked by alice · 2026-11-23 09:00 UTC'
     );
