@@ -147,6 +147,11 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def parse_iso(text: str) -> float:
+    """Seconds since the epoch of a timestamp as now_iso() (or the apiserver) writes it."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def _json_path(prefix: str, path) -> str:
     out = prefix
     for part in path:

@@ -3,6 +3,7 @@ the embedded runner — pushing Ready images to a registry, pull secrets, the bu
 
 import asyncio
 import socket
+import time
 import json
 
 import pytest
@@ -226,7 +227,7 @@ async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
     assert pushed.returncode == 0, pushed.stderr
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
-    runner.base_image_check_interval = 0  # rounds are run by hand here
+    runner.rebuild_check_interval = 0  # rounds are run by hand here
 
     def image(name, from_image):
         return model.validate_new_object({"metadata": {"name": name},
@@ -267,3 +268,37 @@ async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
     assert (trigger["kind"], trigger["image"], trigger["from"], trigger["to"]) == (
         "baseImage", tag, old_digest, status["baseImageDigest"])
     assert (await store.get("pinned"))["status"].get("run", 1) == 1  # named by digest: never moves
+
+
+async def test_an_image_on_a_weekly_schedule_is_rebuilt_when_a_week_has_passed(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    from tests.infra_podman import podman
+
+    tag = f"{local_registry.host}/scheduled/base:1"
+    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
+                    env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+    runner.rebuild_check_interval = 0  # rounds are run by hand, with the clock moved on
+    await runner.start()
+    try:
+        for name, schedule in (("weekly", {"rebuildSchedule": "weekly"}), ("unscheduled", {})):
+            await store.create(model.validate_new_object(
+                {"metadata": {"name": name}, "spec": {"buildType": "ImageImport", "fromImage": tag, **schedule}},
+                creator="scheduler"))
+            assert model.phase_of(await drive_to_end(store, name)) == "Ready"
+        assert await runner.check_schedules() == 0  # just built
+        assert await runner.check_schedules(now=time.time() + 8 * 86400) == 1
+        for _ in range(600):
+            current = await store.get("weekly")
+            if current["status"].get("run") == 2 and model.phase_of(current) in model.TERMINAL_PHASES:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await runner.stop()
+    assert model.phase_of(current) == "Ready", current["status"]
+    [trigger] = current["status"]["triggers"]
+    assert trigger["kind"] == "schedule" and trigger["schedule"] == "weekly"
+    assert current["status"]["rebuildRequestedBy"] == "its weekly schedule"
+    assert (await store.get("unscheduled"))["status"].get("run", 1) == 1

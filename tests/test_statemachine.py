@@ -77,3 +77,17 @@ def test_no_transition_out_of_terminal_phases():
         next_phase("PackageList", "Ready")
     with pytest.raises(KeyError):
         next_phase("ImageImport", "Resolving")
+
+
+def test_a_rebuild_schedule_comes_due_a_period_after_the_last_run_finished():
+    from cnbi_hub.controller.statemachine import schedule_due
+
+    finished = "2026-11-01T00:00:00Z"
+    start = model.parse_iso(finished)
+    weekly = {"spec": {"rebuildSchedule": "weekly"}, "status": {"phase": "Ready", "completionTime": finished}}
+    assert not schedule_due(weekly, start + 6 * 86400)
+    assert schedule_due(weekly, start + 7 * 86400)
+    daily = {**weekly, "spec": {"rebuildSchedule": "daily"}}
+    assert schedule_due(daily, start + 86400) and not schedule_due(daily, start + 3600)
+    assert not schedule_due({**weekly, "spec": {}}, start + 365 * 86400)  # no schedule: never
+    assert not schedule_due({**weekly, "status": {"phase": "Ready"}}, start + 365 * 86400)  # never finished

@@ -29,6 +29,7 @@ from .statemachine import (
     queued,
     restart,
     run_separator,
+    schedule_due,
     trigger_satisfied,
 )
 
@@ -62,12 +63,14 @@ class EmbeddedRunner(LoggingConfigurable):
         imports goes to Ready without waiting for slots that builds need.""",
     ).tag(config=True)
 
-    base_image_check_interval = Float(
+    rebuild_check_interval = Float(
         3600.0,
-        help="""Seconds between checks of the tags Ready images were built on (`baseImage`,
-        `fromImage`): each tag is pinned again, and an image whose tag now names another digest
-        (a base image's security fix, a new upstream release) is rebuilt on it, the trigger
-        recorded in `status.triggers`. Images named by digest never move. 0 turns it off.""",
+        help="""Seconds between checks for Ready images to rebuild, the trigger recorded in
+        `status.triggers`: the tags they were built on (`baseImage`, `fromImage`) are pinned
+        again, and an image whose tag now names another digest (a base image's security fix, a
+        new upstream release) is rebuilt on it (images named by digest never move); an image
+        whose `spec.rebuildSchedule` (daily, weekly, monthly) came due is rebuilt, picking up
+        newer package versions its requirements allow. 0 turns both off.""",
     ).tag(config=True)
 
     store = Instance(object, allow_none=True)
@@ -110,7 +113,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 self._start_rebuild_after(obj)
         self._watcher = asyncio.create_task(self._watch(changes))
         self._position_writer = asyncio.create_task(self._write_positions())
-        if self.base_image_check_interval > 0:
+        if self.rebuild_check_interval > 0:
             self._base_watcher = asyncio.create_task(self._watch_base_images())
         await self.schedule()
 
@@ -219,11 +222,31 @@ class EmbeddedRunner(LoggingConfigurable):
 
     async def _watch_base_images(self) -> None:
         while True:
-            await asyncio.sleep(self.base_image_check_interval)
+            await asyncio.sleep(self.rebuild_check_interval)
+            for check in (self.check_base_images, self.check_schedules):
+                try:
+                    await check()
+                except Exception:  # one failed round (the store away): the next one tries again
+                    self.log.exception("%s failed", check.__name__)
+
+    async def check_schedules(self, now: float | None = None) -> int:
+        """One round: rebuild the Ready images whose `rebuildSchedule` came due since their
+        last run finished; how many were rebuilt."""
+        now = time.time() if now is None else now
+        count = 0
+        for obj in await self.store.list(phase=model.PHASE_READY):
+            due = schedule_due(obj, now)
+            if not due:
+                continue
+            trigger = {"kind": "schedule", "schedule": obj["spec"]["rebuildSchedule"], "at": model.now_iso(),
+                       "by": "rebuild schedule", "from": obj["status"].get("completionTime", "")}
             try:
-                await self.check_base_images()
-            except Exception:  # one failed round (the store away): the next one tries again
-                self.log.exception("checking base images failed")
+                await start_rebuild(self.store, obj, f"its {obj['spec']['rebuildSchedule']} schedule", trigger)
+            except (Conflict, NotFound):
+                continue
+            count += 1
+            self.log.info("image %s: its %s rebuild is due", model.name_of(obj), obj["spec"]["rebuildSchedule"])
+        return count
 
     async def check_base_images(self) -> int:
         """One round: pin each tag that Ready images were built on (once per tag and pull

@@ -221,6 +221,19 @@ def rebuild_after_this_run(obj: dict, trigger: dict) -> dict | None:
     return {**copy.deepcopy(status), "rebuildAfter": trigger}
 
 
+SCHEDULE_SECONDS = {"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}
+
+
+def schedule_due(obj: dict, now: float) -> bool:
+    """Whether a finished image's `spec.rebuildSchedule` has come due: its period has passed
+    since its last run completed (`now` in seconds since the epoch)."""
+    period = SCHEDULE_SECONDS.get((obj.get("spec") or {}).get("rebuildSchedule") or "")
+    finished = (obj.get("status") or {}).get("completionTime")
+    if not period or not finished:
+        return False
+    return now - model.parse_iso(finished) >= period
+
+
 def trigger_satisfied(obj: dict, trigger: dict) -> bool:
     """Whether the run that just ended already built what `trigger` asked for (the pushed
     commit, the moved base's new digest): then no rebuild follows it."""

@@ -83,7 +83,9 @@ export interface ICustomNBImage {
 /** What started a rebuild (status.triggers): a person, a push webhook, or a base image's tag
  * that moved to another digest. */
 export interface ITrigger {
-  kind: 'rebuild' | 'webhook' | 'baseImage';
+  kind: 'rebuild' | 'webhook' | 'baseImage' | 'schedule';
+  /** schedule: daily, weekly or monthly. */
+  schedule?: string;
   /** baseImage: the tag that moved. */
   image?: string;
   /** Webhooks: github or gitlab. */
@@ -535,6 +537,9 @@ export function triggerLabel(trigger: ITrigger): string {
     if (trigger.to) {
       parts.push(trigger.from ? `${short(trigger.from)} → ${short(trigger.to)}` : short(trigger.to));
     }
+  } else if (trigger.kind === 'schedule') {
+    const schedule = trigger.schedule ?? 'scheduled';
+    parts.push(`${schedule.charAt(0).toUpperCase()}${schedule.slice(1)} rebuild`);
   } else {
     parts.push(`Rebuild asked by ${trigger.by ?? 'someone'}`);
   }

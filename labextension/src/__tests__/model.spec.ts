@@ -205,6 +205,9 @@ describe('build duration and failure text', () => {
         at: '2026-11-23T08:00:00Z'
       })
     ).toBe('Base image quay.io/jupyter/minimal-notebook:latest updated · 0123456789ab → fedcba987654 · 2026-11-23 08:00 UTC');
+    expect(triggerLabel({ kind: 'schedule', schedule: 'weekly', at: '2026-11-30T00:00:00Z' })).toBe(
+      'Weekly rebuild · 2026-11-30 00:00 UTC'
+    );
     expect(triggerLabel({ kind: 'rebuild', by: 'alice', at: '2026-11-23T09:00:00Z' })).toBe(
       'Rebuild asked by alice · 2026-11-23 09:00 UTC'
     );
