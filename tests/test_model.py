@@ -140,7 +140,7 @@ def test_crd_schema_and_python_rules_agree_on_fields():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Type", "Age"]
     spec_props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec_props) == {"buildType", "fromImage", "baseImage", "packageVersions", "runtimeEnvironment",
-                               "repository", "gitRef", "imagePullSecret"}
+                               "repository", "gitRef", "imagePullSecret", "rebuildSchedule"}
     rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
     assert len(rules) == 4
 
