@@ -41,7 +41,7 @@ FLOWS = {
     "edit as new: a typo fails in Resolving, the fixed copy builds to Ready":
         ("edit-as-new", "edit-as-new-failed"),
     "cancel: a slow build is cancelled while Building, Delete is a separate button":
-        ("cancel",),
+        ("cancel", "rebuilds"),
     "share with a group: members see it under Shared with me, others do not, the admin sees all":
         ("share", "share-owner", "share-outsider", "share-admin"),
     "save my environment: pip install in a terminal, saved as an image that builds":

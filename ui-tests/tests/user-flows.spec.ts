@@ -154,6 +154,15 @@ test('cancel: a slow build is cancelled while Building, Delete is a separate but
     expect(listed?.phase).toBe('Failed');
     await expect(detail.getByTestId('cnbi-failure')).toContainText(`cancelled by ${env.member}`);
     await screenshotBothThemes(page, panel, 'cancel');
+
+    // build it again: the panel says who asked under "Rebuilds"; that run is cancelled too
+    await detail.getByTestId('cnbi-rebuild').click();
+    await expect(badge).not.toHaveAttribute('data-phase', 'Failed', { timeout: 30_000 });
+    await expect(detail.getByTestId('cnbi-triggers')).toContainText(`Rebuild asked by ${env.member}`);
+    await expect(detail.getByTestId('cnbi-runs')).toContainText('Run 1 · Failed');
+    await detail.getByTestId('cnbi-cancel').click();
+    await expect(badge).toHaveAttribute('data-phase', 'Failed', { timeout: 60_000 });
+    await screenshotBothThemes(page, panel, 'rebuilds');
   } finally {
     await context.close();
   }
