@@ -91,3 +91,30 @@ def test_a_rebuild_schedule_comes_due_a_period_after_the_last_run_finished():
     assert schedule_due(daily, start + 86400) and not schedule_due(daily, start + 3600)
     assert not schedule_due({**weekly, "spec": {}}, start + 365 * 86400)  # no schedule: never
     assert not schedule_due({**weekly, "status": {"phase": "Ready"}}, start + 365 * 86400)  # never finished
+
+
+def test_the_ready_index_forgets_an_image_that_left_ready_even_when_its_status_no_longer_names_the_hash():
+    from cnbi_hub.controller.phases import PhaseWork
+    from cnbi_hub.controller.statemachine import rebuilt
+
+    phases = PhaseWork(work_dir="/tmp/unused")
+    ready = {"metadata": {"name": "r", "uid": "u1"},
+             "spec": {"buildType": "ImageImport", "fromImage": "registry.example.org/a/b:1"},
+             "status": {"phase": "Ready", "specHash": "sha256:k1", "image": "registry.example.org/a/b@sha256:1"}}
+    phases.note(ready)
+    assert phases.reusable_without_slot({"spec": ready["spec"]})
+    # a rebuild resets status (no specHash any more): the index lets go of k1 all the same
+    phases.note({**ready, "status": rebuilt(ready, "alice")})
+    assert "sha256:k1" not in phases._ready_by_hash and not phases.reusable_without_slot({"spec": ready["spec"]})
+    phases.note(ready)
+    phases.note(ready, gone=True)  # deleted
+    assert "sha256:k1" not in phases._ready_by_hash and not phases._ready_key_of
+
+
+def test_a_cancel_drops_a_push_that_waited_for_the_run():
+    from cnbi_hub.controller.statemachine import cancelled
+
+    building = {"metadata": {"generation": 1}, "spec": {"buildType": "GitRepository"},
+                "status": {"phase": "Building", "rebuildAfter": {"kind": "webhook", "to": "b" * 40}}}
+    status = cancelled(building, "alice")
+    assert status["phase"] == "Failed" and "rebuildAfter" not in status

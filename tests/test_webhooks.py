@@ -243,3 +243,26 @@ async def test_a_push_during_a_build_rebuilds_after_it_and_gitlab_tokens_work(hu
     assert done["status"]["runs"][0]["phase"] == "Ready"
     [trigger] = done["status"]["triggers"]
     assert trigger["source"] == "gitlab" and trigger["to"] == new_commit and trigger["by"] == "jdoe"
+
+
+async def test_a_rebuild_that_loses_its_write_moves_no_log(tmp_path):
+    from cnbi_hub.controller.rebuild import start_rebuild
+    from cnbi_hub.store.base import Conflict
+    from cnbi_hub.store.sqlite import SQLImageStore
+
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    obj = await store.create(model.validate_new_object(
+        {"metadata": {"name": "logged"}, "spec": {"buildType": "ImageImport", "fromImage": "a.example/b:1"}},
+        creator="alice"))
+    ready = await store.update_status("logged", {**obj["status"], "phase": "Ready"}, obj["metadata"]["resourceVersion"])
+    await store.put_artifact("logged", "log", "run one\n")
+    await store.update_status("logged", {**ready["status"], "note": "someone wrote"}, ready["metadata"]["resourceVersion"])
+    with pytest.raises(Conflict):
+        await start_rebuild(store, ready, "alice")  # read before that write: loses
+    assert await store.get_artifact("logged", "log") == "run one\n"
+    assert await store.get_artifact("logged", "log-history") is None
+    current = await store.get("logged")
+    again = await start_rebuild(store, current, "alice")
+    assert again["status"]["run"] == 2 and again["status"]["triggers"][-1]["by"] == "alice"
+    assert await store.get_artifact("logged", "log") == ""
+    assert await store.get_artifact("logged", "log-history") == "run one\n"

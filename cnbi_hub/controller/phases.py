@@ -114,6 +114,7 @@ class PhaseWork(LoggingConfigurable):
         # change feed (an informer's cache): a burst of identical requests finds it without a
         # list each; a miss still asks the store, which is never behind
         self._ready_by_hash: dict[str, tuple[str, dict]] = {}
+        self._ready_key_of: dict[str, str] = {}  # uid -> the hash it is Ready with (in the index or not)
         # what imports in that index and those building now import: only an import of one of
         # these can be reused, so only those look outside the slots (a first import of an
         # unknown image, or of a registry that never answers, goes the usual way, once)
@@ -402,9 +403,8 @@ class PhaseWork(LoggingConfigurable):
         """For an import (`reusable_without_slot`): pin its image and, when a Ready image of the
         same input exists, the Outcome that reuses it (Prepare's, straight to Ready, with the
         base's inspection copied from it: the same digest); when one is building that input now,
-        a future that ends with that build (look again then); else None, with the build of that
-        input claimed for `obj`: it takes a build slot, and its Prepare says what went wrong if
-        pinning failed."""
+        a future that ends with that build (look again then); else None: it takes a build slot,
+        and its Prepare says what went wrong if pinning failed."""
         say(f"pinning {obj['spec']['fromImage']}")
         try:
             pinned, digest, _ = await self.access.pin(obj["spec"]["fromImage"], obj)
@@ -421,21 +421,29 @@ class PhaseWork(LoggingConfigurable):
         if holder is not None and self._claims.get(obj["metadata"]["uid"]) != key:
             say(f"{holder[0]} is building the same image now: waiting for it")
             return holder[1]
-        self._claim(obj, key)
+        # no claim here: only an image in a build slot holds one, so whoever waits for a claim
+        # waits for work that is running (Prepare claims when this one gets its slot)
         return None
 
     def note(self, obj: dict, gone: bool = False) -> None:
-        """Keep the Ready-by-spec-hash index current with one change of `obj`."""
+        """Keep the Ready-by-spec-hash index current with one change of `obj`: an image that
+        left Ready (a rebuild resets its status, so its old hash is known only here), changed
+        its hash or is gone no longer stands for its old hash."""
         status, uid = obj.get("status") or {}, obj["metadata"].get("uid")
-        key = status.get("specHash")
-        if not key:
-            return
-        held = self._ready_by_hash.get(key)
-        if gone or status.get("phase") != PHASE_READY or not status.get("image"):
+        ready = not gone and status.get("phase") == PHASE_READY and status.get("image")
+        key = status.get("specHash") if ready else None
+        old_key = self._ready_key_of.get(uid)
+        if old_key is not None and old_key != key:
+            del self._ready_key_of[uid]
+            held = self._ready_by_hash.get(old_key)
             if held and held[0] == uid:
                 self._forget_source(held[1])
-                del self._ready_by_hash[key]
-        elif held is None or held[0] == uid:
+                del self._ready_by_hash[old_key]
+        if key is None:
+            return
+        self._ready_key_of[uid] = key
+        held = self._ready_by_hash.get(key)
+        if held is None or held[0] == uid:
             if held:
                 self._forget_source(held[1])
             entry = {"metadata": {"name": model.name_of(obj), "uid": uid},

@@ -26,9 +26,13 @@ async def full_log(store, name: str) -> str:
 async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) -> dict:
     """Send the finished `obj` through its phases again; Conflict if it changed since it was read."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
-    await store.put_artifact(name, "log-history", await full_log(store, name), uid=uid)
+    history = await full_log(store, name)  # read before: once the status is written, a new run may log
+    written = await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
+    # only a rebuild that happened moves the log (a lost write moved nothing); the new run's
+    # engine keeps its log in memory and writes all of it at each flush
+    await store.put_artifact(name, "log-history", history, uid=uid)
     await store.put_artifact(name, "log", "", uid=uid)
-    return await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
+    return written
 
 
 async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
@@ -38,6 +42,9 @@ async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
     name = model.name_of(obj)
     for _ in range(10):
         trigger = webhooks.trigger_record(push, obj)
+        recorded = [*(obj.get("status") or {}).get("triggers", []), (obj.get("status") or {}).get("rebuildAfter") or {}]
+        if any(t.get("kind") == "webhook" and t.get("to") == push.after for t in recorded):
+            return "unchanged"  # this push was acted on before (a redelivery, or a replay with a new id)
         try:
             if model.phase_of(obj) in model.TERMINAL_PHASES:
                 if (obj.get("status") or {}).get("gitCommit") == push.after:

@@ -152,8 +152,8 @@ class EmbeddedRunner(LoggingConfigurable):
                     await self.schedule()
                 elif event.type == "MODIFIED" and phase in model.TERMINAL_PHASES:
                     task = self._tasks.get(uid)
-                    if not task and (event.object.get("status") or {}).get("rebuildAfter"):
-                        self._start_rebuild_after(event.object)
+                    if (event.object.get("status") or {}).get("rebuildAfter"):
+                        self._start_rebuild_after(event.object)  # after the run's own work ends
                     reason = _cancel_message(event.object)
                     if task and phase == model.PHASE_FAILED and reason:
                         # someone cancelled the build (api/images/{name}/cancel): stop its work
@@ -288,24 +288,33 @@ class EmbeddedRunner(LoggingConfigurable):
 
     async def _rebuild_after(self, obj: dict) -> None:
         """The run that a push arrived during has ended: build the pushed commit now, unless
-        this run already built it."""
+        this run already built it (read again after the run's own work is done, and again
+        after each write that lost to another, e.g. kopf releasing its finalizer)."""
         name, uid = model.name_of(obj), obj["metadata"]["uid"]
-        trigger = obj["status"]["rebuildAfter"]
         try:
-            if trigger_satisfied(obj, trigger):
-                def drop(current: dict) -> dict | None:
-                    status = current.get("status") or {}
-                    if current["metadata"]["uid"] != uid or "rebuildAfter" not in status:
-                        return None
-                    return {k: v for k, v in status.items() if k != "rebuildAfter"}
-
-                await modify_status(self.store, name, drop)
-                self.log.info("image %s already built %s: no rebuild for the push", name, trigger.get("to", "")[:12])
-            else:
-                await start_rebuild(self.store, obj, f"{trigger.get('source', 'a')} webhook", trigger)
-                self.log.info("image %s: rebuilding for the push that came during its run", name)
-        except (Conflict, NotFound):
-            pass  # changed meanwhile: its next change event looks again
+            running = self._tasks.get(uid)
+            if running is not None:
+                await asyncio.gather(running, return_exceptions=True)
+            for _ in range(10):
+                obj = await self.store.get(name)
+                status = obj.get("status") or {}
+                trigger = status.get("rebuildAfter")
+                if obj["metadata"]["uid"] != uid or not trigger or model.phase_of(obj) not in model.TERMINAL_PHASES:
+                    return
+                try:
+                    if trigger_satisfied(obj, trigger):
+                        await self.store.update_status(name, {k: v for k, v in status.items() if k != "rebuildAfter"},
+                                                       obj["metadata"]["resourceVersion"])
+                        self.log.info("image %s already built %s: no rebuild for the push", name,
+                                      trigger.get("to", "")[:12])
+                    else:
+                        await start_rebuild(self.store, obj, f"{trigger.get('source', 'a')} webhook", trigger)
+                        self.log.info("image %s: rebuilding for the push that came during its run", name)
+                    return
+                except Conflict:
+                    continue
+        except NotFound:
+            pass
         except Exception:
             self.log.exception("could not start the rebuild of %s for a push", name)
         finally:

@@ -177,6 +177,7 @@ def cancelled(obj: dict, by: str, now: str | None = None) -> dict | None:
     status["completionTime"] = now
     status["failedPhase"] = phase
     status.pop("queuePosition", None)
+    status.pop("rebuildAfter", None)  # cancelled means stopped: a push waiting for this run goes too
     return status
 
 

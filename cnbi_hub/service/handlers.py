@@ -567,22 +567,30 @@ class WebhookHandler(BodyLimitMixin, BaseHandler):
             push = webhooks.parse_push(provider, event, payload, delivery)
         except webhooks.WebhookRefused as e:
             raise FieldError(e.status, e.message)
-        if delivery:  # remembered before acting: a redelivery racing this one starts nothing
-            seen[delivery] = True
-            while len(seen) > self.cnbi.webhook_deliveries_remembered:
-                seen.popitem(last=False)
         if push is None or push.deleted:
             reason = "the branch was deleted" if push else f"not a push to a branch ({event or 'no event header'})"
             return self.write_json({"delivery": delivery, "status": "ignored", "reason": reason})
-        counts = {"rebuilding": 0, "afterCurrentRun": 0, "unchanged": 0}
-        for obj in await self.store.list(build_type="GitRepository"):
-            if webhooks.tracks(obj, push):
-                try:
-                    counts[await rebuild_for_push(self.store, obj, push)] += 1
-                except Conflict:
-                    raise FieldError(503, f"image {model.name_of(obj)} kept changing; deliver the push again")
+        if delivery:  # remembered while it is acted on, so a redelivery racing it starts nothing
+            seen[delivery] = True
+            while len(seen) > self.cnbi.webhook_deliveries_remembered:
+                seen.popitem(last=False)
+        counts = {"rebuilding": 0, "afterCurrentRun": 0, "unchanged": 0, "failed": 0}
+        try:
+            for obj in await self.store.list(build_type="GitRepository"):
+                if webhooks.tracks(obj, push):
+                    try:
+                        counts[await rebuild_for_push(self.store, obj, push)] += 1
+                    except Conflict:
+                        counts["failed"] += 1  # kept changing: a redelivery tries it again
+        except Exception:
+            seen.pop(delivery, None)  # not acted on: its redelivery must be
+            raise
         self.cnbi.log.info("%s push to %s %s (%s): %s", provider, push.repository_name or "a repository",
                            push.branch, push.after[:12], counts)
+        if counts["failed"]:
+            seen.pop(delivery, None)
+            raise FieldError(503, f"{counts['failed']} images kept changing; deliver the push again "
+                                  "(those already rebuilt are not rebuilt twice)")
         self.write_json({"delivery": delivery, "status": "accepted", "branch": push.branch, "commit": push.after,
                          **counts}, 202)
 
