@@ -118,3 +118,18 @@ def test_a_cancel_drops_a_push_that_waited_for_the_run():
                 "status": {"phase": "Building", "rebuildAfter": {"kind": "webhook", "to": "b" * 40}}}
     status = cancelled(building, "alice")
     assert status["phase"] == "Failed" and "rebuildAfter" not in status
+
+
+def test_a_cancelled_run_is_remembered_as_cancelled_even_when_other_conditions_share_its_second():
+    from cnbi_hub.controller.statemachine import cancelled, rebuilt
+
+    second = "2026-11-23T18:26:57Z"
+    building = {"metadata": {"generation": 1}, "spec": {"buildType": "PackageList"},
+                "status": {"phase": "Building", "startTime": "2026-11-23T18:26:56Z", "conditions": [
+                    {"type": "Resolved", "status": "True", "reason": "LockResolved", "message": "2 packages",
+                     "lastTransitionTime": second},
+                    {"type": "Building", "status": "True", "reason": "Building", "message": "",
+                     "lastTransitionTime": second}]}}
+    failed = {**building, "status": cancelled(building, "bob", now=second)}
+    [run] = rebuilt(failed, "bob")["runs"]
+    assert run["reason"] == "Cancelled" and run["phase"] == "Failed"

@@ -198,6 +198,11 @@ def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = N
         if old.get(key):
             finished[key] = old[key]
     reasons = [c for c in old.get("conditions", []) if c.get("reason")]
+    if old.get("phase") == PHASE_FAILED:
+        # a failed run's reason is its failing condition, not a success of the same second
+        failing = [c for c in reasons
+                   if c.get("status") == ("True" if c.get("type", "").startswith("Error") else "False")]
+        reasons = failing or reasons
     if reasons:
         latest = max(reasons, key=lambda c: c.get("lastTransitionTime", ""))
         finished["reason"] = latest["reason"]
