@@ -22,6 +22,7 @@ module.exports = {
   ...baseConfig,
   automock: false,
   roots: ['<rootDir>/labextension/src'],
+  setupFilesAfterEnv: ['<rootDir>/labextension/src/__tests__/setup.ts'],
   modulePathIgnorePatterns: ['<rootDir>/.venv/', '<rootDir>/cnbi_hub/'],
   collectCoverageFrom: [
     'labextension/src/**/*.{ts,tsx}',

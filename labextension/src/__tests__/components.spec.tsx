@@ -831,7 +831,11 @@ describe('ImageBuilder panel', () => {
       const view = renderPanel({ isVisible: () => false });
       await openDetail('theirs');
       await act(() => service.waitFor(() => service.watchers('theirs') === 1));
-      act(() => service.push('theirs', 'object', { ...image('theirs', 'Ready'), metadata: { ...image('theirs', 'Ready').metadata, resourceVersion: '2' } }));
+      // the service's state moves on too (as the real one's does): a stream that opens after the
+      // push (the list's watcher hands over to the detail's) starts from Ready as well
+      const ready = { ...image('theirs', 'Ready'), metadata: { ...image('theirs', 'Ready').metadata, resourceVersion: '2' } };
+      service.images = [ready];
+      act(() => service.push('theirs', 'object', ready));
       await waitFor(() => expect(screen.getByTestId('cnbi-detail').querySelector('[data-testid="cnbi-phase-badge"]')!.textContent).toBe('Ready'));
       expect(actions.notices).toEqual([]);
       view.unmount();
