@@ -227,7 +227,7 @@ async def bench_builds(cluster: KubeCluster, objects, registry: dict, count: int
     durations = []
     for o in items:
         times = o["status"]["phaseTimes"]
-        durations.append(_seconds(times["Ready"]) - _seconds(o["metadata"]["creationTimestamp"]))
+        durations.append(model.parse_iso(times["Ready"]) - model.parse_iso(o["metadata"]["creationTimestamp"]))
     say(f"builds ours: {count} Ready in {ours:.1f}s (per image median {statistics.median(durations):.0f}s)")
 
     # baseline: the same build step as bare TaskRuns, on the plans our runs used
@@ -265,12 +265,6 @@ def _succeeded(run: dict) -> str:
         if c["type"] == "Succeeded":
             return c["status"]
     return "Unknown"
-
-
-def _seconds(timestamp: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 async def main() -> None:

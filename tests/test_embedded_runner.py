@@ -154,16 +154,31 @@ def test_appended_lines_finds_what_a_log_kept_elsewhere_gained_between_two_reads
     assert appended_lines("x\ny\n", "=== Run 2 ===\nz\n") == ["=== Run 2 ===", "z"]
 
 
+def push_notebook_base(notebook_base_images, tag: str, podman_env) -> str:
+    """The notebook base image pushed to `tag` in the local registry; the tag."""
+    from tests.infra_podman import podman
+
+    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
+                    env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    return tag
+
+
+async def run_to_end(store, name: str, run: int, timeout_s: float = 300) -> dict:
+    """The image once its run number `run` has finished (Ready or Failed)."""
+    for _ in range(int(timeout_s * 2)):
+        current = await store.get(name)
+        if current["status"].get("run", 1) == run and model.phase_of(current) in model.TERMINAL_PHASES:
+            return current
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"run {run} of {name} did not finish: {current['status']}")
+
+
 async def test_an_identical_import_is_ready_while_the_only_build_slot_is_busy(
         tmp_path, local_registry, notebook_base_images, podman_env):
     """Reusing an import costs a registry request and one write: it does not wait for the slot
     a build holds. A registry that never answers keeps the one slot busy meanwhile."""
-    from tests.infra_podman import podman
-
-    base = f"{local_registry.host}/cnbi/notebook-base:py311-user"
-    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{base}",
-                    env=podman_env)
-    assert pushed.returncode == 0, pushed.stderr
+    base = push_notebook_base(notebook_base_images, f"{local_registry.host}/cnbi/notebook-base:py311-user", podman_env)
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     events = []
     runner = embedded_engine(store, publish=events.append, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
@@ -221,10 +236,7 @@ async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
     are rebuilt, the trigger recorded. An image named by digest is left alone."""
     from tests.infra_podman import podman
 
-    tag = f"{local_registry.host}/moving/base:latest"
-    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
-                    env=podman_env)
-    assert pushed.returncode == 0, pushed.stderr
+    tag = push_notebook_base(notebook_base_images, f"{local_registry.host}/moving/base:latest", podman_env)
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
     runner.rebuild_check_interval = 0  # rounds are run by hand here
@@ -254,11 +266,7 @@ async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
                         env=podman_env)
         assert pushed.returncode == 0, pushed.stderr
         assert await runner.check_base_images() == 1
-        for _ in range(600):
-            current = await store.get("follows-tag")
-            if current["status"].get("run") == 2 and model.phase_of(current) in model.TERMINAL_PHASES:
-                break
-            await asyncio.sleep(0.5)
+        current = await run_to_end(store, "follows-tag", run=2)
     finally:
         await runner.stop()
     status = current["status"]
@@ -272,12 +280,7 @@ async def test_an_image_whose_base_tag_moved_is_rebuilt_on_the_new_digest(
 
 async def test_an_image_on_a_weekly_schedule_is_rebuilt_when_a_week_has_passed(
         tmp_path, local_registry, notebook_base_images, podman_env):
-    from tests.infra_podman import podman
-
-    tag = f"{local_registry.host}/scheduled/base:1"
-    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
-                    env=podman_env)
-    assert pushed.returncode == 0, pushed.stderr
+    tag = push_notebook_base(notebook_base_images, f"{local_registry.host}/scheduled/base:1", podman_env)
     store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
     runner.rebuild_check_interval = 0  # rounds are run by hand, with the clock moved on
@@ -290,11 +293,7 @@ async def test_an_image_on_a_weekly_schedule_is_rebuilt_when_a_week_has_passed(
             assert model.phase_of(await drive_to_end(store, name)) == "Ready"
         assert await runner.check_schedules() == 0  # just built
         assert await runner.check_schedules(now=time.time() + 8 * 86400) == 1
-        for _ in range(600):
-            current = await store.get("weekly")
-            if current["status"].get("run") == 2 and model.phase_of(current) in model.TERMINAL_PHASES:
-                break
-            await asyncio.sleep(0.5)
+        current = await run_to_end(store, "weekly", run=2)
     finally:
         await runner.stop()
     assert model.phase_of(current) == "Ready", current["status"]
