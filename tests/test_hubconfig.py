@@ -126,3 +126,18 @@ def test_the_service_starts_with_the_cluster_mode_options_configure_gives_it(mon
     # Open Data Hub's notebook ImageStreams are read in the same namespace unless told otherwise
     assert app.imagestream_namespaces == ["jhub"] and app.imagestreams is not None
     assert json.loads(service["environment"]["CNBI_SERVICE_CONFIG"])["namespace"] == "jhub"
+
+
+def test_the_embedded_service_starts_without_the_kubernetes_extra():
+    """`make demo` installs no Kubernetes client: nothing embedded mode loads may need it."""
+    import subprocess
+    import sys
+
+    program = ("import sys\n"
+               "for name in ('kubernetes_asyncio', 'kopf', 'kubespawner'):\n"
+               "    sys.modules[name] = None  # as if not installed\n"
+               "import cnbi_hub.service.app, cnbi_hub.hubconfig, cnbi_hub.demo, cnbi_hub.serverextension\n"
+               "app = cnbi_hub.service.app.CNBIService()\n"
+               "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

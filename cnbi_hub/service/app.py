@@ -26,7 +26,6 @@ from ..controller.imageaccess import ImageAccess
 from ..controller.phases import PhaseWork
 from ..controller.runner import EmbeddedRunner
 from ..imageref import parse_image_reference
-from ..imagestreams import ImageStreams
 from ..store.base import ChangeBroadcaster
 from . import handlers, pages
 
@@ -281,7 +280,12 @@ class CNBIService(Application):
             work_dir=os.path.join(self.data_dir, "builds"),
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases, publish=self.events.publish)
-        self.imagestreams = ImageStreams(parent=self) if self.imagestream_namespaces else None
+        self.imagestreams = None
+        if self.imagestream_namespaces:
+            # cluster mode only: the demo's install has no Kubernetes client
+            from ..imagestreams import ImageStreams
+
+            self.imagestreams = ImageStreams(parent=self)
         self.hub_auth = HubOAuth(
             api_token=os.environ.get("JUPYTERHUB_API_TOKEN", ""),
             cache_max_age=60,
