@@ -138,6 +138,7 @@ def test_the_embedded_service_starts_without_the_kubernetes_extra():
                "    sys.modules[name] = None  # as if not installed\n"
                "import cnbi_hub.service.app, cnbi_hub.hubconfig, cnbi_hub.demo, cnbi_hub.serverextension\n"
                "app = cnbi_hub.service.app.CNBIService()\n"
+               "assert app.imagestream_namespaces == []  # embedded: no ImageStreams to offer\n"
                "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

@@ -130,9 +130,10 @@ class CNBIService(Application):
 
     @default("imagestream_namespaces")
     def _default_imagestream_namespaces(self):
-        from ..store.kubernetes import KubernetesImageStore
-
-        return [self.namespace] if issubclass(self.store_class, KubernetesImageStore) else []
+        # by name: importing the Kubernetes store needs the client, which embedded mode lacks
+        in_cluster = any(f"{c.__module__}.{c.__name__}" == "cnbi_hub.store.kubernetes.KubernetesImageStore"
+                         for c in self.store_class.__mro__)
+        return [self.namespace] if in_cluster else []
 
     base_images = List(
         Dict(),
