@@ -196,8 +196,11 @@ async def bench_imports(cluster: KubeCluster, objects, registry: dict, count: in
     # the one build ends when the first image is Ready; the rest are the operator's own work
     build = final_at[0] - started
     rest = max(final_at[-1] - final_at[0], 1e-3)
+    status = ready[-1].get("status", {})
+    largest = sorted(status, key=lambda key: -len(json.dumps(status[key])))[:4]
     say(f"imports: one Ready image is {len(json.dumps(ready[-1]))} bytes of JSON "
-        f"({len(json.dumps(ready[-1].get('status', {})))} of them status)")
+        f"({len(json.dumps(status))} of them status; largest fields: "
+        f"{', '.join(f'{key} {len(json.dumps(status[key]))}' for key in largest)})")
     say(f"imports ours: {count} Ready in {ours:.1f}s ({reused} reused), {pipelineruns} PipelineRun(s): "
         f"the build {build:.1f}s, then {count - 1} more in {rest:.2f}s")
     return {"baseline": baseline, "ours": ours, "build": build, "rest": rest, "pipelineruns": pipelineruns,

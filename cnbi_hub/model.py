@@ -493,9 +493,11 @@ class Condition:
 
 def set_condition(status: dict, condition: Condition) -> dict:
     """Return a copy of `status` with `condition` set, keeping lastTransitionTime when the
-    condition's status did not change (the metav1 convention)."""
-    new = copy.deepcopy(status)
-    conditions = new.setdefault("conditions", [])
+    condition's status did not change (the metav1 convention). The copy is shallow: it shares
+    everything but the conditions list with `status` (a status holds package lists of many kB,
+    copied once per condition this was a reconcile's largest cost)."""
+    new = dict(status)
+    conditions = new["conditions"] = list(status.get("conditions") or [])
     for i, old in enumerate(conditions):
         if old["type"] == condition.type:
             entry = condition.to_json()

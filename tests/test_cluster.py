@@ -211,6 +211,9 @@ async def test_an_image_created_with_kubectl_without_a_status_is_driven_to_ready
     assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
     assert obj["status"]["image"].split("@")[0] == cluster_registry["base"].rsplit(":", 1)[0]
     assert "Pending" in obj["status"]["phaseTimes"]
+    # an import's packages are its manifest, kept once: the inspection keeps python and user
+    assert obj["status"]["packages"] and "packages" not in obj["status"]["baseImageInfo"]
+    assert obj["status"]["baseImageInfo"]["pythonVersion"].startswith("3.")
 
     # the same import again: reused outside the build slots, Pending to Ready in one status
     # write, no second PipelineRun, never a finalizer

@@ -1,3 +1,4 @@
+import copy
 """Validation of CustomNBImage input: every rule fails with a message naming the field."""
 
 
@@ -153,3 +154,15 @@ def test_set_condition_keeps_transition_time_when_status_unchanged():
     ]
     status = model.set_condition(status, model.Condition("Prepared", "False", "Bad", lastTransitionTime="t3"))
     assert status["conditions"][0]["lastTransitionTime"] == "t3"
+
+
+def test_set_condition_leaves_the_status_it_was_given_as_it_was():
+    # the copy is shallow (status holds kB of package lists): the given status must not change
+    given = {"phase": "Pending", "packages": [{"name": "numpy"}],
+             "conditions": [{"type": "Prepared", "status": "True", "reason": "Ok", "lastTransitionTime": "t1"}]}
+    before = copy.deepcopy(given)
+    new = model.set_condition(given, model.Condition("Prepared", "False", "Bad", lastTransitionTime="t2"))
+    new = model.set_condition(new, model.Condition("Resolved", "True", "Ok", lastTransitionTime="t2"))
+    assert given == before
+    assert [c["type"] for c in new["conditions"]] == ["Prepared", "Resolved"]
+    assert new["conditions"][0]["status"] == "False"

@@ -52,6 +52,7 @@ class ImageAccess(LoggingConfigurable):
         if self.registry is None:
             self.registry = RegistryClient(parent=self)
         self._digests_in_flight: dict[tuple, asyncio.Future] = {}
+        self._insecure_clients: dict[str, RegistryClient] = {}
 
     def auth_documents(self, obj: dict | None) -> list[dict]:
         """Credentials documents for pulling: the object's pull secret first, then the auth file."""
@@ -76,7 +77,11 @@ class ImageAccess(LoggingConfigurable):
     def _client_and_credentials(self, ref: ImageReference, documents: list[dict]):
         client = self.registry
         if self.is_insecure(ref) and ref.registry not in client.insecure_registries:
-            client = RegistryClient(parent=self, insecure_registries=[*client.insecure_registries, ref.registry])
+            # one client per such registry, kept: making one per pin cost more than the pin
+            client = self._insecure_clients.get(ref.registry)
+            if client is None:
+                client = self._insecure_clients[ref.registry] = RegistryClient(
+                    parent=self, insecure_registries=[*self.registry.insecure_registries, ref.registry])
         credentials = credentials_for(ref.registry, documents, ref.repository) if documents else None
         return client, credentials
 

@@ -241,7 +241,8 @@ class PhaseWork(LoggingConfigurable):
         say(f"python {info.python_full_version} at {info.python_path}, user {info.user or 'root'} (uid {info.uid}), "
             f"{len(info.packages)} packages, environment {'writable' if info.env_owned_by_user else 'read-only'} "
             "for the user")
-        observed.update({"resolvedBaseImage": pinned, "baseImageDigest": digest, "baseImageInfo": info.to_status()})
+        observed.update({"resolvedBaseImage": pinned, "baseImageDigest": digest,
+                         "baseImageInfo": info.to_status(with_packages=obj["spec"]["buildType"] != "ImageImport")})
         return None
 
     async def prepare_repository(self, obj: dict, observed: dict, say=_no_log) -> Outcome | None:
@@ -411,14 +412,17 @@ class PhaseWork(LoggingConfigurable):
         except (RegistryError, LookupError):
             return None
         key = spec_hash(obj, pinned, None)
-        reused = await self.find_reusable(obj, key)
+        holder = self._in_flight.get(key)
+        waits = holder is not None and self._claims.get(obj["metadata"]["uid"]) != key
+        # while that input is building, the index alone answers: a burst of identical imports
+        # waiting for one build would otherwise each ask the apiserver for a list
+        reused = await self.find_reusable(obj, key, ask_store=not waits)
         if reused is not None:
             if not reused.get("baseImageInfo"):
                 return None  # an image from before inspections were kept: Prepare inspects
             say(f"pinned {pinned}")
             return self._reused(reused, {"resolvedBaseImage": pinned, "baseImageDigest": digest, "specHash": key})
-        holder = self._in_flight.get(key)
-        if holder is not None and self._claims.get(obj["metadata"]["uid"]) != key:
+        if waits:
             say(f"{holder[0]} is building the same image now: waiting for it")
             return holder[1]
         # no claim here: only an image in a build slot holds one, so whoever waits for a claim
@@ -460,9 +464,10 @@ class PhaseWork(LoggingConfigurable):
             if self._import_sources[source] <= 0:
                 del self._import_sources[source]
 
-    async def find_reusable(self, obj: dict, key: str) -> dict | None:
+    async def find_reusable(self, obj: dict, key: str, ask_store: bool = True) -> dict | None:
         """Status fields of a Ready image built from the same effective input, if its image is
-        still here: the second identical request needs no build at all.
+        still here: the second identical request needs no build at all. The Ready index is
+        asked first; the store only with `ask_store` (the index may lag the store a little).
 
         `reusedFrom` names the image that really built it (an image that itself reused one
         passes on the name of the one it reused); when that is this image's own earlier run,
@@ -488,6 +493,8 @@ class PhaseWork(LoggingConfigurable):
         held = self._ready_by_hash.get(key)
         if held is not None and (found := await reusable(held[1])) is not None:
             return found
+        if not ask_store:
+            return None
         # two are enough: every image of this input names the same built image (and one of
         # them may be this image's own earlier run)
         for other in await self.store.list(phase=PHASE_READY, spec_hash=key, limit=2):

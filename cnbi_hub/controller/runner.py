@@ -454,9 +454,11 @@ class EmbeddedRunner(LoggingConfigurable):
             return {**status, **{k: theirs[k] for k in FIELDS_WRITTEN_BY_OTHERS if k in theirs}}
 
         try:
-            await modify_status(self.store, name, change, known=known)
+            stored = await modify_status(self.store, name, change, known=known)
         except NotFound:
             return False
+        if written and stored is not None:
+            self.phases.note(stored)  # the Ready index learns now, not when the feed brings it
         return bool(written)
 
     def _log_line(self, name: str, uid: str, line: str) -> None:

@@ -272,7 +272,7 @@ class KubernetesImageStore(LoggingConfigurable):
                                         "resourceVersion": resource_version}}
             else:
                 current = await self.get(name)
-            current["status"] = copy.deepcopy(status)
+            current["status"] = status  # only serialized: no copy needed
             try:
                 return await api.replace_namespaced_custom_object_status(**self._resource(), name=name, body=current)
             except ApiException as e:

@@ -63,12 +63,16 @@ class BaseImageInfo:
     packages: list[dict] = field(default_factory=list)  # [{name, version}]
     has_conda: bool = False
 
-    def to_status(self) -> dict:
-        return {
+    def to_status(self, with_packages: bool = True) -> dict:
+        """The status form; without the package list where nothing reads it later (an import's
+        packages are its manifest, `status.packages`: kept twice they were a third of its size)."""
+        info = {
             "pythonPath": self.python_path, "pythonVersion": self.python_full_version, "user": self.user,
             "uid": self.uid, "environmentOwnedByUser": self.env_owned_by_user, "hasConda": self.has_conda,
-            "packages": [{"name": p["name"], "version": p["version"]} for p in self.packages],
         }
+        if with_packages:
+            info["packages"] = [{"name": p["name"], "version": p["version"]} for p in self.packages]
+        return info
 
     @classmethod
     def from_status(cls, info: dict) -> "BaseImageInfo":
