@@ -198,6 +198,9 @@ async def test_artifacts_live_in_a_configmap_the_image_owns(store, crd_installed
     with pytest.raises(NotFound):
         await store.put_artifact("with-lock", "log", "a stale writer's log\n", uid=old_uid)
     assert await store.get_artifact("with-lock", "log") == "the new image's log\n"
+    # a write the apiserver refuses says why (artifact writes do not read the answer back)
+    with pytest.raises(StoreError, match="422"):
+        await store.put_artifact("with-lock", "not a key!", "text", uid=None)
 
 
 async def test_the_change_feed_tells_creates_changes_and_deletes(store):

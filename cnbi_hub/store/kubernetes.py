@@ -21,6 +21,7 @@ import hashlib
 
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
+from kubernetes_asyncio.client.rest import RESTResponse
 from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
@@ -59,6 +60,18 @@ def _status_code_error(e: ApiException, name: str) -> StoreError:
                         "metadata.resourceVersion")
     return StoreError(f"the Kubernetes API refused the write ({e.status} {e.reason}): {api_message(e)}")
 
+
+
+async def _unread(call) -> None:
+    """Await a call made with `_preload_content=False`, whose answer we do not need: it is not
+    turned into model objects (parsing a ConfigMap's timestamps on every log write cost more
+    than the write); a refusal raises ApiException as the client's own calls do."""
+    response = await call
+    try:
+        if not 200 <= response.status <= 299:
+            raise ApiException(http_resp=RESTResponse(response, await response.read()))
+    finally:
+        response.release()
 
 
 class KubernetesImageStore(LoggingConfigurable):
@@ -401,7 +414,7 @@ class KubernetesImageStore(LoggingConfigurable):
         for _ in range(10):
             # create first: most images write their artifacts once (a reused image, its log)
             try:
-                await core.create_namespaced_config_map(self.namespace, body)
+                await _unread(core.create_namespaced_config_map(self.namespace, body, _preload_content=False))
                 return
             except ApiException as e:
                 if e.status != 409:
@@ -419,7 +432,8 @@ class KubernetesImageStore(LoggingConfigurable):
                 current.data = {}
             current.data = {**(current.data or {}), kind: text}
             try:
-                await core.replace_namespaced_config_map(map_name, self.namespace, current)
+                await _unread(core.replace_namespaced_config_map(map_name, self.namespace, current,
+                                                                 _preload_content=False))
                 return
             except ApiException as e:
                 if e.status == 409:
