@@ -26,6 +26,7 @@ import yaml
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from . import stacks
 from .imageref import parse_image_reference
 
 GROUP = "meteor.zone"
@@ -66,6 +67,8 @@ CONDITION_PIPELINERUN_COMPLETED = "PipelineRunCompleted"
 CONDITION_PREPARED = "Prepared"
 CONDITION_RESOLVED = "Resolved"
 CONDITION_VALIDATED = "Validated"
+# on a Ready image built on another CustomNBImage whose newest run failed: it keeps its build
+CONDITION_BASE_CURRENT = "BaseImageCurrent"
 
 MAX_NAME_LENGTH = 63
 MAX_DISPLAY_NAME_LENGTH = 256
@@ -334,7 +337,14 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
     _check_cross_field_rules(spec)
 
     for key in ("fromImage", "baseImage"):
-        if key in spec:
+        if key == "baseImage" and stacks.parent_of(spec):
+            # another CustomNBImage: the service checks that it exists, is yours to use and
+            # closes no cycle (that needs the store)
+            named = stacks.parent_of(spec)
+            if not _DNS_LABEL.match(named) or len(named) > MAX_NAME_LENGTH:
+                raise InvalidObject(f"{stacks.PREFIX}{named} does not name an image: after {stacks.PREFIX} comes "
+                                    "an image's name (lowercase letters, digits and '-')", "spec.baseImage")
+        elif key in spec:
             spec[key] = check_image_reference(spec[key], f"spec.{key}")
     seen = {}
     packages = spec.get("packageVersions") or []

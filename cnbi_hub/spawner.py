@@ -1,8 +1,8 @@
 """Start servers on built images: spawn-form hooks for KubeSpawner and DockerSpawner, and PodmanSpawner.
 
-The hub asks the cnbi service which images a user may start (`GET api/images?phase=Ready&
-visibleTo=<user>`: the user's own Ready images and the shared ones) and offers them next to the
-admin's own choices:
+The hub asks the cnbi service which images a user may start (`GET api/images?visibleTo=<user>`:
+the user's own images and the shared ones that have a build — Ready, or being rebuilt or failed
+to rebuild, on their newest good build) and offers them next to the admin's own choices:
 
 - KubeSpawner 7: `profile_list` (the admin's profiles first, then the images), plus
   `options_from_form` and `apply_user_options` so `?cnbi_image=<name>` on `/hub/spawn`, or
@@ -58,10 +58,22 @@ MAX_LISTED_PACKAGES = 8
 
 
 def image_reference(obj: dict) -> str | None:
-    """The reference a server runs: status.image (with its digest), once the image is Ready."""
-    if model.phase_of(obj) != model.PHASE_READY:
-        return None
-    return (obj.get("status") or {}).get("image") or None
+    """The reference a server runs (with its digest): status.image once the image is Ready;
+    while a rebuild works, or after it failed, the newest good build (`status.rebuildOf`): a
+    rebuild (a push, a moved base, a schedule) never takes an image off the spawn form."""
+    status = obj.get("status") or {}
+    if model.phase_of(obj) == model.PHASE_READY:
+        return status.get("image") or None
+    return status.get("rebuildOf") or None
+
+
+def previous_build_note(obj: dict) -> str:
+    """Why a server starts on the previous build, or "" when it starts on the current one."""
+    if model.phase_of(obj) == model.PHASE_READY or not image_reference(obj):
+        return ""
+    if model.phase_of(obj) == model.PHASE_FAILED:
+        return "Its newest build failed: starts on the previous build."
+    return "Being rebuilt: starts on the previous build until the new one is ready."
 
 
 def main_packages(obj: dict) -> list[str]:
@@ -73,7 +85,7 @@ def main_packages(obj: dict) -> list[str]:
 
 def image_description(obj: dict, for_user: str | None = None) -> str:
     """Plain text: the image's description, who shared it, and its main packages."""
-    parts = []
+    parts = [note] if (note := previous_build_note(obj)) else []
     description = model.description_of(obj)
     if description:
         parts.append(description.rstrip(".") + ".")
@@ -373,7 +385,8 @@ class CNBISpawnerHooks(SingletonConfigurable):
     async def _fetch(self, username: str, groups: list[str], now: float) -> ImageListing:
         if not (self.service_url and self.api_token):
             return ImageListing(error="the cnbi service URL or token is not configured", fetched_at=now)
-        query = {"phase": model.PHASE_READY, "visibleTo": username}
+        # no phase filter: images being rebuilt stay startable on their previous build
+        query = {"visibleTo": username}
         if groups:
             query["groups"] = ",".join(groups)
         url = url_concat(url_path_join(self.service_url, "api/images"), query)

@@ -290,3 +290,57 @@ def github_push(repo, before: str, after: str, delivery: str):
     payload = {"ref": "refs/heads/main", "before": before, "after": after,
                "repository": {"clone_url": repo.url, "default_branch": "main"}, "pusher": {"name": "dev"}}
     return webhooks.parse_push("github", "push", payload, delivery)
+
+
+async def test_a_stack_waits_for_and_follows_the_image_below_it(
+        kube_node, cluster_store, cluster_namespace, cluster_registry, local_registry, notebook_base_images,
+        podman_env, tmp_path):
+    """Cluster mode, the same engine as embedded: an image on `cnbi:<name>` created before that
+    one waits in Pending, is built by a PipelineRun on its build, and is rebuilt after the one
+    below it follows its base tag to a new digest (the operator's base check, every 2 s here)."""
+    from tests.infra_podman import podman
+
+    tag = f"{local_registry.host}/stackbase/base:1"
+    pushed = podman("push", "--quiet", "--tls-verify=false", notebook_base_images["user"], f"docker://{tag}",
+                    env=podman_env)
+    assert pushed.returncode == 0, pushed.stderr
+    operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                        overrides={"EmbeddedRunner": {"rebuild_check_interval": 2.0}}).start()
+
+    async def run_ends(name: str, run: int) -> dict:
+        deadline = time.monotonic() + 900
+        while True:
+            obj = await cluster_store.get(name)
+            if obj["status"].get("run", 1) == run and model.phase_of(obj) in model.TERMINAL_PHASES:
+                return obj
+            assert time.monotonic() < deadline, f"run {run} of {name} did not end: {obj['status']}"
+            await asyncio.sleep(1)
+
+    try:
+        await cluster_store.create(image_object("stack-top", "cnbi:stack-bottom", packages=("toolz==0.12.1",)))
+        await cluster_store.create(model.validate_new_object(
+            {"metadata": {"name": "stack-bottom"}, "spec": {"buildType": "ImageImport", "fromImage": tag}},
+            creator="alice"))
+        bottom, top = await run_ends("stack-bottom", 1), await run_ends("stack-top", 1)
+        assert model.phase_of(bottom) == "Ready", json.dumps(bottom["status"], indent=1) + operator.log()
+        assert model.phase_of(top) == "Ready", json.dumps(top["status"], indent=1) + operator.log()
+        assert top["status"]["resolvedBaseImage"] == bottom["status"]["image"] and "runs" not in top["status"]
+
+        context = tmp_path / "moved"
+        context.mkdir()
+        (context / "Containerfile").write_text(f"FROM {notebook_base_images['user']}\nLABEL cnbi.test.stack=moved\n")
+        built = podman("build", "--quiet", "-t", "localhost/cnbi-test/stack-moved:1", str(context), env=podman_env)
+        assert built.returncode == 0, built.stderr
+        pushed = podman("push", "--quiet", "--tls-verify=false", "localhost/cnbi-test/stack-moved:1",
+                        f"docker://{tag}", env=podman_env)
+        assert pushed.returncode == 0, pushed.stderr
+        bottom2, top2 = await run_ends("stack-bottom", 2), await run_ends("stack-top", 2)
+    finally:
+        operator.stop()
+    assert model.phase_of(top2) == "Ready", json.dumps(top2["status"], indent=1) + operator.log()
+    assert top2["status"]["resolvedBaseImage"] == bottom2["status"]["image"] != bottom["status"]["image"]
+    assert top2["status"]["phaseTimes"]["Pending"] >= bottom2["status"]["phaseTimes"]["Ready"]
+    trigger = top2["status"]["triggers"][-1]
+    assert (trigger["kind"], trigger["image"]) == ("baseImage", "cnbi:stack-bottom")
+    assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)
+            if r["metadata"]["name"].startswith("cnbi-stack-top")] == ["cnbi-stack-top-g1-r1", "cnbi-stack-top-g1-r2"]

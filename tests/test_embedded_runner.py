@@ -14,6 +14,7 @@ from cnbi_hub.controller.builders.podman import PodmanBuilder
 from cnbi_hub.controller.imageaccess import ImageAccess
 from cnbi_hub.controller.phases import PhaseWork
 from cnbi_hub.controller.runner import EmbeddedRunner
+from cnbi_hub.spawner import image_reference
 from cnbi_hub.store.sqlite import SQLImageStore
 from tests.hubfixtures import CA_BUNDLE
 
@@ -301,3 +302,87 @@ async def test_an_image_on_a_weekly_schedule_is_rebuilt_when_a_week_has_passed(
     assert trigger["kind"] == "schedule" and trigger["schedule"] == "weekly"
     assert current["status"]["rebuildRequestedBy"] == "its weekly schedule"
     assert (await store.get("unscheduled"))["status"].get("run", 1) == 1
+
+
+async def test_a_stack_is_built_and_rebuilt_in_order_and_a_failed_base_leaves_the_rest_on_their_builds(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    """Three images, each on the one below (`cnbi:<name>`), created at once: each starts when
+    the one below is Ready and is built on its build. The bottom one's base tag moves: it is
+    rebuilt, then the middle one on its new build, then the top one (parents Ready before
+    children start). The tag moves to an image that cannot be inspected: the bottom one's
+    rebuild fails, and the two above keep their builds with a condition saying why."""
+    from tests.infra_podman import podman
+
+    tag = push_notebook_base(notebook_base_images, f"{local_registry.host}/stacked/base:latest", podman_env)
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+    runner.rebuild_check_interval = 0  # rounds are run by hand here
+    # packages the notebook base does not have (its own are kept at their versions)
+    levels = [("stack-a", tag, "tabulate==0.9.0"), ("stack-b", "cnbi:stack-a", "toolz==0.12.1"),
+              ("stack-c", "cnbi:stack-b", "more-itertools==10.5.0")]
+
+    def push_to_tag(containerfile: str, name: str) -> None:
+        context = tmp_path / name
+        context.mkdir()
+        (context / "Containerfile").write_text(containerfile)
+        (context / "hello").write_text("hello\n")
+        built = podman("build", "--quiet", "-t", f"localhost/cnbi-test/{name}:1", str(context), env=podman_env)
+        assert built.returncode == 0, built.stderr
+        pushed = podman("push", "--quiet", "--tls-verify=false", f"localhost/cnbi-test/{name}:1", f"docker://{tag}",
+                        env=podman_env)
+        assert pushed.returncode == 0, pushed.stderr
+
+    await runner.start()
+    try:
+        for name, base, package in reversed(levels):  # the top first: it waits all the same
+            await store.create(model.validate_new_object(
+                {"metadata": {"name": name},
+                 "spec": {"buildType": "PackageList", "baseImage": base, "packageVersions": [package]}},
+                creator="stacker"))
+        first = {name: await run_to_end(store, name, run=1, timeout_s=600) for name, _, _ in levels}
+        # created before the one below, an image waited for it in Pending: no failed first run
+        assert all("runs" not in obj["status"] for obj in first.values()), [o["status"] for o in first.values()]
+        for below, above in (("stack-a", "stack-b"), ("stack-b", "stack-c")):
+            assert model.phase_of(first[above]) == "Ready", first[above]["status"]
+            assert first[above]["status"]["resolvedBaseImage"] == first[below]["status"]["image"]
+            assert first[above]["status"]["phaseTimes"]["Prepare"] >= first[below]["status"]["phaseTimes"]["Ready"]
+        top_packages = {p["name"].lower() for p in first["stack-c"]["status"]["packages"]}
+        assert {"tabulate", "toolz", "more-itertools"} <= top_packages, top_packages
+
+        # the bottom one's base tag moves: the whole stack follows, level by level
+        push_to_tag(f"FROM {notebook_base_images['user']}\nLABEL cnbi.test.stack=moved\n", "moved")
+        assert await runner.check_base_images() == 1  # only the bottom: the others follow its build
+        second = {name: await run_to_end(store, name, run=2, timeout_s=600) for name, _, _ in levels}
+        for below, above in (("stack-a", "stack-b"), ("stack-b", "stack-c")):
+            status = second[above]["status"]
+            assert model.phase_of(second[above]) == "Ready", status
+            assert status["resolvedBaseImage"] == second[below]["status"]["image"] != first[below]["status"]["image"]
+            # it started only once the one below was Ready again
+            assert status["phaseTimes"]["Pending"] >= second[below]["status"]["phaseTimes"]["Ready"]
+            trigger = status["triggers"][-1]
+            assert (trigger["kind"], trigger["image"], trigger["to"]) == (
+                "baseImage", f"cnbi:{below}", second[below]["status"]["image"].rsplit("@", 1)[1])
+        assert await runner.check_base_images() == 0  # all current now
+
+        # the tag moves to an image with no Python at all: the bottom one's rebuild fails
+        push_to_tag("FROM scratch\nCOPY hello /hello\n", "broken")
+        assert await runner.check_base_images() == 1
+        failed = await run_to_end(store, "stack-a", run=3)
+        assert model.phase_of(failed) == "Failed", failed["status"]
+        # servers still start on its newest good build
+        assert image_reference(failed) == second["stack-a"]["status"]["image"]
+        for _ in range(60):
+            above = {name: await store.get(name) for name in ("stack-b", "stack-c")}
+            notes = {name: [c for c in obj["status"]["conditions"] if c["type"] == model.CONDITION_BASE_CURRENT]
+                     for name, obj in above.items()}
+            if all(notes.values()):
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await runner.stop()
+    for name, obj in above.items():
+        assert model.phase_of(obj) == "Ready" and obj["status"].get("run") == 2, obj["status"]
+        assert obj["status"]["image"] == second[name]["status"]["image"]  # its build stays
+        [note] = notes[name]
+        assert note["status"] == "False" and note["reason"] == "BaseImageFailed"
+        assert note["message"].startswith("stack-a failed (") and "keeps its current build" in note["message"]

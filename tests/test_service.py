@@ -401,3 +401,35 @@ async def test_openapi_document_is_valid_and_covers_every_route(hub):
         path = path.replace("(?P<provider>[a-z]+)", "{provider}")
         registered.add(path if path not in ("/?", "") else "/")
     assert registered == documented, registered ^ documented
+
+
+async def test_an_image_on_another_names_one_you_may_use_and_closes_no_cycle(hub, tokens, clean):
+    """`spec.baseImage: cnbi:<name>` stacks an image on another: that one must exist and be
+    yours (or shared with you), and the stack must not lead back to the new image."""
+    alice, bob = tokens["alice"], tokens["bob"]
+
+    def on(parent, name=None):
+        body = package_list("attrs", name=name)
+        body["spec"]["baseImage"] = f"cnbi:{parent}"
+        return body
+
+    assert (await hub.api("POST", "api/images", alice, package_list("six", name="stack-bottom"))).code == 201
+    r = await hub.api("POST", "api/images?dryRun=true", alice, on("stack-bottom"))
+    assert r.code == 200 and r.json()["spec"]["baseImage"] == "cnbi:stack-bottom"
+    for who, parent in ((alice, "no-such-image"), (bob, "stack-bottom")):  # missing, or not yours: same words
+        r = await hub.api("POST", "api/images", who, on(parent))
+        assert r.code == 422 and r.json()["field"] == "spec.baseImage", r.body
+        assert r.json()["message"] == f"there is no image {parent} that you may build on"
+    r = await hub.api("POST", "api/images", alice, on("Not_A_Name"))
+    assert r.code == 422 and r.json()["field"] == "spec.baseImage" and "does not name an image" in r.json()["message"]
+
+    # stack-middle on stack-bottom; stack-bottom deleted and made again on stack-middle: a cycle
+    assert (await hub.api("POST", "api/images", alice, on("stack-bottom", "stack-middle"))).code == 201
+    assert (await hub.api("DELETE", "api/images/stack-bottom", alice)).code == 204
+    r = await hub.api("POST", "api/images", alice, on("stack-middle", "stack-bottom"))
+    assert r.code == 422 and r.json()["field"] == "spec.baseImage", r.body
+    assert "stack-bottom → stack-middle → stack-bottom" in r.json()["message"]
+    assert (await hub.api("GET", "api/images/stack-bottom", alice)).code == 404  # nothing stored
+    # shared with everyone, bob may build on it
+    assert (await hub.api("PATCH", "api/images/stack-middle", tokens[ADMIN], {"shared": True})).code == 200
+    assert (await hub.api("POST", "api/images?dryRun=true", bob, on("stack-middle"))).code == 200

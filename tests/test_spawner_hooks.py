@@ -246,3 +246,35 @@ async def test_dockerspawner_form_when_the_service_is_down(hub):
         assert spawner._get_allowed_images() == {"Notebook base": "localhost/cnbi/notebook-base:py311-user"}
     finally:
         CNBISpawnerHooks.clear_instance()
+
+
+async def test_an_image_being_rebuilt_or_whose_rebuild_failed_starts_on_its_previous_build(
+        hub, make_ready_image, make_kubespawner, service_store):
+    """A rebuild (a push, a moved base, a schedule) never takes an image off the spawn form:
+    while it works, and after it failed, servers start on the newest good build."""
+    from cnbi_hub.controller.statemachine import advance, rebuilt, Outcome
+
+    rebuilding = await make_ready_image("krebuild", "Rebuilding one")
+    failed = await make_ready_image("krebuild", "Failed rebuild")
+    never_built = await make_ready_image("krebuild", "Never built")
+    for obj, outcome in ((rebuilding, None), (failed, Outcome(False, "BuildFailed", "no"))):
+        # Building, not Pending: the hub's own engine drives only what it sees begin
+        status = {**rebuilt(obj, "a test"), "phase": model.PHASE_BUILDING}
+        if outcome is not None:
+            status = advance({**obj, "status": status}, outcome)
+        await service_store.update_status(model.name_of(obj), status)
+    first_failed = {**never_built["status"], "phase": model.PHASE_FAILED}
+    first_failed.pop("image")
+    await service_store.update_status(model.name_of(never_built), first_failed)
+
+    spawner = make_kubespawner("krebuild", make_hooks(hub))
+    form = await spawner.get_options_form()
+    slugs = set(profile_slugs(form))
+    assert {f"cnbi-{model.name_of(rebuilding)}", f"cnbi-{model.name_of(failed)}"} <= slugs
+    assert f"cnbi-{model.name_of(never_built)}" not in slugs  # no build ever: nothing to start
+    assert "Being rebuilt: starts on the previous build" in form
+    assert "Its newest build failed: starts on the previous build" in form
+    for obj in (rebuilding, failed):
+        spawner.user_options = {"profile": f"cnbi-{model.name_of(obj)}"}
+        await spawner.load_user_options()
+        assert spawner.image == obj["status"]["image"]  # the build it had before the rebuild

@@ -59,6 +59,8 @@ SCREENSHOTS = (
     "panel-form-error-dark.png",
     "panel-ready-light.png",
     "panel-ready-dark.png",
+    "panel-stack-light.png",
+    "panel-stack-dark.png",
     *(f"{shot}-{theme}.png" for shots in FLOWS.values() for shot in shots for theme in ("light", "dark")),
     *(f"{shot}-light.png" for shot in LIGHT_ONLY),
 )

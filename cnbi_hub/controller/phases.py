@@ -11,6 +11,7 @@ cluster operator (a kopf operator) drive the same `PhaseWork`, each with its own
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import Counter
 import os
@@ -22,7 +23,7 @@ import yaml
 from traitlets import Dict, Float, Instance, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .. import model
+from .. import model, stacks
 from ..imageref import parse_image_reference
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_READY, PHASE_RESOLVING
 from ..store.base import NotFound
@@ -42,7 +43,7 @@ from .resolve import (
     resolve_lock,
     validate_requirement,
 )
-from .statemachine import Outcome
+from .statemachine import Outcome, failure_of
 
 
 def _no_log(line: str) -> None:
@@ -178,8 +179,8 @@ class PhaseWork(LoggingConfigurable):
     def moving_base(self, obj: dict) -> str | None:
         """The tag an image was built on that can move (its base, or the image it imports); None
         when it names a digest, or its repository's own Containerfile names its base."""
-        if (obj.get("status") or {}).get("recipe") == "containerfile":
-            return None
+        if (obj.get("status") or {}).get("recipe") == "containerfile" or stacks.parent_of(obj["spec"]):
+            return None  # an image on another CustomNBImage follows that one's builds instead
         try:
             reference = self.base_reference(obj)
         except LookupError:
@@ -220,6 +221,11 @@ class PhaseWork(LoggingConfigurable):
             base_text = self.base_reference(obj)
         except LookupError as e:
             return Outcome(False, "NoBaseImage", str(e), observed)
+        if stacks.parent_of(obj["spec"]):
+            found = await self.stack_base(obj, say)
+            if isinstance(found, Outcome):
+                return dataclasses.replace(found, observed=observed)
+            base_text = found
         say(f"pinning {base_text}")
         try:
             pinned, digest, pull_access = await self.access.pin(base_text, obj)
@@ -244,6 +250,39 @@ class PhaseWork(LoggingConfigurable):
         observed.update({"resolvedBaseImage": pinned, "baseImageDigest": digest,
                          "baseImageInfo": info.to_status(with_packages=obj["spec"]["buildType"] != "ImageImport")})
         return None
+
+    async def stack_base(self, obj: dict, say=_no_log) -> str | Outcome:
+        """The current build (name@digest) of the image `obj` is built on (`cnbi:<name>`), or
+        the failed Outcome that says why there is none to build on. The engine starts such an
+        image only once the one below has finished its run, so "not finished" is a race."""
+        parent = stacks.parent_of(obj["spec"])
+
+        async def parent_of_name(name: str) -> str | None:
+            try:
+                return stacks.parent_of((await self.store.get(name))["spec"])
+            except NotFound:
+                return None
+
+        try:  # the service refuses cycles; an image made with kubectl, or a name used again, may not
+            await stacks.check_chain(model.name_of(obj), parent, parent_of_name)
+        except stacks.StackError as e:
+            return Outcome(False, "StackCycle", str(e))
+        try:
+            base = await self.store.get(parent)
+        except NotFound:
+            return Outcome(False, "BaseImageNotFound", f"its base image {parent} does not exist (spec.baseImage)")
+        status = base.get("status") or {}
+        if model.phase_of(base) == model.PHASE_FAILED:
+            failure = failure_of(status) or {}
+            return Outcome(False, "BaseImageFailed",
+                           f"its base image {parent} failed ({failure.get('reason', 'Failed')}: "
+                           f"{failure.get('message', '')}); rebuild {parent} first")
+        if model.phase_of(base) != PHASE_READY or not status.get("image"):
+            # made just before it (the engine had not seen it yet): wait for it, in Pending
+            return Outcome(False, "WaitingForBaseImage", f"waiting for its base image {parent} to finish its run",
+                           wait=True)
+        say(f"building on {parent}'s current build")
+        return status["image"]
 
     async def prepare_repository(self, obj: dict, observed: dict, say=_no_log) -> Outcome | None:
         """Pin the git ref to a commit, check it out, pick the recipe and record what it asks

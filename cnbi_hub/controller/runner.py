@@ -16,7 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from traitlets import Float, Instance, Integer
 from traitlets.config import LoggingConfigurable
 
-from .. import model
+from .. import model, stacks
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVING
 from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
@@ -26,9 +26,12 @@ from .statemachine import (
     FIELDS_WRITTEN_BY_OTHERS,
     Outcome,
     advance,
+    failure_of,
     queued,
+    rebuild_after_this_run,
     restart,
     run_separator,
+    waiting,
     schedule_due,
     trigger_satisfied,
 )
@@ -94,6 +97,12 @@ class EmbeddedRunner(LoggingConfigurable):
         self._positions_due = asyncio.Event()
         self._base_watcher: asyncio.Task | None = None
         self._stopping = False
+        # stacks, kept from the change feed: each image's name -> the image it is built on
+        # (None: a plain base), and -> (phase, image) to see a run end and to hold an image
+        # until the one below it has finished
+        self._stack_parents: dict[str, str | None] = {}
+        self._finished: dict[str, tuple[str, str | None]] = {}
+        self._following: set[asyncio.Task] = set()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -112,6 +121,9 @@ class EmbeddedRunner(LoggingConfigurable):
             if model.phase_of(obj) in model.TERMINAL_PHASES and (obj.get("status") or {}).get("rebuildAfter"):
                 self._start_rebuild_after(obj)
         self._watcher = asyncio.create_task(self._watch(changes))
+        for parent in sorted({p for p in self._stack_parents.values() if p}):
+            if parent in self._finished:
+                self._follow_base(parent)  # a run that ended while the engine was stopped
         self._position_writer = asyncio.create_task(self._write_positions())
         if self.rebuild_check_interval > 0:
             self._base_watcher = asyncio.create_task(self._watch_base_images())
@@ -124,7 +136,8 @@ class EmbeddedRunner(LoggingConfigurable):
         for background in (self._watcher, self._position_writer, self._base_watcher):
             if background:
                 background.cancel()
-        background = [*self._tasks.values(), *self._reusing.values(), *self._rebuilding.values()]
+        background = [*self._tasks.values(), *self._reusing.values(), *self._rebuilding.values(),
+                      *self._following]
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -135,7 +148,11 @@ class EmbeddedRunner(LoggingConfigurable):
                 event = await changes.get()
                 uid = event.object["metadata"].get("uid")
                 phase = model.phase_of(event.object)
+                name = model.name_of(event.object)
+                ran_before = self._finished.get(name)
                 self._note(event.object, deleted=event.type == "DELETED")
+                if self._finished.get(name) not in (None, ran_before):
+                    self._follow_base(name)  # a run ended: the images built on it follow
                 if event.type != "DELETED" and not (event.object.get("status") or {}).get("phase"):
                     if self.phases.reusable_without_slot(event.object):
                         await self.schedule()  # it may go to Ready in one write; if not, it begins then
@@ -170,8 +187,17 @@ class EmbeddedRunner(LoggingConfigurable):
                     await self.schedule()
 
     def _note(self, obj: dict, deleted: bool = False) -> None:
-        uid = obj["metadata"].get("uid")
+        uid, name = obj["metadata"].get("uid"), model.name_of(obj)
         self.phases.note(obj, gone=deleted)
+        if deleted:
+            self._stack_parents.pop(name, None)
+            self._finished.pop(name, None)
+        else:
+            self._stack_parents[name] = stacks.parent_of(obj.get("spec"))
+            if model.phase_of(obj) in model.TERMINAL_PHASES:
+                self._finished[name] = (model.phase_of(obj), (obj.get("status") or {}).get("image"))
+            else:
+                self._finished.pop(name, None)
         if not deleted and (obj.get("status") or {}).get("phase", PHASE_PENDING) == PHASE_PENDING:
             self._pending[uid] = obj
         else:
@@ -180,8 +206,22 @@ class EmbeddedRunner(LoggingConfigurable):
 
     def _waiting(self) -> list[dict]:
         """Pending images not being worked on nor looking for an identical image, oldest first."""
-        waiting = [o for uid, o in self._pending.items() if uid not in self._tasks and uid not in self._reusing]
+        waiting = [o for uid, o in self._pending.items()
+                   if uid not in self._tasks and uid not in self._reusing and not self._base_in_work(o)]
         return sorted(waiting, key=lambda o: (o["metadata"].get("creationTimestamp", ""), o["metadata"]["uid"]))
+
+    def _base_in_work(self, obj: dict) -> bool:
+        """Whether `obj` stands on an image whose run has not ended: it waits (without a slot)
+        until that one has a build to stand on. Not when the stack leads back to `obj` itself:
+        its Prepare says what is wrong."""
+        name, parent = model.name_of(obj), stacks.parent_of(obj["spec"])
+        if parent is None or parent not in self._stack_parents or parent in self._finished:
+            return False
+        seen, current = {name}, parent
+        while current is not None and current not in seen and len(seen) <= stacks.MAX_DEPTH + 1:
+            seen.add(current)
+            current = self._stack_parents.get(current)
+        return current != name
 
     async def schedule(self) -> None:
         """Start work on the oldest Pending images while slots are free; number the rest."""
@@ -250,14 +290,18 @@ class EmbeddedRunner(LoggingConfigurable):
 
     async def check_base_images(self) -> int:
         """One round: pin each tag that Ready images were built on (once per tag and pull
-        secret) and rebuild those whose tag moved; how many were rebuilt."""
+        secret) and rebuild those whose tag moved, and those built on another CustomNBImage
+        that has a newer build than theirs; how many were rebuilt."""
+        rebuilt_count = 0
+        for base_name in sorted({p for p in self._stack_parents.values() if p}):
+            if base_name in self._finished:
+                rebuilt_count += await self._follow_base_now(base_name)
         groups: dict[tuple, list[dict]] = {}
         for obj in await self.store.list(phase=model.PHASE_READY):
             source = self.phases.moving_base(obj)
             if source:
                 secret = (obj["spec"].get("imagePullSecret") or {}).get("name")
                 groups.setdefault((source, secret), []).append(obj)
-        rebuilt_count = 0
         for (source, _), images in groups.items():
             try:
                 _, digest, _ = await self.phases.access.pin(source, images[0])
@@ -308,8 +352,11 @@ class EmbeddedRunner(LoggingConfigurable):
                         self.log.info("image %s already built %s: no rebuild for the push", name,
                                       trigger.get("to", "")[:12])
                     else:
-                        await start_rebuild(self.store, obj, f"{trigger.get('source', 'a')} webhook", trigger)
-                        self.log.info("image %s: rebuilding for the push that came during its run", name)
+                        by = (f"{trigger.get('source', 'a')} webhook" if trigger.get("kind") == "webhook"
+                              else trigger.get("by") or "a trigger")
+                        await start_rebuild(self.store, obj, by, trigger)
+                        self.log.info("image %s: rebuilding for the %s trigger that came during its run", name,
+                                      trigger.get("kind"))
                     return
                 except Conflict:
                     continue
@@ -319,6 +366,87 @@ class EmbeddedRunner(LoggingConfigurable):
             self.log.exception("could not start the rebuild of %s for a push", name)
         finally:
             self._rebuilding.pop(uid, None)
+
+    # --- stacks: images built on another CustomNBImage ----------------------------------------
+
+    def _follow_base(self, name: str) -> None:
+        task = asyncio.create_task(self._follow_base_now(name))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _follow_base_now(self, name: str) -> int:
+        """`name` ended a run. With a new build, the images built on it are rebuilt on that build
+        (each one's own end then rebuilds the next level: parents are Ready before children
+        start); when it failed, each image above it, at any depth, keeps its build and a
+        condition saying why it was not rebuilt. How many rebuilds were started."""
+        started = 0
+        try:
+            try:
+                base = await self.store.get(name)
+            except NotFound:
+                return 0
+            status = base.get("status") or {}
+            if model.phase_of(base) == model.PHASE_READY and status.get("image"):
+                for child in stacks.direct_children(name, self._stack_parents):
+                    started += await self._rebuild_on(child, name, status["image"])
+            elif model.phase_of(base) == model.PHASE_FAILED:
+                failure = failure_of(status) or {}
+                why = f"{name} failed ({failure.get('reason', 'Failed')}: {failure.get('message', '')})"
+                for above in stacks.below(name, self._stack_parents):
+                    await self._note_base_failed(above, name, why)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the store away: the periodic check follows the stack again
+            self.log.exception("could not follow the new run of %s in the images built on it", name)
+        return started
+
+    async def _rebuild_on(self, name: str, base_name: str, base_image: str) -> int:
+        """Rebuild `name` on `base_image`, the new build of the image below it, unless it was
+        built on that one already or has not begun (it takes the newest when it begins)."""
+        digest = base_image.rsplit("@", 1)[-1]
+        for _ in range(10):
+            try:
+                obj = await self.store.get(name)
+            except NotFound:
+                return 0
+            status = obj.get("status") or {}
+            phase = model.phase_of(obj)
+            if stacks.parent_of(obj["spec"]) != base_name or phase == PHASE_PENDING:
+                return 0
+            if status.get("baseImageDigest") == digest:
+                return 0
+            trigger = {"kind": "baseImage", "image": stacks.reference(base_name), "from": status.get(
+                "baseImageDigest", ""), "to": digest, "at": model.now_iso(), "by": f"a new build of {base_name}"}
+            try:
+                if phase in model.TERMINAL_PHASES:
+                    await start_rebuild(self.store, obj, trigger["by"], trigger)
+                    self.log.info("image %s: %s has a new build: rebuilding on it", name, base_name)
+                    return 1
+                if phase == PHASE_PREPARE:
+                    return 0  # it pins its base now, and finds the new build
+                # it builds on the old one now: rebuilt when that run ends
+                await modify_status(self.store, name, lambda current: rebuild_after_this_run(current, trigger))
+                return 0
+            except Conflict:
+                continue
+        return 0
+
+    async def _note_base_failed(self, name: str, failed: str, why: str) -> None:
+        def change(current: dict) -> dict | None:
+            if model.phase_of(current) != model.PHASE_READY:
+                return None  # not built (yet): its own run says what it builds on
+            message = f"{why}; this image keeps its current build"
+            if any(c.get("type") == model.CONDITION_BASE_CURRENT and c.get("message") == message
+                   for c in (current.get("status") or {}).get("conditions", [])):
+                return None  # said already (a restart, the periodic check)
+            condition = model.Condition(model.CONDITION_BASE_CURRENT, "False", "BaseImageFailed", message,
+                                        lastTransitionTime=model.now_iso())
+            return model.set_condition(current.get("status") or {}, condition)
+
+        try:
+            await modify_status(self.store, name, change)
+        except NotFound:
+            pass
 
     # --- reuse outside the slots --------------------------------------------------------------
 
@@ -378,8 +506,9 @@ class EmbeddedRunner(LoggingConfigurable):
         self._logs.setdefault(uid, BuildLog())
         flusher = asyncio.create_task(self._flush_log_periodically(name, uid))
         cancelled = False
+        back_to_pending = None
         try:
-            await self._drive_phases(name, uid)
+            back_to_pending = await self._drive_phases(name, uid)
         except asyncio.CancelledError:
             cancelled = True  # DELETE or cancel of the image, or the service stopping
             raise
@@ -389,12 +518,16 @@ class EmbeddedRunner(LoggingConfigurable):
             flusher.cancel()
             self._tasks.pop(uid, None)
             self._pending.pop(uid, None)  # it left Pending; the feed re-adds it if it goes back
+            if back_to_pending is not None:
+                self._note(back_to_pending)  # it waits: in case the feed brought that before this
             await self._save_log(name, uid)
             self._logs.pop(uid, None)
             await self.phases.cleanup(uid, cancelled and not self._stopping)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
 
-    async def _drive_phases(self, name: str, uid: str) -> None:
+    async def _drive_phases(self, name: str, uid: str) -> dict | None:
+        """Run the image's phases until it finishes; the object as written when a phase sent it
+        back to Pending to wait."""
         try:
             separator = run_separator((await self.store.get(name)).get("status") or {})
         except NotFound:
@@ -413,6 +546,12 @@ class EmbeddedRunner(LoggingConfigurable):
             started = time.monotonic()
             outcome = await self.phases.work(obj, say)
             PHASE_SECONDS.labels(phase).observe(time.monotonic() - started)
+            if outcome.wait:
+                say(f"==> {phase} -> Pending ({outcome.reason}): {outcome.message}")
+                status = waiting(obj, outcome)
+                if await self._write_status(name, uid, status, expected_phase=phase):
+                    return {**obj, "status": status}  # back in the queue, which holds it meanwhile
+                return None
             status = advance(obj, outcome)
             detail = f": {outcome.message}" if outcome.message else ""
             say(f"==> {phase} -> {status['phase']} ({outcome.reason}){detail}")

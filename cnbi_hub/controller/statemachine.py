@@ -54,6 +54,9 @@ class Outcome:
     observed: dict = field(default_factory=dict)  # fields to record in status
     skip_to: str | None = None  # e.g. Ready when an identical image is reused
     condition_type: str | None = None  # override the phase's default failure condition
+    # not a failure: the image goes back to Pending and waits there, without a build slot (the
+    # image it is built on is still in work: the engine starts it once that one has finished)
+    wait: bool = False
 
 
 def next_phase(build_type: str, phase: str) -> str:
@@ -133,6 +136,19 @@ def advance(obj: dict, outcome: Outcome, now: str | None = None) -> dict:
     return status
 
 
+def waiting(obj: dict, outcome: Outcome, now: str | None = None) -> dict:
+    """Status of an image sent back to Pending by a phase that found it must wait (`outcome.wait`),
+    the reason in its Prepared condition."""
+    now = now or model.now_iso()
+    status = copy.deepcopy(obj.get("status") or model.initial_status())
+    status["phase"] = PHASE_PENDING
+    status.setdefault("phaseTimes", {})[PHASE_PENDING] = now
+    status.pop("startTime", None)
+    return model.set_condition(status, Condition(CONDITION_PREPARED, "False", outcome.reason, outcome.message,
+                                                 lastTransitionTime=now,
+                                                 observedGeneration=obj["metadata"].get("generation")))
+
+
 def restart(obj: dict, now: str | None = None) -> dict:
     """Status for an object whose work was cut off (the process running it died): back to
     Pending, keeping what it had observed, so it runs again from the start."""
@@ -186,6 +202,14 @@ MAX_REMEMBERED_RUNS = 20
 MAX_REMEMBERED_TRIGGERS = 20
 
 
+def failure_of(status: dict) -> dict | None:
+    """The condition that says why a run failed: the newest that reports a failure (a failed
+    run's reason is that, not a success of the same second); None when none does."""
+    failing = [c for c in status.get("conditions", []) if c.get("reason")
+               and c.get("status") == ("True" if c.get("type", "").startswith("Error") else "False")]
+    return max(failing, key=lambda c: c.get("lastTransitionTime", "")) if failing else None
+
+
 def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = None) -> dict:
     """Status of a finished image sent through its phases again: a new run, numbered, with the
     finished run kept in `runs` (its own times, outcome and what it reused), and what set it
@@ -197,20 +221,19 @@ def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = N
     for key in ("startTime", "completionTime", "reusedFrom", "image"):
         if old.get(key):
             finished[key] = old[key]
-    reasons = [c for c in old.get("conditions", []) if c.get("reason")]
-    if old.get("phase") == PHASE_FAILED:
-        # a failed run's reason is its failing condition, not a success of the same second
-        failing = [c for c in reasons
-                   if c.get("status") == ("True" if c.get("type", "").startswith("Error") else "False")]
-        reasons = failing or reasons
-    if reasons:
+    latest = failure_of(old) if old.get("phase") == PHASE_FAILED else None
+    # a run's own reason, not the note that the image below it failed later
+    reasons = [c for c in old.get("conditions", []) if c.get("reason") and c.get("type") != model.CONDITION_BASE_CURRENT]
+    if latest is None and reasons:
         latest = max(reasons, key=lambda c: c.get("lastTransitionTime", ""))
+    if latest is not None:
         finished["reason"] = latest["reason"]
     status = model.initial_status()
     status["phaseTimes"] = {PHASE_PENDING: now}
     status["run"] = finished["run"] + 1
     status["runs"] = (list(old.get("runs", [])) + [finished])[-MAX_REMEMBERED_RUNS:]
-    status["rebuildOf"] = old.get("image")
+    # the newest good build: it stays startable while this run works, and after it fails
+    status["rebuildOf"] = old.get("image") or old.get("rebuildOf")
     status["rebuildRequestedBy"] = by
     status["rebuildRequestedAt"] = now
     status["triggers"] = (list(old.get("triggers", [])) + [trigger])[-MAX_REMEMBERED_TRIGGERS:]

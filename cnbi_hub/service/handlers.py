@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from .. import model, webhooks
+from .. import model, stacks, webhooks
 from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
@@ -220,6 +220,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
             obj = model.validate_new_object(body, creator=self.username, policy=self.cnbi.validation_policy)
         except model.InvalidObject as e:
             raise FieldError.invalid(e)
+        await self.check_stack(obj)
         if self.get_argument("dryRun", "false").lower() in ("true", "1", "all"):
             self.write_json(obj)
             return
@@ -232,6 +233,41 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
         created = await self.create_with_name(obj)
         self.set_header("Location", url_path_join(self.request.path, created["metadata"]["name"]))
         self.write_json(created, status=201)
+
+    async def check_stack(self, obj: dict) -> None:
+        """An image built on another (`cnbi:<name>`): that image exists, the caller may use it,
+        and the stack closes no cycle and is not too deep (422 naming the images if it does)."""
+        parent = stacks.parent_of(obj["spec"])
+        if parent is None:
+            return
+
+        async def visible(name: str) -> dict | None:
+            try:
+                found = await self.store.get(name)
+            except NotFound:
+                return None
+            return found if self.may_see(found) else None
+
+        if await visible(parent) is None:  # the same words whether it is missing or not yours
+            raise FieldError(422, f"there is no image {parent} that you may build on", "spec.baseImage")
+
+        hidden: set[str] = set()
+
+        async def parent_of_name(name: str) -> str | None:
+            # the whole chain counts, also images the caller cannot see (they are not named)
+            try:
+                found = await self.store.get(name)
+            except NotFound:
+                return None
+            if not self.may_see(found):
+                hidden.add(name)
+            return stacks.parent_of(found["spec"])
+
+        try:
+            await stacks.check_chain(obj["metadata"].get("name") or "(this image)", parent, parent_of_name,
+                                     shown=lambda name: "(an image of someone else)" if name in hidden else name)
+        except stacks.StackError as e:
+            raise FieldError(422, str(e), "spec.baseImage")
 
     async def create_with_name(self, obj: dict) -> dict:
         if obj["metadata"].get("name"):

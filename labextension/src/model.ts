@@ -77,6 +77,8 @@ export interface ICustomNBImage {
     triggers?: ITrigger[];
     /** A push that came during the current run: its rebuild follows the run. */
     rebuildAfter?: ITrigger;
+    /** The newest good build, while a rebuild works or after it failed. */
+    rebuildOf?: string;
   };
 }
 
@@ -532,7 +534,12 @@ export function triggerLabel(trigger: ITrigger): string {
       parts.push(trigger.from ? `${trigger.from.slice(0, 7)} → ${to}` : to);
     }
   } else if (trigger.kind === 'baseImage') {
-    parts.push(`Base image ${trigger.image ?? ''} updated`);
+    const image = trigger.image ?? '';
+    parts.push(
+      image.startsWith('cnbi:')
+        ? `New build of ${image.slice('cnbi:'.length)}, the image this one is built on`
+        : `Base image ${image} updated`
+    );
     const short = (digest?: string) => (digest ?? '').replace(/^sha256:/, '').slice(0, 12);
     if (trigger.to) {
       parts.push(trigger.from ? `${short(trigger.from)} → ${short(trigger.to)}` : short(trigger.to));
@@ -597,6 +604,31 @@ export function failureMessage(image: ICustomNBImage): string | null {
   const turnedFalse = conditions.find(c => c.status === 'False' && c.message);
   const found = errorTrue ?? turnedFalse;
   return found?.message ?? 'The build failed; see the build log for details.';
+}
+
+/**
+ * Why a Ready image built on another image (`cnbi:<name>`) was not rebuilt: that image's
+ * newest run failed, so this one keeps its build (the engine's `BaseImageCurrent` condition).
+ */
+export function baseFailedMessage(image: ICustomNBImage): string | null {
+  if (phaseOf(image) !== 'Ready') {
+    return null;
+  }
+  const stale = (image.status?.conditions ?? []).find(
+    c => c.type === 'BaseImageCurrent' && c.status === 'False'
+  );
+  return stale?.message ?? null;
+}
+
+/**
+ * The build a server starts on: the current one once Ready; while a rebuild works, or after it
+ * failed, the newest good build (as the spawn form offers it); null when there is none.
+ */
+export function startableBuild(image: ICustomNBImage): { reference: string; previous: boolean } | null {
+  if (phaseOf(image) === 'Ready') {
+    return image.status?.image ? { reference: image.status.image, previous: false } : null;
+  }
+  return image.status?.rebuildOf ? { reference: image.status.rebuildOf, previous: true } : null;
 }
 
 /** Was the image's failure a cancellation? */

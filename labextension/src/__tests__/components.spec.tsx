@@ -180,6 +180,39 @@ describe('ImageBuilder panel', () => {
     view.unmount();
   });
 
+  it('offers the Ready images as bases and sends cnbi:<name> for one', async () => {
+    const image = (name: string, phase: string) =>
+      ({
+        metadata: { name, annotations: { 'opendatahub.io/notebook-image-name': `${name} shown` } },
+        spec: { buildType: 'PackageList' },
+        status: { phase }
+      }) as any;
+    const view = render(
+      <CreateForm
+        api={api}
+        onCreated={() => undefined}
+        dryRunDelayMs={600000}
+        stackable={[image('team-base', 'Ready'), image('still-building', 'Building')]}
+      />
+    );
+    const select = (await screen.findByLabelText('Base image')) as HTMLSelectElement;
+    await waitFor(() => expect(select.value).toBe('localhost:5000/notebook:1'));
+    const group = screen.getByTestId('cnbi-stack-bases') as HTMLOptGroupElement;
+    expect(Array.from(group.querySelectorAll('option')).map(o => [o.value, o.textContent])).toEqual([
+      ['cnbi:team-base', 'team-base shown']
+    ]);
+    fireEvent.change(select, { target: { value: 'cnbi:team-base' } });
+    fireEvent.change(screen.getByLabelText('Name'), { target: { value: 'on team base' } });
+    fireEvent.change(screen.getByLabelText(/one per line/), { target: { value: 'toolz\n' } });
+    fireEvent.click(screen.getByTestId('cnbi-submit'));
+    await waitFor(() =>
+      expect(service.requests.some(r => r.method === 'POST' && !r.url.includes('dryRun'))).toBe(true)
+    );
+    const created = service.requests.find(r => r.method === 'POST' && !r.url.includes('dryRun'))!;
+    expect(JSON.parse(created.body).spec.baseImage).toBe('cnbi:team-base');
+    view.unmount();
+  });
+
   it('drops the field name the message starts with', () => {
     expect(withoutField("spec.packageVersions[1]: 'x;' is not valid", 'spec.packageVersions[1]')).toBe("'x;' is not valid");
     expect(withoutField('spec.repository: spec.repository: must be https', 'spec.repository')).toBe('must be https');

@@ -2,6 +2,7 @@ import { LogBuffer } from '../logbuffer';
 import {
   ICustomNBImage,
   IEnvironment,
+  baseFailedMessage,
   buildDurationSeconds,
   buildFinishedNotice,
   checkPackageLines,
@@ -30,6 +31,7 @@ import {
   triggerLabel,
   sharedWithLabel,
   sortNewestFirst,
+  startableBuild,
   upsertImage,
   withoutFieldPrefix
 } from '../model';
@@ -205,12 +207,43 @@ describe('build duration and failure text', () => {
         at: '2026-11-23T08:00:00Z'
       })
     ).toBe('Base image quay.io/jupyter/minimal-notebook:latest updated · 0123456789ab → fedcba987654 · 2026-11-23 08:00 UTC');
+    expect(
+      triggerLabel({ kind: 'baseImage', image: 'cnbi:team-base', from: 'sha256:0123456789abcdef', to: 'sha256:fedcba9876543210' })
+    ).toBe('New build of team-base, the image this one is built on · 0123456789ab → fedcba987654');
     expect(triggerLabel({ kind: 'schedule', schedule: 'weekly', at: '2026-11-30T00:00:00Z' })).toBe(
       'Weekly rebuild · 2026-11-30 00:00 UTC'
     );
     expect(triggerLabel({ kind: 'rebuild', by: 'alice', at: '2026-11-23T09:00:00Z' })).toBe(
       'Rebuild asked by alice · 2026-11-23 09:00 UTC'
     );
+  });
+
+  it('says why a Ready image on a failed base kept its build, and only then', () => {
+    const stale = {
+      type: 'BaseImageCurrent',
+      status: 'False',
+      reason: 'BaseImageFailed',
+      message: 'team-base failed (ImagePullFailed: no such tag); this image keeps its current build'
+    };
+    const image = (phase: string, conditions: any[]) =>
+      ({ metadata: { name: 'mine' }, spec: { buildType: 'PackageList' }, status: { phase, conditions } }) as ICustomNBImage;
+    expect(baseFailedMessage(image('Ready', [stale]))).toBe(stale.message);
+    expect(baseFailedMessage(image('Ready', [{ ...stale, status: 'True' }]))).toBeNull();
+    expect(baseFailedMessage(image('Building', [stale]))).toBeNull();
+    expect(baseFailedMessage(image('Ready', []))).toBeNull();
+  });
+
+  it('starts servers on the previous build while a rebuild works or after it failed', () => {
+    const image = (phase: string, status: any) =>
+      ({ metadata: { name: 'x' }, spec: { buildType: 'PackageList' }, status: { phase, ...status } }) as ICustomNBImage;
+    expect(startableBuild(image('Ready', { image: 'r/x@sha256:2' }))).toEqual({ reference: 'r/x@sha256:2', previous: false });
+    expect(startableBuild(image('Building', { rebuildOf: 'r/x@sha256:1' }))).toEqual({
+      reference: 'r/x@sha256:1',
+      previous: true
+    });
+    expect(startableBuild(image('Failed', { rebuildOf: 'r/x@sha256:1' }))?.previous).toBe(true);
+    expect(startableBuild(image('Building', {}))).toBeNull();
+    expect(startableBuild(image('Failed', {}))).toBeNull();
   });
 
   it('gives image sizes in human units', () => {

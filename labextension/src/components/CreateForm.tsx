@@ -11,11 +11,14 @@ import {
   IImageForm,
   IPackageLineError,
   checkPackageLines,
+  displayNameOf,
   formInputOf,
   imageFromForm,
+  nameOf,
   packageErrorText,
   packageLineError,
   parsePackageLines,
+  phaseOf,
   withoutFieldPrefix
 } from '../model';
 
@@ -89,6 +92,8 @@ function checkText(check: IImageCheck): string {
 
 export interface ICreateFormProps {
   api: CnbiApi;
+  /** Images the user may build on (`cnbi:<name>`): the Ready ones of the list. */
+  stackable?: ICustomNBImage[];
   onCreated: (image: ICustomNBImage) => void;
   onCancel?: () => void;
   dryRunDelayMs?: number;
@@ -263,8 +268,13 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
   const shownCheck = imageCheck && imageCheck.ref === form.fromImage.trim() ? imageCheck : null;
   const notFound =
     form.buildType === 'ImageImport' && shownCheck?.result?.result === 'notFound';
+  const stackOptions = (props.stackable ?? [])
+    .filter(image => phaseOf(image) === 'Ready')
+    .map(image => ({ image: `cnbi:${nameOf(image)}`, displayName: displayNameOf(image) }));
   const baseOptions =
-    form.baseImage && !baseImages.some(b => b.image === form.baseImage)
+    form.baseImage &&
+    !baseImages.some(b => b.image === form.baseImage) &&
+    !stackOptions.some(b => b.image === form.baseImage)
       ? [...baseImages, { image: form.baseImage, displayName: form.baseImage }]
       : baseImages;
   const runtimeEnvironment = Object.entries(form.runtimeEnvironment ?? {});
@@ -360,6 +370,16 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                   {b.displayName || b.image}
                 </option>
               ))}
+              {stackOptions.length > 0 && (
+                // built on one of these, an image is rebuilt whenever that one gets a new build
+                <optgroup label="Your Ready images" data-testid="cnbi-stack-bases">
+                  {stackOptions.map(b => (
+                    <option key={b.image} value={b.image} title={b.image}>
+                      {b.displayName}
+                    </option>
+                  ))}
+                </optgroup>
+              )}
             </select>
             {baseImagesError && <span className="cnbi-error">{baseImagesError}</span>}
             {fieldError('baseImage')}

@@ -253,6 +253,7 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
       <CreateForm
         key={formSeq}
         api={api}
+        stackable={images}
         initial={form?.initial}
         notice={form?.notice}
         onCreated={image => {

@@ -5,6 +5,7 @@ import { LogBuffer } from '../logbuffer';
 import {
   ICustomNBImage,
   IUserInfo,
+  baseFailedMessage,
   descriptionOf,
   displayNameOf,
   durationLabel,
@@ -16,6 +17,7 @@ import {
   nameOf,
   phaseProgress,
   runLabel,
+  startableBuild,
   triggerLabel,
   withoutFieldPrefix
 } from '../model';
@@ -261,6 +263,8 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
   const runs = image.status?.runs ?? [];
   const triggers = [...(image.status?.triggers ?? [])].reverse(); // newest first
   const pendingPush = image.status?.rebuildAfter;
+  const baseFailed = baseFailedMessage(image);
+  const startable = startableBuild(image);
   const duration = durationLabel(image, now);
   const size = phase === 'Ready' ? formatBytes(image.status?.imageSize) : '';
   const reusedFrom = image.status?.reusedFrom;
@@ -353,10 +357,11 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
         <button
           className="jp-mod-styled jp-mod-accept cnbi-button"
           data-testid="cnbi-spawn"
-          disabled={phase !== 'Ready'}
+          disabled={!startable}
+          title={startable?.previous ? `Starts on ${startable.reference}` : undefined}
           onClick={() => actions.openUrl(spawnUrl(hubPrefix, name, currentUser, namedServers))}
         >
-          Start a server with this image
+          {startable?.previous ? 'Start a server on the previous build' : 'Start a server with this image'}
         </button>
         {changeable && CANCELLABLE.includes(phase) && (
           <button
@@ -405,7 +410,13 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
       {user && <SharePanel api={api} image={image} user={user} onUpdate={onUpdate} />}
       {pendingPush && (
         <p className="cnbi-detail-meta" data-testid="cnbi-rebuild-after">
-          {triggerLabel(pendingPush)} came during this run: the image is rebuilt at that commit when it ends.
+          {triggerLabel(pendingPush)} came during this run: the image is rebuilt
+          {pendingPush.kind === 'webhook' ? ' at that commit' : ' on it'} when it ends.
+        </p>
+      )}
+      {baseFailed && (
+        <p className="cnbi-detail-meta cnbi-base-failed" data-testid="cnbi-base-failed">
+          Not rebuilt: {baseFailed}
         </p>
       )}
       {triggers.length > 0 && (
