@@ -44,6 +44,9 @@ PREFIX = "cnbi-hub.io"
 ANNOTATION_SHARED = f"{PREFIX}/shared"
 # JupyterHub groups the image is shared with: comma-separated, sorted
 ANNOTATION_SHARED_WITH_GROUPS = f"{PREFIX}/shared-with-groups"
+# on an image built on another (`cnbi:<name>`): that image's uid when the service checked the
+# creator may use it; a new image that later takes the name is not built on
+ANNOTATION_BASE_UID = f"{PREFIX}/base-uid"
 LABEL_OWNER = f"{PREFIX}/owner"
 
 PHASE_PENDING = "Pending"
@@ -379,6 +382,7 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
     description = annotations.get(ANNOTATION_DESCRIPTION, "")
     check_display_text(display_name, description)
     annotations[ANNOTATION_CREATOR] = creator
+    annotations.pop(ANNOTATION_BASE_UID, None)  # the service sets it, after its own check
     # sharing is decided afterwards, by PATCH (everyone: admins; groups: admins and the owner)
     annotations.pop(ANNOTATION_SHARED, None)
     annotations.pop(ANNOTATION_SHARED_WITH_GROUPS, None)

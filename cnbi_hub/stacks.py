@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Awaitable, Callable, Iterable
 
+from . import model
+
 PREFIX = "cnbi:"
 #: how many images may stand on each other: deeper stacks are refused (each level is a build)
 MAX_DEPTH = 8
@@ -76,3 +78,28 @@ def below(name: str, parents: dict[str, str | None]) -> list[str]:
 
 def direct_children(name: str, parents: dict[str, str | None]) -> Iterable[str]:
     return sorted(child for child, parent in parents.items() if parent == name)
+
+
+def refusal(child: dict, parent: dict) -> str | None:
+    """Why `child` may not be built on `parent` now, or None. The service checked, when the child
+    was made, that its creator may use that image and pinned its uid: a new image that took
+    the name since (the old one deleted) is not that image, and one its owner no longer shares
+    is no longer theirs to build on. (Group membership is the hub's to know: an image still
+    shared with some group counts.)"""
+    name = model.name_of(parent)
+    pinned = (child["metadata"].get("annotations") or {}).get(model.ANNOTATION_BASE_UID)
+    if pinned and pinned != parent["metadata"].get("uid"):
+        return (f"the image {name} it was built on was deleted and a new image took its name; "
+                f"to build on the new one, create an image on it")
+    if not (model.creator_of(parent) == model.creator_of(child) or model.is_shared(parent)
+            or model.shared_groups_of(parent)):
+        return f"the image {name} it was built on is no longer shared with you"
+    return None
+
+
+def failure_words(failed: dict, reader: dict, why: str) -> str:
+    """`why` the image `failed` failed, for the owner of `reader`: named only when they may use
+    it (a failure's words hold its repository, paths and build output)."""
+    if model.may_use(failed, model.creator_of(reader)):
+        return f"{model.name_of(failed)} failed ({why})"
+    return "an image below it failed to rebuild"

@@ -423,8 +423,13 @@ async def test_an_image_on_another_names_one_you_may_use_and_closes_no_cycle(hub
     r = await hub.api("POST", "api/images", alice, on("Not_A_Name"))
     assert r.code == 422 and r.json()["field"] == "spec.baseImage" and "does not name an image" in r.json()["message"]
 
-    # stack-middle on stack-bottom; stack-bottom deleted and made again on stack-middle: a cycle
-    assert (await hub.api("POST", "api/images", alice, on("stack-bottom", "stack-middle"))).code == 201
+    # stack-middle on stack-bottom, pinned to that image (a uid sent by the client counts for nothing)
+    bottom_uid = (await hub.api("GET", "api/images/stack-bottom", alice)).json()["metadata"]["uid"]
+    forged = on("stack-bottom", "stack-middle")
+    forged["metadata"]["annotations"] = {model.ANNOTATION_BASE_UID: "someone-elses-uid"}
+    r = await hub.api("POST", "api/images", alice, forged)
+    assert r.code == 201 and r.json()["metadata"]["annotations"][model.ANNOTATION_BASE_UID] == bottom_uid
+    # stack-bottom deleted and made again on stack-middle: a cycle
     assert (await hub.api("DELETE", "api/images/stack-bottom", alice)).code == 204
     r = await hub.api("POST", "api/images", alice, on("stack-middle", "stack-bottom"))
     assert r.code == 422 and r.json()["field"] == "spec.baseImage", r.body

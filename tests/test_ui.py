@@ -60,6 +60,7 @@ SCREENSHOTS = (
     "panel-ready-light.png",
     "panel-ready-dark.png",
     "panel-stack-light.png",
+    "panel-stack-form-light.png",
     "panel-stack-dark.png",
     *(f"{shot}-{theme}.png" for shots in FLOWS.values() for shot in shots for theme in ("light", "dark")),
     *(f"{shot}-light.png" for shot in LIGHT_ONLY),

@@ -105,7 +105,9 @@ class PhaseWork(LoggingConfigurable):
         if self.access is None:
             self.access = ImageAccess(parent=self, builder=self.builder)
         self._lock_cache: dict[tuple, tuple[float, object]] = {}
-        self._targets: dict[str, str] = {}  # uid -> image being built (removed if cancelled)
+        # uid -> (image being built, the previous build's digest): removed if cancelled, unless the tag
+        # still names that previous build
+        self._targets: dict[str, tuple[str, str]] = {}
         self._building: dict[str, dict] = {}  # uid -> the object whose build runs now
         # spec hash -> (name, future) of the object building it now: identical requests that
         # arrive meanwhile wait for it and reuse its image instead of building it again
@@ -150,12 +152,14 @@ class PhaseWork(LoggingConfigurable):
         if work.exists():
             await asyncio.to_thread(shutil.rmtree, work, True)
         self.release_claim(uid)
-        target = self._targets.pop(uid, None)
+        target, previous = self._targets.pop(uid, (None, ""))
         building = self._building.pop(uid, None)
         if cancelled and building is not None:
             await self.builder.cancel_build(building)
         if cancelled and target:
-            await self.builder.remove_image(target)
+            stored = await self.builder.stored_image(target) if self.builder.keeps_images_locally else None
+            if not (previous and stored and stored.digest == previous):
+                await self.builder.remove_image(target)
         await self.builder.cleanup(uid)
 
     # --- Pending and Prepare ------------------------------------------------------------------
@@ -272,11 +276,14 @@ class PhaseWork(LoggingConfigurable):
         except NotFound:
             return Outcome(False, "BaseImageNotFound", f"its base image {parent} does not exist (spec.baseImage)")
         status = base.get("status") or {}
+        refused = stacks.refusal(obj, base)
+        if refused:
+            return Outcome(False, "BaseImageNotUsable", refused)
         if model.phase_of(base) == model.PHASE_FAILED:
             failure = failure_of(status) or {}
+            why = f"{failure.get('reason', 'Failed')}: {failure.get('message', '')}"
             return Outcome(False, "BaseImageFailed",
-                           f"its base image {parent} failed ({failure.get('reason', 'Failed')}: "
-                           f"{failure.get('message', '')}); rebuild {parent} first")
+                           f"its base image failed: {stacks.failure_words(base, obj, why)}; rebuild {parent} first")
         if model.phase_of(base) != PHASE_READY or not status.get("image"):
             # made just before it (the engine had not seen it yet): wait for it, in Pending
             return Outcome(False, "WaitingForBaseImage", f"waiting for its base image {parent} to finish its run",
@@ -667,7 +674,10 @@ class PhaseWork(LoggingConfigurable):
             base_uid=info.uid if info else None,
         )
         plan = plan_build(obj, observations)
-        self._targets[uid] = target
+        # a rebuild of the same input builds to the same tag, which names the previous build
+        # until this one commits: a cancel must not take that build with it
+        previous = (status.get("rebuildOf") or "").rpartition("@")[2]
+        self._targets[uid] = (target, previous)
         self._building[uid] = obj
         secrets = {
             "cnbi-ca": Path(self.ca_bundle).read_text() if self.ca_bundle and os.path.isfile(self.ca_bundle) else "",

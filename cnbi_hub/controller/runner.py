@@ -377,8 +377,9 @@ class EmbeddedRunner(LoggingConfigurable):
     async def _follow_base_now(self, name: str) -> int:
         """`name` ended a run. With a new build, the images built on it are rebuilt on that build
         (each one's own end then rebuilds the next level: parents are Ready before children
-        start); when it failed, each image above it, at any depth, keeps its build and a
-        condition saying why it was not rebuilt. How many rebuilds were started."""
+        start), and notes that an earlier failure of it left above it go; when it failed, each
+        image above it, at any depth, keeps its build and a condition saying why it was not
+        rebuilt. How many rebuilds were started."""
         started = 0
         try:
             try:
@@ -388,21 +389,25 @@ class EmbeddedRunner(LoggingConfigurable):
             status = base.get("status") or {}
             if model.phase_of(base) == model.PHASE_READY and status.get("image"):
                 for child in stacks.direct_children(name, self._stack_parents):
-                    started += await self._rebuild_on(child, name, status["image"])
+                    started += await self._rebuild_on(child, base)
+                for above in stacks.below(name, self._stack_parents):
+                    await self._set_base_note(above, name, None)
             elif model.phase_of(base) == model.PHASE_FAILED:
                 failure = failure_of(status) or {}
-                why = f"{name} failed ({failure.get('reason', 'Failed')}: {failure.get('message', '')})"
+                why = f"{failure.get('reason', 'Failed')}: {failure.get('message', '')}"
                 for above in stacks.below(name, self._stack_parents):
-                    await self._note_base_failed(above, name, why)
+                    await self._set_base_note(above, name, lambda reader: stacks.failure_words(base, reader, why))
         except asyncio.CancelledError:
             raise
         except Exception:  # the store away: the periodic check follows the stack again
             self.log.exception("could not follow the new run of %s in the images built on it", name)
         return started
 
-    async def _rebuild_on(self, name: str, base_name: str, base_image: str) -> int:
-        """Rebuild `name` on `base_image`, the new build of the image below it, unless it was
-        built on that one already or has not begun (it takes the newest when it begins)."""
+    async def _rebuild_on(self, name: str, base: dict) -> int:
+        """Rebuild `name` on `base`'s new build, unless it was built (or its run was started)
+        on that one already, has not begun (it takes the newest when it begins), failed for
+        a reason of its own (or was cancelled), or may no longer build on it."""
+        base_name, base_image = model.name_of(base), base["status"]["image"]
         digest = base_image.rsplit("@", 1)[-1]
         for _ in range(10):
             try:
@@ -413,7 +418,17 @@ class EmbeddedRunner(LoggingConfigurable):
             phase = model.phase_of(obj)
             if stacks.parent_of(obj["spec"]) != base_name or phase == PHASE_PENDING:
                 return 0
-            if status.get("baseImageDigest") == digest:
+            if status.get("recipe") == "containerfile":
+                return 0  # its repository's own Containerfile names its base
+            if phase == model.PHASE_FAILED and (failure_of(status) or {}).get("reason") not in _BASE_FAILURES:
+                return 0
+            asked = [t for t in status.get("triggers", [])
+                     if t.get("kind") == "baseImage" and t.get("image") == stacks.reference(base_name)]
+            if status.get("baseImageDigest") == digest or (asked and asked[-1].get("to") == digest):
+                return 0
+            refused = stacks.refusal(obj, base)
+            if refused:
+                await self._set_base_note(name, base_name, lambda reader: refused, reason="BaseImageNotUsable")
                 return 0
             trigger = {"kind": "baseImage", "image": stacks.reference(base_name), "from": status.get(
                 "baseImageDigest", ""), "to": digest, "at": model.now_iso(), "by": f"a new build of {base_name}"}
@@ -422,26 +437,38 @@ class EmbeddedRunner(LoggingConfigurable):
                     await start_rebuild(self.store, obj, trigger["by"], trigger)
                     self.log.info("image %s: %s has a new build: rebuilding on it", name, base_name)
                     return 1
-                if phase == PHASE_PREPARE:
-                    return 0  # it pins its base now, and finds the new build
-                # it builds on the old one now: rebuilt when that run ends
-                await modify_status(self.store, name, lambda current: rebuild_after_this_run(current, trigger))
-                return 0
+                # in work, maybe on the old build: rebuilt when this run ends, unless it got this one
+                written = await modify_status(self.store, name, lambda current: rebuild_after_this_run(current, trigger))
+                if model.phase_of(written) not in model.TERMINAL_PHASES:
+                    return 0
+                # it finished between the read and the write: read again and rebuild it now
             except Conflict:
                 continue
         return 0
 
-    async def _note_base_failed(self, name: str, failed: str, why: str) -> None:
+    async def _set_base_note(self, name: str, base_name: str, words: Callable[[dict], str] | None,
+                             reason: str = "BaseImageFailed") -> None:
+        """Say on the Ready image `name` that it keeps its build because of `base_name` (with
+        `words(image)`), or, with None, take back such a note about `base_name`."""
         def change(current: dict) -> dict | None:
+            status = current.get("status") or {}
             if model.phase_of(current) != model.PHASE_READY:
-                return None  # not built (yet): its own run says what it builds on
-            message = f"{why}; this image keeps its current build"
-            if any(c.get("type") == model.CONDITION_BASE_CURRENT and c.get("message") == message
-                   for c in (current.get("status") or {}).get("conditions", [])):
+                return None  # in a run (or failed): that run's own conditions say what happened
+            noted = [c for c in status.get("conditions", []) if c.get("type") == model.CONDITION_BASE_CURRENT]
+            if words is None:
+                if status.get("baseNoteFrom") != base_name:
+                    return None
+                return {**{k: v for k, v in status.items() if k != "baseNoteFrom"},
+                        "conditions": [c for c in status.get("conditions", []) if c not in noted]}
+            message = f"{words(current)}; this image keeps its current build"
+            if any(c.get("message") == message for c in noted):
                 return None  # said already (a restart, the periodic check)
-            condition = model.Condition(model.CONDITION_BASE_CURRENT, "False", "BaseImageFailed", message,
+            condition = model.Condition(model.CONDITION_BASE_CURRENT, "False", reason, message,
                                         lastTransitionTime=model.now_iso())
-            return model.set_condition(current.get("status") or {}, condition)
+            noted_status = model.set_condition(status, condition)
+            if reason == "BaseImageFailed":  # the next good build of base_name takes it back
+                noted_status["baseNoteFrom"] = base_name
+            return noted_status
 
         try:
             await modify_status(self.store, name, change)
@@ -584,6 +611,7 @@ class EmbeddedRunner(LoggingConfigurable):
         written: list[bool] = []
 
         def change(current: dict) -> dict | None:
+            written.clear()  # an attempt that lost to another writer wrote nothing
             if current["metadata"]["uid"] != uid:
                 return None
             if expected_phase is not None and model.phase_of(current) != expected_phase:
@@ -619,6 +647,10 @@ class EmbeddedRunner(LoggingConfigurable):
         while True:
             await asyncio.sleep(2)
             await self._save_log(name, uid)
+
+
+# a failed run that a new build of the image below may mend (not one that failed on its own)
+_BASE_FAILURES = ("BaseImageFailed", "BaseImageNotFound", "BaseImageNotReady")
 
 
 def _cancel_message(obj: dict) -> str | None:

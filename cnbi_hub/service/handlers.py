@@ -248,8 +248,11 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
                 return None
             return found if self.may_see(found) else None
 
-        if await visible(parent) is None:  # the same words whether it is missing or not yours
+        found = await visible(parent)
+        if found is None:  # the same words whether it is missing or not yours
             raise FieldError(422, f"there is no image {parent} that you may build on", "spec.baseImage")
+        # the engine builds on this image only, never on a new one that takes its name later
+        obj["metadata"]["annotations"][model.ANNOTATION_BASE_UID] = found["metadata"]["uid"]
 
         hidden: set[str] = set()
 

@@ -67,11 +67,9 @@ async def _unread(call) -> None:
     turned into model objects (parsing a ConfigMap's timestamps on every log write cost more
     than the write); a refusal raises ApiException as the client's own calls do."""
     response = await call
-    try:
-        if not 200 <= response.status <= 299:
-            raise ApiException(http_resp=RESTResponse(response, await response.read()))
-    finally:
-        response.release()
+    body = await response.read()  # read to the end (bytes only): the connection is kept for the next
+    if not 200 <= response.status <= 299:
+        raise ApiException(http_resp=RESTResponse(response, body))
 
 
 class KubernetesImageStore(LoggingConfigurable):

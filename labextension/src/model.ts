@@ -52,6 +52,7 @@ export interface ICustomNBImage {
     repository?: string;
     gitRef?: string;
     runtimeEnvironment?: Record<string, string>;
+    rebuildSchedule?: RebuildSchedule;
   };
   status?: {
     phase?: Phase;
@@ -766,6 +767,9 @@ export function checkPackageLines(text: string): IPackageLineError | null {
   return null;
 }
 
+/** How often an image is rebuilt on its own (picking up newer versions its requirements allow). */
+export type RebuildSchedule = 'daily' | 'weekly' | 'monthly';
+
 export interface IImageForm {
   displayName: string;
   description: string;
@@ -775,6 +779,8 @@ export interface IImageForm {
   repository: string;
   gitRef: string;
   fromImage: string;
+  /** '' = only when asked (or by a push, a base image update). */
+  rebuildSchedule: RebuildSchedule | '';
   /** Carried over from an image edited as new (the form has no input for it). */
   runtimeEnvironment?: Record<string, string>;
 }
@@ -794,7 +800,8 @@ export function formInputOf(field: string | undefined | null): FormInput | null 
     'spec.baseImage': 'baseImage',
     'spec.fromImage': 'fromImage',
     'spec.repository': 'repository',
-    'spec.gitRef': 'gitRef'
+    'spec.gitRef': 'gitRef',
+    'spec.rebuildSchedule': 'rebuildSchedule'
   };
   if (spec[field]) {
     return spec[field];
@@ -816,7 +823,8 @@ export const EMPTY_FORM: IImageForm = {
   packagesText: '',
   repository: '',
   gitRef: '',
-  fromImage: ''
+  fromImage: '',
+  rebuildSchedule: ''
 };
 
 /** The create form → the object POSTed to api/images (the service picks metadata.name). */
@@ -848,6 +856,9 @@ export function imageFromForm(form: IImageForm): ICustomNBImage {
   if (form.runtimeEnvironment && Object.keys(form.runtimeEnvironment).length) {
     spec.runtimeEnvironment = { ...form.runtimeEnvironment };
   }
+  if (form.rebuildSchedule && form.buildType !== 'ImageImport') {
+    spec.rebuildSchedule = form.rebuildSchedule;
+  }
   return {
     apiVersion: 'meteor.zone/v1alpha1',
     kind: 'CustomNBImage',
@@ -868,7 +879,8 @@ export function formFromImage(image: ICustomNBImage): IImageForm {
     packagesText: (spec.packageVersions ?? []).join('\n'),
     repository: spec.repository ?? '',
     gitRef: spec.gitRef ?? '',
-    fromImage: spec.fromImage ?? ''
+    fromImage: spec.fromImage ?? '',
+    rebuildSchedule: spec.rebuildSchedule ?? ''
   };
   if (spec.runtimeEnvironment && Object.keys(spec.runtimeEnvironment).length) {
     form.runtimeEnvironment = { ...spec.runtimeEnvironment };

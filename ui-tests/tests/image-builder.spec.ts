@@ -181,15 +181,18 @@ test('a PackageList image builds to Ready with its log', async ({ page }) => {
   await screenshot(panel, 'panel-ready-dark');
   await setTheme(page, LIGHT);
 
-  // an image on this one (a stack): offered under "Your Ready images", built on its build
+  // an image on this one (a stack): offered under "Ready images you may use", built on its build
   await panel.getByTestId('cnbi-new-image').click();
   await expect(panel.getByTestId('cnbi-stack-bases').locator('option', { hasText: displayName })).toHaveCount(1);
   const stackedName = uniqueName('on six');
   await fillPackageForm(panel, stackedName, 'toolz', `cnbi:${name}`);
+  await panel.getByTestId('cnbi-rebuild-schedule').selectOption('weekly');
+  await screenshot(panel, 'panel-stack-form-light');
   const stacked = await submit(page, panel, stackedName);
   await expect(badge).toHaveAttribute('data-phase', /^(Ready|Failed)$/, { timeout: BUILD_TIMEOUT_MS });
   expect(await badge.getAttribute('data-phase'), 'the stacked build failed').toBe('Ready');
   await expect(detail).toContainText(`cnbi:${name}`);
+  await expect(detail.getByTestId('cnbi-schedule')).toHaveText(/rebuilt weekly/);
   await expect(detail.getByTestId('cnbi-packages-table')).toContainText('toolz');
   await screenshot(panel, 'panel-stack-light');
   await setTheme(page, DARK);

@@ -129,6 +129,12 @@ describe('packages textarea ↔ spec.packageVersions', () => {
     });
     const imported = imageFromForm({ ...EMPTY_FORM, buildType: 'ImageImport', fromImage: 'q/i:1 ' });
     expect(imported.spec).toEqual({ buildType: 'ImageImport', fromImage: 'q/i:1' });
+    // a schedule goes with builds; an import follows its tag without one
+    const weekly = imageFromForm({ ...EMPTY_FORM, baseImage: 'b:1', packagesText: 'pandas>=2', rebuildSchedule: 'weekly' });
+    expect(weekly.spec.rebuildSchedule).toBe('weekly');
+    expect(formFromImage(weekly).rebuildSchedule).toBe('weekly');
+    const importWithSchedule = { ...EMPTY_FORM, buildType: 'ImageImport' as const, fromImage: 'q/i:1', rebuildSchedule: 'daily' as const };
+    expect(imageFromForm(importWithSchedule).spec.rebuildSchedule).toBeUndefined();
   });
 });
 

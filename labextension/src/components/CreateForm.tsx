@@ -48,9 +48,9 @@ export function inputsOf(buildType: BuildType): FormInput[] {
     case 'ImageImport':
       return [...common, 'fromImage'];
     case 'GitRepository':
-      return [...common, 'baseImage', 'repository', 'gitRef', 'packagesText'];
+      return [...common, 'baseImage', 'repository', 'gitRef', 'packagesText', 'rebuildSchedule'];
     default:
-      return [...common, 'baseImage', 'packagesText'];
+      return [...common, 'baseImage', 'packagesText', 'rebuildSchedule'];
   }
 }
 
@@ -371,8 +371,8 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
                 </option>
               ))}
               {stackOptions.length > 0 && (
-                // built on one of these, an image is rebuilt whenever that one gets a new build
-                <optgroup label="Your Ready images" data-testid="cnbi-stack-bases">
+                // yours and those shared with you; an image built on one is rebuilt after each new build of it
+                <optgroup label="Ready images you may use" data-testid="cnbi-stack-bases">
                   {stackOptions.map(b => (
                     <option key={b.image} value={b.image} title={b.image}>
                       {b.displayName}
@@ -520,6 +520,29 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
           </div>
         )}
       </div>
+      {form.buildType !== 'ImageImport' && (
+        <div className="cnbi-field">
+          <label htmlFor={`${id}-schedule`}>Rebuild on a schedule</label>
+          <select
+            id={`${id}-schedule`}
+            className="jp-mod-styled"
+            data-testid="cnbi-rebuild-schedule"
+            value={form.rebuildSchedule}
+            aria-invalid={!!errorOf('rebuildSchedule')}
+            onChange={e => update({ rebuildSchedule: e.target.value as IImageForm['rebuildSchedule'] })}
+          >
+            <option value="">Never (only when asked, or when its base image changes)</option>
+            <option value="daily">Daily</option>
+            <option value="weekly">Weekly</option>
+            <option value="monthly">Monthly</option>
+          </select>
+          <span className="cnbi-hint">
+            A rebuild picks up newer versions that the packages you list allow (pin a version with ==
+            to keep it).
+          </span>
+          {fieldError('rebuildSchedule')}
+        </div>
+      )}
       {generalError && (
         <div className="cnbi-error cnbi-submit-error" data-testid="cnbi-submit-error" role="alert">
           {generalError}

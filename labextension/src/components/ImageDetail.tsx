@@ -296,6 +296,9 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             {image.spec.gitRef && <>@{image.spec.gitRef}</>}
           </>
         )}
+        {image.spec.rebuildSchedule && (
+          <span data-testid="cnbi-schedule"> · rebuilt {image.spec.rebuildSchedule}</span>
+        )}
       </p>
       {(duration || size) && (
         <p className="cnbi-detail-meta cnbi-detail-stats">
