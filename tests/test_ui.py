@@ -61,6 +61,7 @@ SCREENSHOTS = (
     "panel-ready-dark.png",
     "panel-stack-light.png",
     "panel-stack-form-light.png",
+    "delete-stacked-light.png",
     "panel-stack-dark.png",
     *(f"{shot}-{theme}.png" for shots in FLOWS.values() for shot in shots for theme in ("light", "dark")),
     *(f"{shot}-light.png" for shot in LIGHT_ONLY),

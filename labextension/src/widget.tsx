@@ -23,10 +23,14 @@ export function notifyWithLab(notice: IPanelNotice, openUrl: (url: string) => vo
 
 /** JupyterLab's own dialogs, clipboard, notifications and windows, for the panel's actions. */
 export const labPanelActions: IPanelActions = {
-  async confirmDelete(displayName: string): Promise<boolean> {
+  async confirmDelete(displayName: string, builtOnIt: string[] = []): Promise<boolean> {
+    const stacked = builtOnIt.length
+      ? ` ${builtOnIt.length === 1 ? 'One image is' : `${builtOnIt.length} images are`} built on it ` +
+        `(${builtOnIt.map(n => `“${n}”`).join(', ')}): they keep their builds, but cannot be rebuilt once it is gone.`
+      : '';
     const result = await showDialog({
       title: 'Delete image',
-      body: `Delete the image “${displayName}”? Servers already running on it keep running.`,
+      body: `Delete the image “${displayName}”? Servers already running on it keep running.${stacked}`,
       buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Delete' })]
     });
     return result.button.accept;

@@ -198,6 +198,17 @@ test('a PackageList image builds to Ready with its log', async ({ page }) => {
   await setTheme(page, DARK);
   await screenshot(panel, 'panel-stack-dark');
   await setTheme(page, LIGHT);
+
+  // deleting the image below names the images built on it (then: Cancel)
+  await row(panel, name).click();
+  await expect(detail).toHaveAttribute('data-name', name);
+  await detail.getByTestId('cnbi-delete').click();
+  const dialog = page.locator('.jp-Dialog');
+  await expect(dialog).toContainText(`One image is built on it (“${stackedName}”)`);
+  await screenshot(page, 'delete-stacked-light');
+  await dialog.locator('button', { hasText: /^Cancel$/ }).click();
+  await expect(dialog).toHaveCount(0);
+  await row(panel, stacked).click();
   await deleteShownImage(page, panel, stacked);
   await row(panel, name).click();
 

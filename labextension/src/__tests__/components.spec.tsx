@@ -59,8 +59,8 @@ describe('ImageBuilder panel', () => {
       confirms,
       notices,
       notify: notice => notices.push(notice),
-      confirmDelete: async name => {
-        confirms.push(name);
+      confirmDelete: async (name, builtOnIt) => {
+        confirms.push(builtOnIt?.length ? `${name} (built on it: ${builtOnIt.join(', ')})` : name);
         return true;
       },
       copyToClipboard: text => copied.push(text),
@@ -303,6 +303,20 @@ describe('ImageBuilder panel', () => {
     await waitFor(() => expect(screen.queryByTestId('cnbi-image-row')).toBeNull());
     expect(actions.confirms).toEqual(['Display built']);
     expect(service.images).toEqual([]);
+    view.unmount();
+  });
+
+  it('names the images built on one when deleting it', async () => {
+    const onTop = image('on-top', 'Ready', { image: 'localhost:5000/cnbi/alice/on-top@sha256:abc' });
+    onTop.spec.baseImage = 'cnbi:below';
+    service.images = [image('below', 'Ready', { image: 'localhost:5000/cnbi/alice/below@sha256:def' }), onTop];
+    const view = renderPanel();
+    const rows = await screen.findAllByTestId('cnbi-image-row');
+    const below = rows.find(r => r.dataset.name === 'below')!;
+    fireEvent.click(within(below).getByRole('button'));
+    await waitFor(() => expect(screen.getByTestId('cnbi-detail').dataset.name).toBe('below'));
+    fireEvent.click(screen.getByTestId('cnbi-delete'));
+    await waitFor(() => expect(actions.confirms).toEqual(['Display below (built on it: Display on-top)']));
     view.unmount();
   });
 

@@ -8,6 +8,7 @@ import {
   IPhaseSnapshot,
   IUserInfo,
   buildFinishedNotice,
+  displayNameOf,
   editAsNewNotice,
   environmentIsEmpty,
   formFromEnvironment,
@@ -271,6 +272,9 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
       <ImageDetail
         key={nameOf(current)}
         api={api}
+        builtOnIt={images
+          .filter(other => other.spec.baseImage === `cnbi:${nameOf(current)}`)
+          .map(other => displayNameOf(other))}
         image={current}
         hubPrefix={hubPrefix}
         currentUser={user.name}

@@ -39,7 +39,8 @@ export interface IPanelNotice {
 
 /** What the panel needs from JupyterLab, passed in so the view renders anywhere. */
 export interface IPanelActions {
-  confirmDelete: (displayName: string) => Promise<boolean>;
+  /** `builtOnIt`: the display names of the images built on this one (`cnbi:<name>`). */
+  confirmDelete: (displayName: string, builtOnIt?: string[]) => Promise<boolean>;
   copyToClipboard: (text: string) => void;
   openUrl: (url: string) => void;
   /** Say that a build finished (while the panel is not visible). */
@@ -48,6 +49,8 @@ export interface IPanelActions {
 
 export interface IImageDetailProps {
   api: CnbiApi;
+  /** Display names of the listed images built on this one: the delete dialog names them. */
+  builtOnIt?: string[];
   image: ICustomNBImage;
   hubPrefix: string;
   /** The hub user and whether the hub allows named servers (for the spawn link). */
@@ -97,7 +100,8 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
     onDeleted,
     onRebuilt,
     onEditAsNew,
-    lookup
+    lookup,
+    builtOnIt
   } = props;
   const name = nameOf(image);
   // One source for the badge, the bar and the buttons: the phase of this version of the object.
@@ -208,7 +212,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
   }, [api, name, hasLock, image.status?.lockHash]);
 
   const remove = async () => {
-    if (!(await actions.confirmDelete(displayNameOf(image)))) {
+    if (!(await actions.confirmDelete(displayNameOf(image), builtOnIt ?? []))) {
       return;
     }
     setBusy(true);
