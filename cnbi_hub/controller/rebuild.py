@@ -35,6 +35,17 @@ async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) 
     return written
 
 
+async def rebuild_now_or_after_run(store, obj: dict, by: str, trigger: dict) -> str | None:
+    """A finished `obj` is rebuilt now ("rebuilding"); one in work keeps `trigger` for when its
+    run ends ("afterCurrentRun"); None when it finished between the read and this write (read
+    it again and call once more). Conflict when it changed since it was read."""
+    if model.phase_of(obj) in model.TERMINAL_PHASES:
+        await start_rebuild(store, obj, by, trigger)
+        return "rebuilding"
+    written = await modify_status(store, model.name_of(obj), lambda current: rebuild_after_this_run(current, trigger))
+    return None if model.phase_of(written) in model.TERMINAL_PHASES else "afterCurrentRun"
+
+
 async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
     """What a push does to an image that tracks its branch: "rebuilding" (finished: rebuilt
     now), "afterCurrentRun" (in work: the engine rebuilds it when this run ends) or "unchanged"
@@ -46,19 +57,16 @@ async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
         if any(t.get("kind") == "webhook" and t.get("to") == push.after for t in recorded):
             return "unchanged"  # this push was acted on before (a redelivery, or a replay with a new id)
         try:
-            if model.phase_of(obj) in model.TERMINAL_PHASES:
-                if (obj.get("status") or {}).get("gitCommit") == push.after:
-                    return "unchanged"
-                try:
-                    await start_rebuild(store, obj, f"{push.provider} webhook", trigger)
-                    return "rebuilding"
-                except Conflict:
-                    pass  # it changed since it was read: read it again
-            else:
-                written = await modify_status(store, name, lambda current: rebuild_after_this_run(current, trigger))
-                if model.phase_of(written) not in model.TERMINAL_PHASES:
-                    return "afterCurrentRun"
-            obj = await store.get(name)  # it finished meanwhile: rebuild it now
+            if (model.phase_of(obj) in model.TERMINAL_PHASES
+                    and (obj.get("status") or {}).get("gitCommit") == push.after):
+                return "unchanged"
+            try:
+                done = await rebuild_now_or_after_run(store, obj, f"{push.provider} webhook", trigger)
+                if done:
+                    return done
+            except Conflict:
+                pass  # it changed since it was read: read it again
+            obj = await store.get(name)  # changed, or finished meanwhile: look again
         except NotFound:
             return "unchanged"
     raise Conflict(f"image {name} kept changing; deliver the push again")

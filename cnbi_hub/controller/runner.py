@@ -21,14 +21,13 @@ from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVIN
 from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
-from .rebuild import start_rebuild
+from .rebuild import rebuild_now_or_after_run, start_rebuild
 from .statemachine import (
     FIELDS_WRITTEN_BY_OTHERS,
     Outcome,
     advance,
     failure_of,
     queued,
-    rebuild_after_this_run,
     restart,
     run_separator,
     waiting,
@@ -433,17 +432,16 @@ class EmbeddedRunner(LoggingConfigurable):
             trigger = {"kind": "baseImage", "image": stacks.reference(base_name), "from": status.get(
                 "baseImageDigest", ""), "to": digest, "at": model.now_iso(), "by": f"a new build of {base_name}"}
             try:
-                if phase in model.TERMINAL_PHASES:
-                    await start_rebuild(self.store, obj, trigger["by"], trigger)
-                    self.log.info("image %s: %s has a new build: rebuilding on it", name, base_name)
-                    return 1
                 # in work, maybe on the old build: rebuilt when this run ends, unless it got this one
-                written = await modify_status(self.store, name, lambda current: rebuild_after_this_run(current, trigger))
-                if model.phase_of(written) not in model.TERMINAL_PHASES:
-                    return 0
-                # it finished between the read and the write: read again and rebuild it now
+                done = await rebuild_now_or_after_run(self.store, obj, trigger["by"], trigger)
             except Conflict:
                 continue
+            if done == "rebuilding":
+                self.log.info("image %s: %s has a new build: rebuilding on it", name, base_name)
+                return 1
+            if done == "afterCurrentRun":
+                return 0
+            # it finished between the read and the write: read again and rebuild it now
         return 0
 
     async def _set_base_note(self, name: str, base_name: str, words: Callable[[dict], str] | None,
