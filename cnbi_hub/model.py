@@ -203,6 +203,8 @@ def _check_cross_field_rules(spec: dict) -> None:
             )
     if build_type == "GitRepository" and not spec.get("repository"):
         raise InvalidObject("name the git repository to build", "spec.repository")
+    if build_type != "GitRepository" and "gitCredential" in spec:
+        raise InvalidObject("a git credential is used only by buildType GitRepository", "spec.gitCredential")
 
 
 _VERSION_OPERATOR_AT_END = re.compile(r"(===|==|~=|!=|>=|<=|>|<)\s*$")
@@ -268,6 +270,10 @@ def check_git_repository(url: str, policy: ValidationPolicy) -> None:
         raise InvalidObject(f"the repository URL must start with {allowed} (it has {found})", where)
     if parts.scheme != "file" and not parts.hostname:
         raise InvalidObject("the repository URL must name a host, e.g. https://github.com/org/repo", where)
+    if "@" in parts.netloc:
+        # it would be stored, shown and logged as given: a token goes in spec.gitCredential
+        raise InvalidObject("the repository URL must not carry a user name or token; store a credential "
+                            "(api/credentials) and name it in spec.gitCredential", where)
 
 
 def check_dns_label(name, where: str = "metadata.name") -> str:
@@ -365,6 +371,8 @@ def validate_new_object(body, *, creator: str, policy: ValidationPolicy = Valida
         packages[i] = text.strip()
     if "repository" in spec:
         check_git_repository(spec["repository"], policy)
+    if "gitCredential" in spec:
+        check_dns_label(spec["gitCredential"], "spec.gitCredential")
     if "gitRef" in spec and not _GIT_REF.match(spec["gitRef"]):
         raise InvalidObject(
             "the git ref must be a branch, tag or commit name (letters, digits, '.', '_', '/', '+', '-'; "

@@ -75,8 +75,10 @@ def cluster_registry(kube_node, local_registry, notebook_base_images, podman_env
 class Operator:
     """`python -m cnbi_hub.controller` on this machine, as the operator's ServiceAccount."""
 
-    def __init__(self, cluster, namespace: str, registry: dict, log_path: Path, overrides: dict | None = None):
+    def __init__(self, cluster, namespace: str, registry: dict, log_path: Path, overrides: dict | None = None,
+                 env: dict | None = None):
         self.overrides = overrides or {}
+        self.env = env or {}
         self.identity = cluster.serviceaccount_identity(namespace, "cnbi-operator", create=False)
         self.kubeconfig = cluster.kubeconfig[self.identity]
         self.namespace = namespace
@@ -92,7 +94,7 @@ class Operator:
         }
         for key, value in self.overrides.items():
             config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-        env = dict(os.environ, CNBI_OPERATOR_CONFIG=json.dumps(config))
+        env = dict(os.environ, CNBI_OPERATOR_CONFIG=json.dumps(config), **self.env)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "cnbi_hub.controller", "--namespace", self.namespace,

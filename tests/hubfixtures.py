@@ -127,7 +127,7 @@ def _free_port() -> int:
 async def hub(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cnbi-data")
     config = hub_config(data_dir, max_images_per_user=5, heartbeat_interval=1.0,
-                        allowed_git_schemes=["https", "git"], github_webhook_secret=GITHUB_WEBHOOK_SECRET,
+                        allowed_git_schemes=["https", "git", "http"], github_webhook_secret=GITHUB_WEBHOOK_SECRET,
                         gitlab_webhook_token=GITLAB_WEBHOOK_TOKEN)
     MockHub.clear_instance()
     app = MockHub.instance(config=config)

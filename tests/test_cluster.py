@@ -8,6 +8,7 @@ The operator runs on this machine as its own ServiceAccount (a real token), with
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import time
@@ -15,7 +16,7 @@ import time
 import pytest
 
 from cnbi_hub import model, webhooks
-from cnbi_hub.controller.rebuild import rebuild_for_push
+from cnbi_hub.controller.rebuild import rebuild_for_push, roll_back, saved_generations
 from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
 from tests.infra_podman import push_commit
@@ -59,12 +60,13 @@ def test_manifests_apply_and_each_identity_may_do_exactly_its_part(kube_cluster)
     service = cluster.serviceaccount_identity(namespace, "cnbi-service", create=False)
     operator = cluster.serviceaccount_identity(namespace, "cnbi-operator", create=False)
 
-    # the service: images and their status and artifacts, no builds, no secrets
+    # the service: images and their status and artifacts, users' sealed git credentials; no builds
     for verb, resource in (("create", "customnbimages.meteor.zone"), ("delete", "customnbimages.meteor.zone"),
                            ("update", "customnbimages.meteor.zone/status"), ("update", "configmaps"),
-                           ("get", "pods/log"), ("list", "imagestreams.image.openshift.io")):
+                           ("get", "pods/log"), ("list", "imagestreams.image.openshift.io"),
+                           ("create", "secrets"), ("list", "secrets")):
         assert can_i(cluster, service, verb, resource, namespace), (verb, resource)
-    for verb, resource in (("create", "pipelineruns.tekton.dev"), ("get", "secrets"), ("create", "pods")):
+    for verb, resource in (("create", "pipelineruns.tekton.dev"), ("create", "pods"), ("watch", "secrets")):
         assert not can_i(cluster, service, verb, resource, namespace), (verb, resource)
     # the operator: builds, status, pull secrets, ImageStreams; it never creates or deletes images
     for verb, resource in (("create", "pipelineruns.tekton.dev"), ("patch", "pipelineruns.tekton.dev"),
@@ -76,6 +78,9 @@ def test_manifests_apply_and_each_identity_may_do_exactly_its_part(kube_cluster)
     for verb, resource in (("create", "customnbimages.meteor.zone"), ("delete", "customnbimages.meteor.zone"),
                            ("list", "secrets"), ("create", "pods")):
         assert not can_i(cluster, operator, verb, resource, namespace), (verb, resource)
+    # the operator makes one run's credential Secret and deletes it
+    for verb in ("create", "delete"):
+        assert can_i(cluster, operator, verb, "secrets", namespace), verb
     # nothing outside its namespace
     assert not can_i(cluster, service, "list", "customnbimages.meteor.zone", "default")
 
@@ -281,6 +286,25 @@ async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
         assert [(t["delivery"], t["to"]) for t in done["status"]["triggers"]] == [("d-2", second), ("d-3", third)]
         assert sorted(r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)) == [
             "cnbi-from-git-g1-r1", "cnbi-from-git-g1-r2", "cnbi-from-git-g1-r3"]
+
+        # the first two builds are kept; the service (its own identity) makes the first current
+        # again without a build, and the operator leaves it so
+        service = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig[
+            kube_node.serviceaccount_identity(cluster_namespace, "cnbi-service", create=False)]))
+        try:
+            saved = await saved_generations(service, "from-git")
+            assert sorted(saved) == [1, 2] and saved[1]["image"] == obj["status"]["image"]
+            assert saved[1]["gitCommit"] == repo.commit and "tabulate==0.9.0" in saved[1]["lock"]
+            back = await roll_back(service, done, 1, "alice")
+        finally:
+            await service.aclose()
+        assert model.phase_of(back) == "Ready" and back["status"]["run"] == 4
+        assert back["status"]["image"] == obj["status"]["image"] and back["status"]["gitCommit"] == repo.commit
+        await asyncio.sleep(5)
+        still = await cluster_store.get("from-git")
+        assert model.phase_of(still) == "Ready" and still["status"]["run"] == 4, still["status"]
+        assert len(pipeline_runs(kube_node, cluster_namespace)) == 3
+        assert "tabulate==0.9.0" in await cluster_store.get_artifact("from-git", "lock")
     finally:
         operator.stop()
         print("--- operator log (tail) ---\n" + operator.log())
@@ -344,3 +368,72 @@ async def test_a_stack_waits_for_and_follows_the_image_below_it(
     assert (trigger["kind"], trigger["image"]) == ("baseImage", "cnbi:stack-bottom")
     assert [r["metadata"]["name"] for r in pipeline_runs(kube_node, cluster_namespace)
             if r["metadata"]["name"].startswith("cnbi-stack-top")] == ["cnbi-stack-top-g1-r1", "cnbi-stack-top-g1-r2"]
+
+
+async def test_a_private_repository_builds_in_tekton_with_its_owners_sealed_credential(
+        kube_node, cluster_store, cluster_namespace, cluster_registry, private_git_server, notebook_base_images,
+        podman_env, tmp_path):
+    """The service stores alice's token sealed in a Secret (as its ServiceAccount); the operator
+    opens it with the shared key, Prepare reads the private repository with it, and Tekton's
+    fetch step gets it from a Secret that lives for the run only. The token is then in no
+    object of the namespace, no log and no layer of the image; bob cannot name it."""
+    from cryptography.fernet import Fernet
+
+    from cnbi_hub.credentials import CredentialVault, check_credential_input, new_record
+    from tests.infra_podman import podman
+    from tests.test_credentials import _build_layers_holding
+
+    token = private_git_server.token
+    repo = private_git_server.make_repo("cluster-private", {"requirements.txt": "tabulate==0.9.0\n"})
+    key = Fernet.generate_key().decode()
+    service = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig[
+        kube_node.serviceaccount_identity(cluster_namespace, "cnbi-service", create=False)]))
+    try:
+        clean = check_credential_input("private", {"host": f"127.0.0.1:{private_git_server.port}", "token": token})
+        sealed = CredentialVault(keys=[key]).seal(clean["username"], clean["token"])
+        await service.put_credential(new_record("alice", "private", clean, sealed))
+        assert [c["name"] for c in await service.list_credentials("alice")] == ["private"]
+        assert await service.list_credentials("bob") == []
+    finally:
+        await service.aclose()
+
+    policy = model.ValidationPolicy(allowed_git_schemes=("https", "http"))
+
+    def git_image(name, creator):
+        body = {"metadata": {"name": name}, "spec": {
+            "buildType": "GitRepository", "repository": repo.url, "baseImage": cluster_registry["base"],
+            "gitCredential": "private"}}
+        return model.validate_new_object(body, creator=creator, policy=policy)
+
+    operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                        overrides={"allowed_git_schemes": ["https", "http"]}, env={"CNBI_CRYPT_KEY": key}).start()
+    try:
+        await cluster_store.create(git_image("private-alice", "alice"))
+        await cluster_store.create(git_image("private-bob", "bob"))  # made with kubectl: no service check
+        obj = await wait_for_phase(cluster_store, "private-alice", model.TERMINAL_PHASES)
+        assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+        bob = await wait_for_phase(cluster_store, "private-bob", model.TERMINAL_PHASES)
+    finally:
+        operator.stop()
+    assert obj["status"]["gitCommit"] == repo.commit
+    prepared = [c for c in bob["status"]["conditions"] if c["type"] == "Prepared"][0]
+    assert model.phase_of(bob) == "Failed" and prepared["reason"] == "GitCredentialNotFound", prepared
+
+    # the run's Secret is gone; nothing left in the namespace holds the token in the clear
+    dump = kube_node.kubectl("get", "secrets,configmaps,pipelineruns.tekton.dev,taskruns.tekton.dev,pods",
+                             "-n", cluster_namespace, "-o", "json").stdout
+    assert "private-alice-g1-r1-git" not in [item["metadata"]["name"] for item in json.loads(dump)["items"]]
+    decoded = [base64.b64decode(value) for item in json.loads(dump)["items"] if item["kind"] == "Secret"
+               for value in (item.get("data") or {}).values()]
+    assert token not in dump and all(token.encode() not in value for value in decoded)
+    assert token not in (await cluster_store.get_artifact("private-alice", "log") or "")
+    assert any(authorized for method, _, authorized in private_git_server.requests if method == "POST")
+
+    # and no layer the build added holds it
+    pulled = podman("pull", "--quiet", "--tls-verify=false", obj["status"]["image"], env=podman_env)
+    assert pulled.returncode == 0, pulled.stderr
+    base = podman("pull", "--quiet", "--tls-verify=false", cluster_registry["base"], env=podman_env)
+    assert base.returncode == 0, base.stderr
+    layers, holding = _build_layers_holding(obj["status"]["image"], cluster_registry["base"], token.encode(),
+                                            podman_env, tmp_path)
+    assert layers >= 1 and holding == []

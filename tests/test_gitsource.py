@@ -9,6 +9,7 @@ import time
 import pytest
 
 from cnbi_hub.controller.gitsource import (
+    GitAuthenticationFailed,
     GitError,
     GitRefNotFound,
     allowed_scheme,
@@ -232,3 +233,52 @@ def test_detect_recipe_priority():
     assert detect_recipe({"apt.txt", "postBuild", "README.md"}) is None
     assert detect_extras({"apt.txt", "postBuild"}) == {"apt": True, "postbuild": True}
     assert detect_extras({"requirements.txt"}) == {"apt": False, "postbuild": False}
+
+
+# -- private repositories: a token through the credential helper --------------------------------
+
+
+def _files_under(path):
+    for root, _dirs, names in os.walk(path):
+        for name in names:
+            yield os.path.join(root, name)
+
+
+async def test_a_private_repository_is_read_with_the_token_and_the_token_stays_out(private_git_server, tmp_path):
+    from cnbi_hub.credentials import GitCredential
+
+    repo = private_git_server.make_repo("gitsource-private", {"requirements.txt": "tabulate==0.9.0\n"})
+    host = f"127.0.0.1:{private_git_server.port}"
+    credential = GitCredential(host=host, username="alice", token=private_git_server.token)
+
+    with pytest.raises(GitAuthenticationFailed) as refused:
+        await ls_remote(repo.url, "main")
+    assert "asks for a login" in str(refused.value) and "spec.gitCredential" in str(refused.value)
+    wrong = GitCredential(host=host, username="alice", token="github_pat_wrong")
+    with pytest.raises(GitAuthenticationFailed) as refused:
+        await ls_remote(repo.url, "main", credential=wrong)
+    assert f"{host} refused the credential" in str(refused.value)
+    assert "github_pat_wrong" not in str(refused.value)
+
+    commit = await ls_remote(repo.url, "main", credential=credential)
+    assert commit == repo.commit
+    dest = tmp_path / "checkout"
+    await shallow_clone(repo.url, commit, dest, credential=credential)
+    assert (dest / "requirements.txt").read_text() == "tabulate==0.9.0\n"
+    # nothing of the checkout (.git/config, FETCH_HEAD, logs) holds the token: it is the build context
+    for path in _files_under(dest):
+        with open(path, "rb") as f:
+            assert private_git_server.token.encode() not in f.read(), path
+    assert repr(credential).count(private_git_server.token) == 0
+
+
+async def test_a_credential_is_sent_only_to_its_own_host(private_git_server, tmp_path):
+    from cnbi_hub.credentials import GitCredential
+
+    repo = private_git_server.make_repo("gitsource-private-host", {"README.md": "x\n"})
+    sent_before = len(private_git_server.authorization_headers)
+    elsewhere = GitCredential(host="github.com", username="alice", token=private_git_server.token)
+    with pytest.raises(GitError):
+        await ls_remote(repo.url, "main", credential=elsewhere)
+    # the helper answered nothing for 127.0.0.1:<port>, so git sent no token there
+    assert len(private_git_server.authorization_headers) == sent_before

@@ -141,9 +141,9 @@ def test_crd_schema_and_python_rules_agree_on_fields():
     assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Type", "Age"]
     spec_props = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert set(spec_props) == {"buildType", "fromImage", "baseImage", "packageVersions", "runtimeEnvironment",
-                               "repository", "gitRef", "imagePullSecret", "rebuildSchedule"}
+                               "repository", "gitRef", "gitCredential", "imagePullSecret", "rebuildSchedule"}
     rules = version["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]
-    assert len(rules) == 4
+    assert len(rules) == 5
 
 
 def test_set_condition_keeps_transition_time_when_status_unchanged():

@@ -148,6 +148,8 @@ async def test_lists_filter_on_the_server_by_owner_sharing_groups_and_phase(stor
     ({"buildType": "PackageList", "baseImage": BASE, "packageVersions": []}, "list at least one package"),
     ({"buildType": "ImageImport"}, "name the image to import"),
     ({"buildType": "GitRepository"}, "name the git repository"),
+    ({"buildType": "ImageImport", "fromImage": BASE, "gitCredential": "gh"},
+     "a git credential is used only by buildType GitRepository"),
 ])
 async def test_the_crds_cel_rules_refuse_what_the_model_refuses(store, spec, words):
     """The apiserver's CEL rules say no to the objects cnbi_hub.model refuses, in its words
@@ -315,3 +317,24 @@ class TCPRelay:
     def close(self) -> None:
         self.cut()
         self.server.close()
+
+
+async def test_git_credentials_are_secrets_per_owner_holding_only_the_sealed_record(store):
+    from cryptography.fernet import Fernet
+
+    from cnbi_hub import credentials
+
+    vault = credentials.CredentialVault(keys=[Fernet.generate_key().decode()])
+    record = credentials.new_record("alice@example.org", "gh", {"host": "github.com", "username": "oauth2"},
+                                    vault.seal("oauth2", "ghp_x"))
+    await store.put_credential(record)
+    assert await store.get_credential("alice@example.org", "gh") == record
+    # the owner label is lossy ('@' becomes '_'): another owner with the same label sees nothing
+    assert await store.get_credential("alice_example.org", "gh") is None
+    assert await store.list_credentials("alice_example.org") == []
+    assert [r["name"] for r in await store.list_credentials("alice@example.org")] == ["gh"]
+    await store.put_credential({**record, "host": "gitlab.com"})  # a PUT replaces
+    assert (await store.get_credential("alice@example.org", "gh"))["host"] == "gitlab.com"
+    assert not await store.delete_credential("bob", "gh")
+    assert await store.delete_credential("alice@example.org", "gh")
+    assert await store.list_credentials("alice@example.org") == []

@@ -35,6 +35,7 @@ PANEL_SPECS = (
     "a submitted image is listed at once, opens in the detail, and is deleted after confirming",
     "the panel in light and dark theme",
     BUILD_SPEC,
+    "a private repository builds with a token stored from the form, and goes back to its first build",
 )
 # issue 8's user flows: spec title -> the screenshots it writes (each also as -dark unless noted)
 FLOWS = {
@@ -63,6 +64,12 @@ SCREENSHOTS = (
     "panel-stack-form-light.png",
     "delete-stacked-light.png",
     "panel-stack-dark.png",
+    "panel-token-light.png",
+    "panel-token-dark.png",
+    "panel-private-ready-light.png",
+    "panel-private-ready-dark.png",
+    "panel-generations-light.png",
+    "panel-generations-dark.png",
     *(f"{shot}-{theme}.png" for shots in FLOWS.values() for shot in shots for theme in ("light", "dark")),
     *(f"{shot}-light.png" for shot in LIGHT_ONLY),
 )
@@ -90,7 +97,7 @@ def flatten(suite: dict):
         yield from flatten(child)
 
 
-def test_image_builder_in_chromium(ui_hub, notebook_base_images):
+def test_image_builder_in_chromium(ui_hub, notebook_base_images, private_git_server):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run `scripts/install-system-deps --browser` (Debian's chromium)")
     assert builds_expected(), "cnbi_hub.controller.runner is missing: the user flows need real builds"
@@ -100,9 +107,13 @@ def test_image_builder_in_chromium(ui_hub, notebook_base_images):
     # the servers' image is the notebook base (built from Debian packages if podman lacks it) plus our panel
     assert UI_BASE_IMAGE in notebook_base_images.values()
     assert ui_hub.lab_image
+    # a private repository (smart HTTP on 127.0.0.1 asking for a token) for the token flow
+    private = private_git_server.make_repo("ui-private", {"requirements.txt": "six\n"})
     env = dict(
         os.environ,
         **ui_hub.playwright_env(),
+        CNBI_UI_PRIVATE_REPO=private.url,
+        CNBI_UI_PRIVATE_TOKEN=private_git_server.token,
         CNBI_UI_OUTPUT=str(OUTPUT),
         CNBI_UI_CHROMIUM=CHROMIUM,
         PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1",

@@ -274,6 +274,8 @@ def write_config(
                 # the hub does not pass $SSL_CERT_FILE on to its services
                 "PhaseWork": {"ca_bundle": CA_BUNDLE if os.path.exists(CA_BUNDLE) else ""},
                 "EmbeddedRunner": {"max_concurrent_builds": 1},
+                # the private repository of the token flow is served over http on 127.0.0.1
+                "allowed_git_schemes": ["https", "http"],
                 **(service_config or {}),
             },
         )

@@ -14,9 +14,11 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ..credentials import GitCredential
 from .proc import run_process
 
 __all__ = [
+    "GitAuthenticationFailed",
     "GitError",
     "GitRefNotFound",
     "allowed_scheme",
@@ -39,6 +41,11 @@ DEFAULT_TIMEOUT = 120
 
 class GitError(Exception):
     """git failed: the repository is unreachable, not a repository, or access was refused."""
+
+
+class GitAuthenticationFailed(GitError):
+    """The git host asked for a login: the repository is private (or hidden), and no credential
+    was given or the one given was refused."""
 
 
 class GitRefNotFound(GitError):
@@ -93,7 +100,18 @@ def validate_ref(ref: str) -> None:
         raise ValueError(f"not a valid git branch, tag or commit: {ref!r}")
 
 
-def _git_env() -> dict[str, str]:
+# git's credential helper for a stored credential (cnbi_hub.credentials): a fixed program that
+# reads the token from the environment and answers only for the credential's own host (a
+# redirect elsewhere gets nothing); no user string is part of it, the values stay data
+CREDENTIAL_HELPER = (
+    '!f() { test "$1" = get || exit 0; h=; while IFS= read -r line && test -n "$line"; do '
+    'case "$line" in host=*) h="${line#host=}";; esac; done; '
+    'test "$h" = "$CNBI_GIT_HOST" || exit 0; '
+    "printf 'username=%s\\npassword=%s\\n' \"$CNBI_GIT_USERNAME\" \"$CNBI_GIT_PASSWORD\"; }; f"
+)
+
+
+def _git_env(credential: GitCredential | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     # CA settings are how this host reaches HTTPS remotes through its proxy; keep them
     for key in ("GIT_SSL_CAINFO", "GIT_SSL_CAPATH"):
@@ -109,10 +127,13 @@ def _git_env() -> dict[str, str]:
         GIT_SSH_COMMAND="ssh -o BatchMode=yes",
         LC_ALL="C",
     )
+    if credential is not None:
+        env.update(CNBI_GIT_HOST=credential.host, CNBI_GIT_USERNAME=credential.username,
+                   CNBI_GIT_PASSWORD=credential.token)
     return env
 
 
-def _git_argv(url: str | None, *args: str) -> list[str]:
+def _git_argv(url: str | None, *args: str, credential: GitCredential | None = None) -> list[str]:
     argv = [
         "git",
         "-c", "protocol.allow=never",
@@ -126,14 +147,16 @@ def _git_argv(url: str | None, *args: str) -> list[str]:
     if url is not None:
         scheme = urlsplit(url).scheme.lower()
         argv += ["-c", f"protocol.{scheme}.allow=always"]
+    if credential is not None:
+        argv += ["-c", "credential.helper=" + CREDENTIAL_HELPER]
     return argv + list(args)
 
 
 async def _run_git(
-    argv: list[str], *, cwd: str | None = None, timeout: float
+    argv: list[str], *, cwd: str | None = None, timeout: float, credential: GitCredential | None = None
 ) -> tuple[int, str, str]:
     try:
-        done = await run_process(argv, cwd=cwd, env=_git_env(), timeout=timeout)
+        done = await run_process(argv, cwd=cwd, env=_git_env(credential), timeout=timeout)
     except asyncio.TimeoutError:
         raise GitError(f"git did not answer within {timeout:g}s") from None
     return done.returncode, done.stdout, done.stderr
@@ -143,6 +166,24 @@ def _git_message(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     lines = [line.removeprefix("fatal: ").removeprefix("error: ") for line in lines]
     return "; ".join(lines[-3:]) or "git failed without a message"
+
+
+_LOGIN_ASKED = ("could not read username", "terminal prompts disabled", "authentication failed",
+                "invalid username or password", "http basic: access denied")
+
+
+def _refusal(url: str, message: str, credential: GitCredential | None, doing: str) -> GitError:
+    """The error for a failed git call: a login the host asked for in plain words (git's own
+    are about askpass and terminal prompts), anything else as git said it."""
+    if any(s in message.lower() for s in _LOGIN_ASKED):
+        if credential is None:
+            return GitAuthenticationFailed(
+                f"{url} asks for a login: the repository is private or does not exist. Store a token for "
+                f"{urlsplit(url).netloc.rpartition('@')[2]} as a git credential and name it in spec.gitCredential")
+        return GitAuthenticationFailed(
+            f"{urlsplit(url).netloc.rpartition('@')[2]} refused the credential for {url}: the token is wrong, "
+            "expired, or may not read this repository")
+    return GitError(f"{doing}: {message}")
 
 
 def _parse_ls_remote(output: str) -> tuple[dict[str, str], str | None]:
@@ -174,7 +215,9 @@ def pick_commit(refs: dict[str, str], ref: str) -> str | None:
     return None
 
 
-async def ls_remote(url: str, ref: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> str:
+async def ls_remote(
+    url: str, ref: str | None = None, *, timeout: float = DEFAULT_TIMEOUT, credential: GitCredential | None = None
+) -> str:
     """The commit sha that ``ref`` (branch, tag, full ref; None: the default branch) names now.
 
     A full commit sha is returned as given: git cannot check one without fetching it, so
@@ -188,9 +231,10 @@ async def ls_remote(url: str, ref: str | None = None, *, timeout: float = DEFAUL
     # ls-remote only lists a tag's peeled commit ("v1^{}") when asked for it by name
     patterns = ["HEAD"] if ref is None else [ref, ref + "^{}"]
     args = ["ls-remote", "--symref", "--", url, *patterns]
-    code, out, err = await _run_git(_git_argv(url, *args), timeout=timeout)
+    code, out, err = await _run_git(_git_argv(url, *args, credential=credential), timeout=timeout,
+                                    credential=credential)
     if code != 0:
-        raise GitError(f"cannot read repository {url}: {_git_message(err)}")
+        raise _refusal(url, _git_message(err), credential, f"cannot read repository {url}")
     refs, head_target = _parse_ls_remote(out)
     if ref is None:
         if "HEAD" not in refs:
@@ -206,7 +250,8 @@ async def ls_remote(url: str, ref: str | None = None, *, timeout: float = DEFAUL
 
 
 async def shallow_clone(
-    url: str, commit: str, dest: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT
+    url: str, commit: str, dest: str | os.PathLike, *, timeout: float = DEFAULT_TIMEOUT,
+    credential: GitCredential | None = None,
 ) -> None:
     """Fetch exactly ``commit`` (depth 1) from ``url`` into the new or empty directory ``dest``.
 
@@ -224,9 +269,10 @@ async def shallow_clone(
     if code != 0:
         raise GitError(f"cannot create a repository in {dest}: {_git_message(err)}")
     code, _, err = await _run_git(
-        _git_argv(url, "fetch", "-q", "--no-tags", "--depth", "1", "--", url, commit),
+        _git_argv(url, "fetch", "-q", "--no-tags", "--depth", "1", "--", url, commit, credential=credential),
         cwd=str(dest),
         timeout=timeout,
+        credential=credential,
     )
     if code != 0:
         message = _git_message(err)
@@ -241,7 +287,7 @@ async def shallow_clone(
             )
         ):
             raise GitRefNotFound(f"repository {url} has no commit {commit}")
-        raise GitError(f"cannot fetch {commit} from {url}: {message}")
+        raise _refusal(url, message, credential, f"cannot fetch {commit} from {url}")
     code, _, err = await _run_git(
         _git_argv(None, "checkout", "-q", "--detach", commit), cwd=str(dest), timeout=timeout
     )

@@ -24,6 +24,7 @@ from traitlets.config import Application, catch_config_error
 
 from .. import __version__, model
 from ..appconfig import load_layered_config
+from ..credentials import CredentialVault
 from ..imagestreams import ImageStreams
 from ..store.kubernetes import KubernetesImageStore
 from .builders.base import Builder
@@ -121,7 +122,7 @@ class CNBIOperator(Application):
         self.builder = self.builder_class(parent=self, namespace=self.namespace, kubeconfig=self.kubeconfig)
         access = ImageAccess(parent=self, builder=self.builder)
         self.phases = PhaseWork(
-            parent=self, store=self.store, builder=self.builder, access=access, push_registry=self.push_registry,
+            parent=self, store=self.store, vault=CredentialVault(parent=self), builder=self.builder, access=access, push_registry=self.push_registry,
             base_images=self.base_images, allowed_git_schemes=self.allowed_git_schemes, work_dir=self.work_dir,
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases,

@@ -23,7 +23,7 @@ import yaml
 from traitlets import Dict, Float, Instance, List, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from .. import model, stacks
+from .. import credentials, model, stacks
 from ..imageref import parse_image_reference
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_READY, PHASE_RESOLVING
 from ..store.base import NotFound
@@ -85,6 +85,9 @@ class PhaseWork(LoggingConfigurable):
     base_images = List(Dict(), help="The service's base_images (for runtimeEnvironment requests).")
 
     allowed_git_schemes = List(Unicode(), ["https"], help="Git URL schemes builds may fetch from.")
+
+    vault = Instance(credentials.CredentialVault, allow_none=True,
+                     help="Opens users' stored git credentials (spec.gitCredential); None: no credentials.")
 
     work_dir = Unicode(help="Where repository checkouts live while an image is prepared and built.").tag(config=True)
 
@@ -296,16 +299,21 @@ class PhaseWork(LoggingConfigurable):
         for (requirements, apt packages); None when that worked."""
         url, ref = obj["spec"]["repository"], obj["spec"].get("gitRef")
         checkout = self.checkout_dir(obj["metadata"]["uid"])
+        credential = await self.git_credential(obj, say)
+        if isinstance(credential, Outcome):
+            return credential
         try:
             gitsource.allowed_scheme(url, tuple(self.allowed_git_schemes))
             say(f"resolving {ref or 'the default branch'} of {url}")
-            commit = await gitsource.ls_remote(url, ref)
+            commit = await gitsource.ls_remote(url, ref, credential=credential)
             if checkout.exists():
                 shutil.rmtree(checkout)
             checkout.parent.mkdir(parents=True, exist_ok=True)
-            await gitsource.shallow_clone(url, commit, checkout)
+            await gitsource.shallow_clone(url, commit, checkout, credential=credential)
         except gitsource.GitRefNotFound as e:
             return Outcome(False, "GitRefNotFound", str(e))
+        except gitsource.GitAuthenticationFailed as e:
+            return Outcome(False, "GitAuthenticationFailed", str(e))
         except (gitsource.GitError, ValueError) as e:
             return Outcome(False, "GitRepositoryUnavailable", str(e))
         files = gitsource.repo_files(checkout)
@@ -324,6 +332,29 @@ class PhaseWork(LoggingConfigurable):
             except ValueError as e:
                 return Outcome(False, "InvalidAptTxt", f"apt.txt: {e}", observed)
         return None
+
+    async def git_credential(self, obj: dict, say=_no_log) -> credentials.GitCredential | Outcome | None:
+        """The image creator's own credential that `spec.gitCredential` names (opened only to be
+        handed to git), None without one, or the Outcome that says why it cannot be used."""
+        name = obj["spec"].get("gitCredential")
+        if not name:
+            return None
+        owner = model.creator_of(obj)
+        record = await self.store.get_credential(owner, name)
+        if record is None:
+            return Outcome(False, "GitCredentialNotFound",
+                           f"{owner} has no git credential named {name} (spec.gitCredential): store it again")
+        try:
+            credentials.check_credential_for_repository(record, obj["spec"]["repository"])
+            if self.vault is None:
+                raise credentials.CredentialUnreadable("this engine has no credential key")
+            credential = self.vault.open(record)
+        except model.InvalidObject as e:
+            return Outcome(False, "GitCredentialNotUsable", e.message)
+        except credentials.CredentialUnreadable as e:
+            return Outcome(False, "GitCredentialUnreadable", str(e))
+        say(f"using the git credential {name} for {record['host']}")
+        return credential
 
     # --- Resolving ----------------------------------------------------------------------------
 
@@ -683,9 +714,12 @@ class PhaseWork(LoggingConfigurable):
             "cnbi-ca": Path(self.ca_bundle).read_text() if self.ca_bundle and os.path.isfile(self.ca_bundle) else "",
             "cnbi-uv-config": uv_config_toml(self.index_url or None, tuple(self.extra_index_urls)),
         }
+        git_credential = await self.git_credential(obj, say) if status.get("gitCommit") else None
+        if isinstance(git_credential, Outcome):  # removed or changed since Prepare
+            raise BuildError(git_credential.message)
         say(f"building {target}")
         digest = await self.builder.build(plan, checkout if checkout.exists() else None, secrets, say,
-                                          obj=obj, checks=checks)
+                                          obj=obj, checks=checks, git_credential=git_credential)
         return f"{repository}@{digest}"
 
 

@@ -5,9 +5,12 @@ starts a new run that records its trigger."""
 
 from __future__ import annotations
 
-from .. import model, webhooks
+from .. import generations, model, webhooks
 from ..store.base import Conflict, NotFound, modify_status
 from .statemachine import rebuild_after_this_run, rebuilt
+
+#: how many earlier Ready builds an image keeps to go back to (EmbeddedRunner.keep_generations)
+KEEP_GENERATIONS = 5
 
 # the logs route keeps the newest part of many runs' logs (each run's own is capped by BuildLog)
 MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
@@ -23,30 +26,72 @@ async def full_log(store, name: str) -> str:
     return text
 
 
-async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) -> dict:
-    """Send the finished `obj` through its phases again; Conflict if it changed since it was read."""
+async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None,
+                        keep: int = KEEP_GENERATIONS) -> dict:
+    """Send the finished `obj` through its phases again; Conflict if it changed since it was read.
+    A Ready build is kept as a generation to go back to (the `keep` newest)."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
-    history = await full_log(store, name)  # read before: once the status is written, a new run may log
+    # read before: once the status is written, a new run may log and resolve a new lock
+    history = await full_log(store, name)
+    kept = await _generations_with_current(store, obj, keep)
     written = await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
     # only a rebuild that happened moves the log (a lost write moved nothing); the new run's
     # engine keeps its log in memory and writes all of it at each flush
+    if kept is not None:
+        await store.put_artifact(name, "generations", generations.dump_saved(kept), uid=uid)
     await store.put_artifact(name, "log-history", history, uid=uid)
     await store.put_artifact(name, "log", "", uid=uid)
     return written
 
 
-async def rebuild_now_or_after_run(store, obj: dict, by: str, trigger: dict) -> str | None:
+async def _generations_with_current(store, obj: dict, keep: int, without: int | None = None) -> dict | None:
+    """The saved generations plus the current Ready build of `obj` (None: nothing to save)."""
+    name = model.name_of(obj)
+    record = generations.saved_generation(obj.get("status") or {}, await store.get_artifact(name, "lock"))
+    saved = generations.parse_saved(await store.get_artifact(name, "generations"))
+    if without is not None:
+        saved.pop(without, None)
+    elif record is None:
+        return None
+    return generations.with_saved(saved, record, keep)
+
+
+async def saved_generations(store, name: str) -> dict[int, dict]:
+    return generations.parse_saved(await store.get_artifact(name, "generations"))
+
+
+async def roll_back(store, obj: dict, run: int, by: str, keep: int = KEEP_GENERATIONS) -> dict:
+    """Make run `run`'s saved build of the finished `obj` current again, without a build: its
+    image, packages and lock; the build it replaces is saved in its turn. KeyError when no
+    such generation is saved; Conflict if `obj` changed since it was read."""
+    name, uid = model.name_of(obj), obj["metadata"]["uid"]
+    record = (await saved_generations(store, name))[run]
+    history = await full_log(store, name)
+    kept = await _generations_with_current(store, obj, keep, without=run)  # it is the current one now
+    written = await store.update_status(name, generations.rolled_back(obj, record, by),
+                                        obj["metadata"]["resourceVersion"])
+    await store.put_artifact(name, "generations", generations.dump_saved(kept), uid=uid)
+    await store.put_artifact(name, "lock", record.get("lock", ""), uid=uid)
+    await store.put_artifact(name, "log-history", history, uid=uid)
+    status = written.get("status") or {}
+    await store.put_artifact(name, "log", f"=== Run {status.get('run')} · run {run}'s build made current again by "
+                                          f"{by}, without a build · {status.get('completionTime')} ===\n", uid=uid)
+    return written
+
+
+async def rebuild_now_or_after_run(store, obj: dict, by: str, trigger: dict,
+                                   keep: int = KEEP_GENERATIONS) -> str | None:
     """A finished `obj` is rebuilt now ("rebuilding"); one in work keeps `trigger` for when its
     run ends ("afterCurrentRun"); None when it finished between the read and this write (read
     it again and call once more). Conflict when it changed since it was read."""
     if model.phase_of(obj) in model.TERMINAL_PHASES:
-        await start_rebuild(store, obj, by, trigger)
+        await start_rebuild(store, obj, by, trigger, keep=keep)
         return "rebuilding"
     written = await modify_status(store, model.name_of(obj), lambda current: rebuild_after_this_run(current, trigger))
     return None if model.phase_of(written) in model.TERMINAL_PHASES else "afterCurrentRun"
 
 
-async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
+async def rebuild_for_push(store, obj: dict, push: webhooks.Push, keep: int = KEEP_GENERATIONS) -> str:
     """What a push does to an image that tracks its branch: "rebuilding" (finished: rebuilt
     now), "afterCurrentRun" (in work: the engine rebuilds it when this run ends) or "unchanged"
     (already built at the pushed commit, or deleted meanwhile). Conflict if it keeps changing."""
@@ -61,7 +106,7 @@ async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
                     and (obj.get("status") or {}).get("gitCommit") == push.after):
                 return "unchanged"
             try:
-                done = await rebuild_now_or_after_run(store, obj, f"{push.provider} webhook", trigger)
+                done = await rebuild_now_or_after_run(store, obj, f"{push.provider} webhook", trigger, keep=keep)
                 if done:
                     return done
             except Conflict:

@@ -21,7 +21,7 @@ from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVIN
 from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
-from .rebuild import rebuild_now_or_after_run, start_rebuild
+from .rebuild import KEEP_GENERATIONS, rebuild_now_or_after_run, start_rebuild
 from .statemachine import (
     FIELDS_WRITTEN_BY_OTHERS,
     Outcome,
@@ -63,6 +63,14 @@ class EmbeddedRunner(LoggingConfigurable):
         help="""How many imports may look for an identical Ready image at once, outside the build
         slots: finding one costs a registry request and a lookup, so a burst of identical
         imports goes to Ready without waiting for slots that builds need.""",
+    ).tag(config=True)
+
+    keep_generations = Integer(
+        KEEP_GENERATIONS,
+        help="""How many earlier Ready builds of each image are kept to go back to (`GET
+        api/images/{name}/generations`, `POST .../rollback`): their image, packages and lock.
+        A rebuild that ends Failed, and every rebuild while it works, leaves the image startable
+        on its newest good build either way. 0 keeps none.""",
     ).tag(config=True)
 
     rebuild_check_interval = Float(
@@ -280,7 +288,8 @@ class EmbeddedRunner(LoggingConfigurable):
             trigger = {"kind": "schedule", "schedule": obj["spec"]["rebuildSchedule"], "at": model.now_iso(),
                        "by": "rebuild schedule", "from": obj["status"].get("completionTime", "")}
             try:
-                await start_rebuild(self.store, obj, f"its {obj['spec']['rebuildSchedule']} schedule", trigger)
+                await start_rebuild(self.store, obj, f"its {obj['spec']['rebuildSchedule']} schedule", trigger,
+                                    keep=self.keep_generations)
             except (Conflict, NotFound):
                 continue
             count += 1
@@ -314,7 +323,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 trigger = {"kind": "baseImage", "image": source, "from": old, "to": digest,
                            "at": model.now_iso(), "by": "base image check"}
                 try:
-                    await start_rebuild(self.store, obj, "a base image update", trigger)
+                    await start_rebuild(self.store, obj, "a base image update", trigger, keep=self.keep_generations)
                 except (Conflict, NotFound):
                     continue  # changed meanwhile: the next round looks again
                 rebuilt_count += 1
@@ -353,7 +362,7 @@ class EmbeddedRunner(LoggingConfigurable):
                     else:
                         by = (f"{trigger.get('source', 'a')} webhook" if trigger.get("kind") == "webhook"
                               else trigger.get("by") or "a trigger")
-                        await start_rebuild(self.store, obj, by, trigger)
+                        await start_rebuild(self.store, obj, by, trigger, keep=self.keep_generations)
                         self.log.info("image %s: rebuilding for the %s trigger that came during its run", name,
                                       trigger.get("kind"))
                     return
@@ -433,7 +442,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 "baseImageDigest", ""), "to": digest, "at": model.now_iso(), "by": f"a new build of {base_name}"}
             try:
                 # in work, maybe on the old build: rebuilt when this run ends, unless it got this one
-                done = await rebuild_now_or_after_run(self.store, obj, trigger["by"], trigger)
+                done = await rebuild_now_or_after_run(self.store, obj, trigger["by"], trigger, keep=self.keep_generations)
             except Conflict:
                 continue
             if done == "rebuilding":

@@ -216,7 +216,7 @@ def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = N
     off in `triggers` (a person's rebuild, a webhook's push: what, who, when, from -> to)."""
     now = now or model.now_iso()
     old = obj.get("status") or {}
-    trigger = trigger or {"kind": "rebuild", "by": by, "at": now}
+    trigger = {**(trigger or {"kind": "rebuild", "by": by, "at": now}), "run": old.get("run", 1) + 1}
     finished = {"run": old.get("run", 1), "phase": old.get("phase")}
     for key in ("startTime", "completionTime", "reusedFrom", "image"):
         if old.get(key):

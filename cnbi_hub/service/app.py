@@ -22,6 +22,7 @@ from traitlets.config import Application, catch_config_error
 from .. import __version__, model
 from ..appconfig import load_layered_config
 from ..controller.builders.base import Builder
+from ..credentials import CredentialVault
 from ..controller.imageaccess import ImageAccess
 from ..controller.phases import PhaseWork
 from ..controller.runner import EmbeddedRunner
@@ -271,8 +272,14 @@ class CNBIService(Application):
         self.builder = self.builder_class(parent=self)
         # check-image asks the registries (and, for localhost/ images, the builder) itself
         self.image_access = ImageAccess(parent=self, builder=self.builder)
+        # embedded: a key of its own in data_dir; cluster: the admin gives the service and the
+        # operator the same key ($CNBI_CRYPT_KEY), or credentials are refused (503)
+        self.credential_vault = CredentialVault(parent=self)
+        if self.reconcile and not self.credential_vault.key_file:
+            self.credential_vault.key_file = os.path.join(self.data_dir, "credential.key")
         self.phases = PhaseWork(
             parent=self,
+            vault=self.credential_vault,
             store=self.store,
             builder=self.builder,
             access=self.image_access,
@@ -312,8 +319,12 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/logs"), handlers.ImageArtifactHandler, {"kind": "log"}),
             (route(rf"api/images/{name}/lock"), handlers.ImageArtifactHandler, {"kind": "lock"}),
             (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
+            (route(rf"api/images/{name}/generations"), handlers.GenerationsHandler),
+            (route(rf"api/images/{name}/rollback"), handlers.RollbackHandler),
             (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
+            (route("api/credentials"), handlers.CredentialsHandler),
+            (route(rf"api/credentials/{name}"), handlers.CredentialHandler),
             (route("api/imagestreams"), handlers.ImageStreamsHandler),
             (route(r"api/webhooks/(?P<provider>[a-z]+)"), handlers.WebhookHandler),
             (route("api/settings"), handlers.SettingsHandler),

@@ -20,12 +20,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
 from tornado.iostream import StreamClosedError
 
-from .. import model, stacks, webhooks
+from .. import credentials, generations, model, stacks, webhooks
 from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
-from ..controller.rebuild import full_log, rebuild_for_push, start_rebuild
+from ..controller.rebuild import full_log, rebuild_for_push, roll_back, saved_generations, start_rebuild
 from ..controller.statemachine import cancelled
 from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
 
@@ -221,6 +221,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
         except model.InvalidObject as e:
             raise FieldError.invalid(e)
         await self.check_stack(obj)
+        await self.check_git_credential(obj)
         if self.get_argument("dryRun", "false").lower() in ("true", "1", "all"):
             self.write_json(obj)
             return
@@ -271,6 +272,20 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
                                      shown=lambda name: "(an image of someone else)" if name in hidden else name)
         except stacks.StackError as e:
             raise FieldError(422, str(e), "spec.baseImage")
+
+    async def check_git_credential(self, obj: dict) -> None:
+        """`spec.gitCredential` names a credential of the caller's own, for the repository's host."""
+        name = obj["spec"].get("gitCredential")
+        if not name:
+            return
+        record = await self.store.get_credential(self.username, name)
+        if record is None:
+            raise FieldError(422, f"you have no git credential named {name}; add it first (api/credentials)",
+                             "spec.gitCredential")
+        try:
+            credentials.check_credential_for_repository(record, obj["spec"]["repository"])
+        except model.InvalidObject as e:
+            raise FieldError.invalid(e)
 
     async def create_with_name(self, obj: dict) -> dict:
         if obj["metadata"].get("name"):
@@ -478,7 +493,52 @@ class RebuildHandler(APIHandler):
         obj = await self.changeable_image(name)
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
             raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
-        self.write_json(await start_rebuild(self.store, obj, self.username))
+        self.write_json(await start_rebuild(self.store, obj, self.username, keep=self.cnbi.runner.keep_generations))
+
+
+class GenerationsHandler(APIHandler):
+    """GET api/images/{name}/generations: the current Ready build and the earlier ones kept,
+    newest first, each with when, why, and what changed in its packages against the one before."""
+
+    async def get(self, name: str):
+        obj = await self.visible_image(name)
+        saved = await saved_generations(self.store, name)
+        self.write_json({"items": generations.listing(obj.get("status") or {}, saved)})
+
+
+@web.stream_request_body
+class RollbackHandler(BodyLimitMixin, APIHandler):
+    """POST api/images/{name}/rollback {"run": N}: make run N's kept build current again, without
+    a build (its image, packages and lock); the build it replaces is kept in its turn."""
+
+    def prepare(self):
+        super().prepare()
+        self.prepare_body_limit()
+
+    async def post(self, name: str):
+        try:
+            body = json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        if not isinstance(body, dict) or set(body) != {"run"}:
+            raise FieldError(422, 'the body names the run to go back to: {"run": 2}', "run")
+        run = body["run"]
+        if not isinstance(run, int) or isinstance(run, bool) or run < 1:
+            raise FieldError(422, "run is the number of an earlier run, such as 2", "run")
+        obj = await self.changeable_image(name)
+        if model.phase_of(obj) not in model.TERMINAL_PHASES:
+            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        saved = await saved_generations(self.store, name)
+        if run not in saved:
+            current = (obj.get("status") or {}).get("run", 1)
+            why = ("it is the current build" if run == current and model.phase_of(obj) == model.PHASE_READY
+                   else f"no build of run {run} is kept; kept: {', '.join(map(str, sorted(saved))) or 'none'}")
+            raise FieldError(422, f"cannot go back to run {run}: {why}", "run")
+        try:
+            written = await roll_back(self.store, obj, run, self.username, keep=self.cnbi.runner.keep_generations)
+        except Conflict:
+            raise FieldError(409, f"image {name} changed meanwhile; look at it again and retry")
+        self.write_json(written)
 
 
 class CancelHandler(APIHandler):
@@ -545,6 +605,56 @@ class SettingsHandler(APIHandler):
             "namedServers": self.cnbi.named_servers,
             "user": {"name": self.username, "admin": self.is_admin, "groups": sorted(self.groups)},
         })
+
+
+class CredentialsHandler(APIHandler):
+    """GET api/credentials: the caller's own git credentials (names and hosts, never a token).
+    Everyone, admins too, sees only their own."""
+
+    async def get(self):
+        records = await self.store.list_credentials(self.username)
+        self.write_json({"items": [credentials.public_view(r) for r in records]})
+
+
+@web.stream_request_body
+class CredentialHandler(BodyLimitMixin, APIHandler):
+    """PUT / DELETE api/credentials/{name}: store (or replace) and remove one of the caller's
+    git credentials. The token is sealed before it is stored and never returned."""
+
+    max_body_bytes = 16 * 1024
+
+    def prepare(self):
+        super().prepare()
+        if self.request.method == "PUT":
+            self.prepare_body_limit()
+
+    def vault(self) -> credentials.CredentialVault:
+        vault = self.cnbi.credential_vault
+        if not vault.available:
+            raise FieldError(503, "this hub stores no git credentials: its admin has set no credential key "
+                                  "(CredentialVault.keys or $CNBI_CRYPT_KEY)")
+        return vault
+
+    async def put(self, name: str):
+        try:
+            body = json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        try:
+            clean = credentials.check_credential_input(name, body)
+        except model.InvalidObject as e:
+            raise FieldError.invalid(e)
+        sealed = self.vault().seal(clean["username"], clean["token"])
+        previous = await self.store.get_credential(self.username, name)
+        record = credentials.new_record(self.username, name, clean, sealed, previous)
+        await self.store.put_credential(record)
+        self.write_json(credentials.public_view(record), status=200 if previous else 201)
+
+    async def delete(self, name: str):
+        if not await self.store.delete_credential(self.username, name):
+            raise FieldError(404, f"you have no git credential named {name}", "name")
+        self.set_status(204)
+        self.finish()
 
 
 class BaseImagesHandler(APIHandler):
@@ -618,7 +728,7 @@ class WebhookHandler(BodyLimitMixin, BaseHandler):
             for obj in await self.store.list(build_type="GitRepository"):
                 if webhooks.tracks(obj, push):
                     try:
-                        counts[await rebuild_for_push(self.store, obj, push)] += 1
+                        counts[await rebuild_for_push(self.store, obj, push, keep=self.cnbi.runner.keep_generations)] += 1
                     except Conflict:
                         counts["failed"] += 1  # kept changing: a redelivery tries it again
         except Exception:

@@ -16,8 +16,10 @@ The same guarantees as the SQL store, from the apiserver itself:
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import hashlib
+import json
 
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
@@ -26,11 +28,14 @@ from traitlets import Float, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .. import model
+from ..credentials import secret_name
 from ..kubeclient import api_client, api_message
 from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreError, Subscription, WatchEvent
 
 GROUP_LABEL_PREFIX = f"group.{model.PREFIX}/"
 LABEL_SHARED = f"{model.PREFIX}/shared"
+LABEL_GIT_CREDENTIAL = f"{model.PREFIX}/git-credential"
+ANNOTATION_CREDENTIAL_OWNER = f"{model.PREFIX}/credential-owner"
 # ConfigMaps hold at most 1 MiB: keep artifacts well under it
 MAX_ARTIFACT_CHARS = 700 * 1024
 
@@ -451,3 +456,68 @@ class KubernetesImageStore(LoggingConfigurable):
         if any(ref.uid != obj["metadata"]["uid"] for ref in current.metadata.owner_references or []):
             return None
         return (current.data or {}).get(kind)
+
+    # --- git credentials: one Secret each, holding the sealed record (cnbi_hub.credentials) ----
+
+    def _credential_secret(self, record: dict) -> client.V1Secret:
+        return client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=secret_name(record["owner"], record["name"]),
+                labels={LABEL_GIT_CREDENTIAL: "true", model.LABEL_OWNER: model.owner_label_value(record["owner"]),
+                        "app.kubernetes.io/managed-by": "cnbi-hub"},
+                annotations={ANNOTATION_CREDENTIAL_OWNER: record["owner"]},
+            ),
+            type="Opaque",
+            data={"credential": base64.b64encode(json.dumps(record).encode()).decode()},
+        )
+
+    @staticmethod
+    def _record_of(secret, owner: str) -> dict | None:
+        # the owner label is lossy (hub names are not label values): the annotation decides
+        if (secret.metadata.annotations or {}).get(ANNOTATION_CREDENTIAL_OWNER) != owner:
+            return None
+        return json.loads(base64.b64decode((secret.data or {})["credential"]))
+
+    async def put_credential(self, record: dict) -> None:
+        core = await self._core()
+        body = self._credential_secret(record)
+        try:
+            await _unread(core.create_namespaced_secret(self.namespace, body, _preload_content=False))
+        except ApiException as e:
+            if e.status != 409:
+                raise _status_code_error(e, record["name"]) from None
+            try:  # a PUT replaces the whole credential: no read needed
+                await _unread(core.replace_namespaced_secret(body.metadata.name, self.namespace, body,
+                                                             _preload_content=False))
+            except ApiException as e:
+                raise _status_code_error(e, record["name"]) from None
+
+    async def get_credential(self, owner: str, name: str) -> dict | None:
+        core = await self._core()
+        try:
+            secret = await core.read_namespaced_secret(secret_name(owner, name), self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise _status_code_error(e, name) from None
+        return self._record_of(secret, owner)
+
+    async def list_credentials(self, owner: str) -> list[dict]:
+        core = await self._core()
+        selector = f"{LABEL_GIT_CREDENTIAL}=true,{model.LABEL_OWNER}={model.owner_label_value(owner)}"
+        found = await core.list_namespaced_secret(self.namespace, label_selector=selector)
+        records = [self._record_of(secret, owner) for secret in found.items]
+        return sorted((r for r in records if r), key=lambda r: r["name"])
+
+    async def delete_credential(self, owner: str, name: str) -> bool:
+        if await self.get_credential(owner, name) is None:
+            return False
+        core = await self._core()
+        try:
+            await _unread(core.delete_namespaced_secret(secret_name(owner, name), self.namespace,
+                                                        _preload_content=False))
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise _status_code_error(e, name) from None
+        return True

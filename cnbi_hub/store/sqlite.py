@@ -72,6 +72,18 @@ class ArtifactRow(Base):
     text: Mapped[str] = mapped_column(Text)
 
 
+class CredentialRow(Base):
+    """A user's git credential: host and name in the clear, user name and token sealed
+    (credentials.CredentialVault); the store never sees the token itself."""
+
+    __tablename__ = "cnbi_git_credentials"
+
+    namespace: Mapped[str] = mapped_column(String(63), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    body: Mapped[str] = mapped_column(Text)
+
+
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     # WAL lets readers (the API) go on while the reconciler writes; the busy timeout makes a
@@ -288,3 +300,29 @@ class SQLImageStore:
             uid = self._row(session, name).uid
             row = session.get(ArtifactRow, (uid, kind))
             return row.text if row else None
+
+    # --- git credentials (sealed; see cnbi_hub.credentials) ---------------------------------
+
+    async def put_credential(self, record: dict) -> None:
+        with Session(self.engine) as session:
+            session.merge(CredentialRow(namespace=self.namespace, owner=record["owner"], name=record["name"],
+                                        body=json.dumps(record)))
+            session.commit()
+
+    async def get_credential(self, owner: str, name: str) -> dict | None:
+        with Session(self.engine) as session:
+            row = session.get(CredentialRow, (self.namespace, owner, name))
+            return json.loads(row.body) if row else None
+
+    async def list_credentials(self, owner: str) -> list[dict]:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(CredentialRow).where(
+                CredentialRow.namespace == self.namespace, CredentialRow.owner == owner).order_by(CredentialRow.name))
+            return [json.loads(row.body) for row in rows]
+
+    async def delete_credential(self, owner: str, name: str) -> bool:
+        with Session(self.engine) as session:
+            gone = session.execute(delete(CredentialRow).where(
+                CredentialRow.namespace == self.namespace, CredentialRow.owner == owner, CredentialRow.name == name))
+            session.commit()
+            return gone.rowcount > 0

@@ -11,6 +11,8 @@ import type {
   ICheckImageResult,
   ICustomNBImage,
   IEnvironment,
+  IGeneration,
+  IGitCredential,
   IServerInfo,
   IUserInfo
 } from './model';
@@ -195,6 +197,20 @@ export class CnbiApi {
     });
   }
 
+  /** The image's current build and the earlier ones kept, newest first, with what changed. */
+  generations(name: string): Promise<{ items: IGeneration[] }> {
+    return this.json(`images/${encodeURIComponent(name)}/generations`);
+  }
+
+  /** Make run `run`'s kept build current again, without a build. */
+  rollback(name: string, run: number): Promise<ICustomNBImage> {
+    return this.json(`images/${encodeURIComponent(name)}/rollback`, {
+      method: 'POST',
+      body: JSON.stringify({ run }),
+      headers: { 'Content-Type': 'application/json' }
+    });
+  }
+
   async deleteImage(name: string): Promise<void> {
     await this.request(`images/${encodeURIComponent(name)}`, {
       method: 'DELETE'
@@ -207,6 +223,27 @@ export class CnbiApi {
 
   getLogs(name: string): Promise<string> {
     return this.text(`images/${encodeURIComponent(name)}/logs`);
+  }
+
+  /** The user's own git credentials (names and hosts; the service never returns a token). */
+  listCredentials(): Promise<{ items: IGitCredential[] }> {
+    return this.json('credentials');
+  }
+
+  /** Store (or replace) a token for one git host under `name`; 422 names the field at fault. */
+  putCredential(
+    name: string,
+    credential: { host: string; token: string; username?: string }
+  ): Promise<IGitCredential> {
+    return this.json(`credentials/${encodeURIComponent(name)}`, {
+      method: 'PUT',
+      body: JSON.stringify(credential),
+      headers: { 'Content-Type': 'application/json' }
+    });
+  }
+
+  async deleteCredential(name: string): Promise<void> {
+    await this.request(`credentials/${encodeURIComponent(name)}`, { method: 'DELETE' });
   }
 
   baseImages(): Promise<{ items: IBaseImage[] }> {

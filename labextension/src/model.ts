@@ -51,6 +51,8 @@ export interface ICustomNBImage {
     packageVersions?: string[];
     repository?: string;
     gitRef?: string;
+    /** The name of one of the creator's stored git credentials (a private repository). */
+    gitCredential?: string;
     runtimeEnvironment?: Record<string, string>;
     rebuildSchedule?: RebuildSchedule;
   };
@@ -86,7 +88,11 @@ export interface ICustomNBImage {
 /** What started a rebuild (status.triggers): a person, a push webhook, or a base image's tag
  * that moved to another digest. */
 export interface ITrigger {
-  kind: 'rebuild' | 'webhook' | 'baseImage' | 'schedule';
+  kind: 'rebuild' | 'webhook' | 'baseImage' | 'schedule' | 'rollback';
+  /** The run it started. */
+  run?: number;
+  /** rollback: the run whose build was made current again. */
+  toRun?: number;
   /** schedule: daily, weekly or monthly. */
   schedule?: string;
   /** baseImage: the tag that moved. */
@@ -545,6 +551,8 @@ export function triggerLabel(trigger: ITrigger): string {
     if (trigger.to) {
       parts.push(trigger.from ? `${short(trigger.from)} → ${short(trigger.to)}` : short(trigger.to));
     }
+  } else if (trigger.kind === 'rollback') {
+    parts.push(`Run ${trigger.toRun ?? '?'}’s build made current again by ${trigger.by ?? 'someone'}`);
   } else if (trigger.kind === 'schedule') {
     const schedule = trigger.schedule ?? 'scheduled';
     parts.push(`${schedule.charAt(0).toUpperCase()}${schedule.slice(1)} rebuild`);
@@ -778,6 +786,8 @@ export interface IImageForm {
   packagesText: string;
   repository: string;
   gitRef: string;
+  /** '' = a public repository (no token sent). */
+  gitCredential: string;
   fromImage: string;
   /** '' = only when asked (or by a push, a base image update). */
   rebuildSchedule: RebuildSchedule | '';
@@ -801,6 +811,7 @@ export function formInputOf(field: string | undefined | null): FormInput | null 
     'spec.fromImage': 'fromImage',
     'spec.repository': 'repository',
     'spec.gitRef': 'gitRef',
+    'spec.gitCredential': 'gitCredential',
     'spec.rebuildSchedule': 'rebuildSchedule'
   };
   if (spec[field]) {
@@ -823,6 +834,7 @@ export const EMPTY_FORM: IImageForm = {
   packagesText: '',
   repository: '',
   gitRef: '',
+  gitCredential: '',
   fromImage: '',
   rebuildSchedule: ''
 };
@@ -850,6 +862,9 @@ export function imageFromForm(form: IImageForm): ICustomNBImage {
       spec.repository = form.repository.trim();
       if (form.gitRef.trim()) {
         spec.gitRef = form.gitRef.trim();
+      }
+      if (form.gitCredential) {
+        spec.gitCredential = form.gitCredential;
       }
     }
   }
@@ -879,6 +894,7 @@ export function formFromImage(image: ICustomNBImage): IImageForm {
     packagesText: (spec.packageVersions ?? []).join('\n'),
     repository: spec.repository ?? '',
     gitRef: spec.gitRef ?? '',
+    gitCredential: spec.gitCredential ?? '',
     fromImage: spec.fromImage ?? '',
     rebuildSchedule: spec.rebuildSchedule ?? ''
   };
@@ -969,4 +985,80 @@ export function mergeLogTail(fetched: string[], live: string[]): string[] {
     }
   }
   return fetched.concat(live);
+}
+
+/** A git credential the user stored with the service, as the API shows it (never the token). */
+export interface IGitCredential {
+  name: string;
+  host: string;
+  username: string;
+  created?: string;
+  updated?: string;
+}
+
+/**
+ * The host (and port, when not the scheme's default) of a repository URL, as a credential names
+ * it: `https://GitHub.com/org/repo` → `github.com`; '' when the text is not a URL with a host.
+ */
+export function repositoryHost(url: string): string {
+  try {
+    const parsed = new URL(url.trim());
+    return parsed.host.toLowerCase();
+  } catch {
+    return '';
+  }
+}
+
+/** A credential name for a host: `git.example.org:8443` → `git-example-org-8443`. */
+export function credentialNameFor(host: string): string {
+  const slug = host
+    .toLowerCase()
+    .replace(/[^a-z0-9]+/g, '-')
+    .replace(/^-+|-+$/g, '')
+    .slice(0, 63)
+    .replace(/-+$/g, '');
+  return slug || 'git-token';
+}
+
+/** What changed in the packages from one generation to the next (api/images/{name}/generations). */
+export interface IPackageChanges {
+  added: string[];
+  removed: string[];
+  changed: string[];
+  counts: { added: number; removed: number; changed: number };
+}
+
+/** One kept build of an image: the current one or an earlier one it can go back to. */
+export interface IGeneration {
+  run: number;
+  image: string;
+  current: boolean;
+  completionTime?: string;
+  gitCommit?: string;
+  packageCount?: number;
+  changes: IPackageChanges;
+  /** The run it was compared with (the generation before it), if any. */
+  comparedWith?: number;
+  trigger?: ITrigger;
+}
+
+/** "2 added (numpy 2.0, …) · tabulate 0.9.0 → 0.8.10"; '' when nothing changed or nothing came before. */
+export function changesLabel(changes: IPackageChanges, shown = 3): string {
+  const part = (names: string[], count: number, words: string) => {
+    if (!count) {
+      return '';
+    }
+    if (count === 1 && names.length === 1) {
+      return words === 'changed' ? names[0] : `${words} ${names[0]}`;
+    }
+    const listed = names.slice(0, shown).join(', ');
+    return `${count} ${words}${listed ? ` (${listed}${count > shown ? ', …' : ''})` : ''}`;
+  };
+  return [
+    part(changes.changed, changes.counts.changed, 'changed'),
+    part(changes.added, changes.counts.added, 'added'),
+    part(changes.removed, changes.counts.removed, 'removed')
+  ]
+    .filter(Boolean)
+    .join(' · ');
 }

@@ -23,9 +23,11 @@ import {
   openLab,
   row,
   screenshot,
+  screenshotBothThemes,
   setTheme,
   submit,
-  uniqueName
+  uniqueName,
+  userPath
 } from './helpers';
 
 // the base image the hub offers: the servers' own image (the notebook base plus our panel)
@@ -224,4 +226,65 @@ test('a PackageList image builds to Ready with its log', async ({ page }) => {
 
   await deleteShownImage(page, reloaded, name);
   expect((await listImages(page)).map(i => i.name)).not.toContain(name);
+});
+
+test('a private repository builds with a token stored from the form, and goes back to its first build', async ({ page }) => {
+  const repository = process.env.CNBI_UI_PRIVATE_REPO;
+  const token = process.env.CNBI_UI_PRIVATE_TOKEN;
+  test.skip(!hubEnv().builds || !repository || !token, 'needs the private git server of tests/test_ui.py');
+  test.setTimeout(BUILD_TIMEOUT_MS + 180_000);
+  const host = new URL(repository!).host;
+  const panel = await openImageBuilder(page);
+  const form = panel.getByTestId('cnbi-create-form');
+  const displayName = uniqueName('private repo');
+  await form.getByTestId('cnbi-tab-GitRepository').click();
+  await form.getByTestId('cnbi-name').fill(displayName);
+  await form.getByTestId('cnbi-base-image').selectOption(BASE_IMAGE);
+  await form.getByTestId('cnbi-repository').fill(repository!);
+  const select = form.getByTestId('cnbi-git-credential-select');
+  await select.selectOption({ label: `Add a token for ${host}…` });
+  const box = form.getByTestId('cnbi-add-token');
+  await expect(box.getByTestId('cnbi-token-host')).toHaveValue(host);
+  await box.getByTestId('cnbi-token').fill(token!);
+  await screenshotBothThemes(page, panel, 'panel-token');
+  await box.getByTestId('cnbi-token-save').click();
+  await expect(box).toHaveCount(0);
+  const stored = host.replace(/[^a-z0-9]+/g, '-');
+  await expect(select).toHaveValue(stored);
+  expect(await page.content()).not.toContain(token!);
+
+  const name = await submit(page, panel, displayName);
+  const detail = panel.getByTestId('cnbi-detail');
+  const badge = detail.getByTestId('cnbi-phase-badge');
+  await expect(badge).toHaveAttribute('data-phase', /^(Ready|Failed)$/, { timeout: BUILD_TIMEOUT_MS });
+  const failure = await detail.getByTestId('cnbi-failure').textContent().catch(() => null);
+  expect(await badge.getAttribute('data-phase'), `build failed: ${failure}`).toBe('Ready');
+  await expect(detail.getByTestId('cnbi-credential-name')).toHaveText(` · with the token ${stored}`);
+  await expect(detail.getByTestId('cnbi-packages-table')).toContainText('six');
+  await screenshotBothThemes(page, panel, 'panel-private-ready');
+
+  // a rebuild keeps this build: the detail lists both, and the first is made current again
+  await detail.getByTestId('cnbi-rebuild').click();
+  await expect(detail.getByTestId('cnbi-run')).toHaveText(/Run 2/, { timeout: BUILD_TIMEOUT_MS });
+  await expect(badge).toHaveAttribute('data-phase', 'Ready', { timeout: BUILD_TIMEOUT_MS });
+  const builds = detail.getByTestId('cnbi-generations');
+  await expect(builds.locator('li')).toHaveCount(2);
+  await expect(builds.locator('li[data-run="2"]')).toContainText('current');
+  await expect(builds.locator('li[data-run="2"]')).toContainText('same packages as run 1');
+  await screenshotBothThemes(page, panel, 'panel-generations');
+  await builds.locator('li[data-run="1"]').getByTestId('cnbi-make-current').click();
+  await expect(builds.locator('li[data-run="3"]')).toContainText('current');
+  await expect(badge).toHaveAttribute('data-phase', 'Ready');
+  await expect(detail.getByTestId('cnbi-triggers')).toContainText('Run 1’s build made current again');
+
+  // the API lists the credential by name and host only; the log says which one was used
+  const listed = await page.request.get(userPath('cnbi/api/credentials'));
+  expect(listed.status()).toBe(200);
+  const text = await listed.text();
+  expect(text).toContain(host);
+  expect(text).not.toContain(token!);
+  const log = await page.request.get(userPath(`cnbi/api/images/${name}/logs`));
+  expect(await log.text()).toContain(`using the git credential ${stored}`);
+  expect(await log.text()).not.toContain(token!);
+  await deleteShownImage(page, panel, name);
 });

@@ -102,11 +102,13 @@ class Builder(LoggingConfigurable):
         raise NotImplementedError
 
     async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
-                    obj: dict, checks: list[Check]) -> str:
+                    obj: dict, checks: list[Check], git_credential=None) -> str:
         """Build `plan` (the context files, plus the repository `checkout` for git builds) for
         the object `obj` and return the digest of `plan.target`. `secrets` (CA bundle, index
         config) reach the build as build secrets, never as a layer. A builder that validates as
-        part of its build (Tekton) runs `checks` there; see `validate`."""
+        part of its build (Tekton) runs `checks` there; see `validate`. A builder that fetches
+        the repository again where it builds (Tekton) uses `git_credential` for it, and only
+        for it: never in the step that runs the repository's own recipe."""
         raise NotImplementedError
 
     async def validate(self, image: str, checks: list[Check], *, obj: dict) -> list[tuple[int, str, str]]:

@@ -250,7 +250,7 @@ class PodmanBuilder(Builder):
         return files
 
     async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
-                    obj: dict | None = None, checks=None) -> str:
+                    obj: dict | None = None, checks=None, git_credential=None) -> str:
         """Lay out the context in a fresh directory, build, remove the directory (the checks run
         afterwards, one `podman run` each, in `validate`)."""
         context_root = Path(tempfile.mkdtemp(prefix="cnbi-build-", dir=self.context_root or None))

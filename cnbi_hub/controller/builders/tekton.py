@@ -26,6 +26,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from traitlets import Bool, Float, Unicode, default
 
 from ... import model
+from ...credentials import GitCredential
 from ...kubeclient import api_client, api_message
 from ..buildplan import BuildPlan
 from ..checks import Check
@@ -155,7 +156,7 @@ class TektonBuilder(Builder):
         return info
 
     async def build(self, plan: BuildPlan, checkout: Path | None, secrets: dict[str, str], log: LogFn, *,
-                    obj: dict, checks: list[Check]) -> str:
+                    obj: dict, checks: list[Check], git_credential: GitCredential | None = None) -> str:
         status = obj.get("status") or {}
         name = run_name(model.name_of(obj), obj["metadata"].get("generation", 1), status.get("run", 1))
         data = {
@@ -183,6 +184,10 @@ class TektonBuilder(Builder):
             params += [{"name": "git-url", "value": obj["spec"]["repository"]},
                        {"name": "git-commit", "value": status["gitCommit"]},
                        {"name": "repo-dir", "value": plan.repo_dir if plan.repo_dir is not None else "-"}]
+            if git_credential is not None:
+                # the step that fetches reads it from a Secret that lives as long as this run
+                await self._apply_credential_secret(f"{name}-git", git_credential, obj)
+                params.append({"name": "git-credential-secret", "value": f"{name}-git"})
         workspaces = [{"name": "plan", "configMap": {"name": name}}]
         if self.dockerconfig_secret:
             workspaces.append({"name": "dockerconfig", "secret": {"secretName": self.dockerconfig_secret}})
@@ -200,6 +205,8 @@ class TektonBuilder(Builder):
             run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
                                          labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)}, log=log)
         finally:
+            if git_credential is not None:
+                await self._delete_secret(f"{name}-git")
             ended.set()
             try:
                 await asyncio.wait_for(follower, 15)  # the stream ends with the container
@@ -292,13 +299,36 @@ class TektonBuilder(Builder):
         metadata = client.V1ObjectMeta(name=name, labels={LABEL_BUILD: "plan"})
         if owner:
             metadata.owner_references = [_owner_reference(owner)]
-        body = client.V1ConfigMap(metadata=metadata, data=data)
+        await self._create_or_replace(core.create_namespaced_config_map, core.replace_namespaced_config_map,
+                                      client.V1ConfigMap(metadata=metadata, data=data), "store the build plan")
+
+    async def _create_or_replace(self, create, replace, body, doing: str) -> None:
+        """Create `body` in the namespace, or replace the one a run before a restart made."""
         try:
-            await core.create_namespaced_config_map(self.namespace, body)
+            await create(self.namespace, body)
         except ApiException as e:
             if e.status != 409:
-                raise BuildError(f"could not store the build plan: {e.status} {e.reason}") from None
-            await core.replace_namespaced_config_map(name, self.namespace, body)
+                raise BuildError(f"could not {doing}: {e.status} {e.reason}") from None
+            await replace(body.metadata.name, self.namespace, body)
+
+    async def _apply_credential_secret(self, name: str, credential: GitCredential, owner: dict) -> None:
+        core = client.CoreV1Api(await self._api())
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name, labels={LABEL_BUILD: "git-credential"},
+                                         owner_references=[_owner_reference(owner)]),
+            type="Opaque",
+            string_data={"host": credential.host, "username": credential.username, "token": credential.token},
+        )
+        await self._create_or_replace(core.create_namespaced_secret, core.replace_namespaced_secret, body,
+                                      "hand the git credential to the build")
+
+    async def _delete_secret(self, name: str) -> None:
+        core = client.CoreV1Api(await self._api())
+        try:
+            await core.delete_namespaced_secret(name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:  # the image's deletion takes it with it (owner reference)
+                self.log.warning("could not delete the build's git credential Secret %s: %s", name, e.reason)
 
     async def _run_to_end(self, plural: str, name: str, spec: dict, *, owner: dict | None = None,
                           labels: dict | None = None, log: LogFn | None = None) -> dict:

@@ -415,6 +415,80 @@ describe('ImageBuilder panel', () => {
       view.unmount();
     });
 
+    it('stores a token for the repository’s host in place, never keeps it, and names it in the image', async () => {
+      const view = renderPanel();
+      fireEvent.click(await screen.findByTestId('cnbi-tab-GitRepository'));
+      await baseImagesLoaded();
+      fireEvent.change(screen.getByLabelText('Name'), { target: { value: 'private' } });
+      fireEvent.change(screen.getByLabelText('Repository URL'), {
+        target: { value: 'https://git.example.org:8443/team/private.git' }
+      });
+      const select = screen.getByTestId('cnbi-git-credential-select') as HTMLSelectElement;
+      expect(select.value).toBe('');
+      const add = within(select).getByText('Add a token for git.example.org:8443…') as HTMLOptionElement;
+      fireEvent.change(select, { target: { value: add.value } });
+      const box = await screen.findByTestId('cnbi-add-token');
+      expect((within(box).getByTestId('cnbi-token-host') as HTMLInputElement).value).toBe('git.example.org:8443');
+      expect((within(box).getByTestId('cnbi-token-name') as HTMLInputElement).value).toBe('git-example-org-8443');
+      expect(within(box).getByTestId('cnbi-token').getAttribute('type')).toBe('password');
+      expect((within(box).getByTestId('cnbi-token-save') as HTMLButtonElement).disabled).toBe(true);
+
+      // a URL where a host belongs: the service's message at the host input
+      fireEvent.change(within(box).getByTestId('cnbi-token-host'), { target: { value: 'https://git.example.org' } });
+      fireEvent.change(within(box).getByTestId('cnbi-token'), { target: { value: 'glpat-secret' } });
+      fireEvent.click(within(box).getByTestId('cnbi-token-save'));
+      expect((await within(box).findByRole('alert')).dataset.field).toBe('host');
+      fireEvent.change(within(box).getByTestId('cnbi-token-host'), { target: { value: 'git.example.org:8443' } });
+      fireEvent.click(within(box).getByTestId('cnbi-token-save'));
+      await waitFor(() => expect(screen.queryByTestId('cnbi-add-token')).toBeNull());
+      const put = service.requests.filter(r => r.method === 'PUT').pop()!;
+      expect(put.url.split('?')[0]).toMatch(/\/api\/credentials\/git-example-org-8443$/);
+      expect(JSON.parse(put.body)).toEqual({ host: 'git.example.org:8443', token: 'glpat-secret' });
+      await waitFor(() => expect(select.value).toBe('git-example-org-8443'));
+      expect(within(select).getByText('Token git-example-org-8443 for git.example.org:8443')).toBeTruthy();
+      // the token is nowhere on the page once stored
+      expect(document.body.innerHTML).not.toContain('glpat-secret');
+
+      // another host in the URL: said at once
+      fireEvent.change(screen.getByLabelText('Repository URL'), { target: { value: 'https://github.com/team/x' } });
+      expect(screen.getByTestId('cnbi-credential-host').textContent).toBe(
+        'This token is for git.example.org:8443; the repository is on github.com.'
+      );
+      fireEvent.change(screen.getByLabelText('Repository URL'), {
+        target: { value: 'https://git.example.org:8443/team/private.git' }
+      });
+      expect(screen.queryByTestId('cnbi-credential-host')).toBeNull();
+      fireEvent.click(screen.getByTestId('cnbi-submit'));
+      await waitFor(() => expect(service.images).toHaveLength(1));
+      expect(service.images[0].spec.gitCredential).toBe('git-example-org-8443');
+      view.unmount();
+    });
+
+    it('forgets a stored token and shows a refusal of the credential at its select', async () => {
+      service.credentials = [{ name: 'gh', host: 'github.com', username: 'oauth2' }];
+      const view = renderPanel();
+      fireEvent.click(await screen.findByTestId('cnbi-tab-GitRepository'));
+      await baseImagesLoaded();
+      fireEvent.change(screen.getByLabelText('Name'), { target: { value: 'x' } });
+      fireEvent.change(screen.getByLabelText('Repository URL'), { target: { value: 'https://github.com/o/r' } });
+      const select = screen.getByTestId('cnbi-git-credential-select') as HTMLSelectElement;
+      await within(select).findByText('Token gh for github.com');
+      fireEvent.change(select, { target: { value: 'gh' } });
+      service.nextCreateError = {
+        status: 422,
+        body: { message: 'you have no git credential named gh; add it first', field: 'spec.gitCredential' }
+      };
+      fireEvent.click(screen.getByTestId('cnbi-submit'));
+      const error = await screen.findByTestId('cnbi-field-error');
+      expect(error.dataset.field).toBe('gitCredential');
+      expect(select.getAttribute('aria-invalid')).toBe('true');
+      fireEvent.click(screen.getByTestId('cnbi-git-credential-forget'));
+      await waitFor(() => expect(service.credentials).toEqual([]));
+      await waitFor(() => expect(select.value).toBe(''));
+      expect(service.requests.some(r => r.method === 'DELETE' && r.url.split('?')[0].endsWith('/api/credentials/gh'))).toBe(true);
+      view.unmount();
+    });
+
     it('explains what a git repository may hold', async () => {
       const view = renderPanel();
       fireEvent.click(await screen.findByTestId('cnbi-tab-GitRepository'));
@@ -426,6 +500,64 @@ describe('ImageBuilder panel', () => {
       expect(screen.queryByTestId('cnbi-git-help')).toBeNull();
       view.unmount();
     });
+  });
+
+  it('lists the builds an image can go back to, with what changed, and makes one current', async () => {
+    const none = { added: [], removed: [], changed: [], counts: { added: 0, removed: 0, changed: 0 } };
+    service.images = [image('gen', 'Ready', { run: 2, image: 'reg/gen@sha256:2' })];
+    service.generations.gen = [
+      {
+        run: 2,
+        image: 'reg/gen@sha256:2',
+        current: true,
+        completionTime: '2026-11-23T10:00:00Z',
+        comparedWith: 1,
+        changes: {
+          added: ['numpy 2.0.0'],
+          removed: [],
+          changed: ['tabulate 0.9.0 → 0.8.10'],
+          counts: { added: 1, removed: 0, changed: 1 }
+        }
+      },
+      { run: 1, image: 'reg/gen@sha256:1', current: false, completionTime: '2026-11-22T10:00:00Z', changes: none }
+    ];
+    const view = renderPanel();
+    const detail = await openDetail('gen');
+    const list = await within(detail).findByTestId('cnbi-generations');
+    const items = within(list).getAllByRole('listitem');
+    expect(items.map(i => i.dataset.run)).toEqual(['2', '1']);
+    expect(items[0].textContent).toContain('current');
+    expect(within(items[0]).getByTestId('cnbi-generation-changes').textContent).toBe(
+      ' · tabulate 0.9.0 → 0.8.10 · added numpy 2.0.0 since run 1'
+    );
+    expect(within(items[0]).queryByTestId('cnbi-make-current')).toBeNull();
+    fireEvent.click(within(items[1]).getByTestId('cnbi-make-current'));
+    await waitFor(() => expect(service.images[0].status?.image).toBe('reg/gen@sha256:1'));
+    const rollback = service.requests.find(r => r.method === 'POST' && r.url.split('?')[0].endsWith('/rollback'))!;
+    expect(JSON.parse(rollback.body)).toEqual({ run: 1 });
+    // the list is asked again for the new run: run 3 is current, run 2 kept
+    await waitFor(() =>
+      expect(within(screen.getByTestId('cnbi-generations')).getAllByRole('listitem').map(i => i.dataset.run)).toEqual([
+        '3',
+        '2'
+      ])
+    );
+    expect(screen.getByTestId('cnbi-triggers').textContent).toContain('Run 1’s build made current again by alice');
+    view.unmount();
+  });
+
+  it('offers no rollback on an image shared with me', async () => {
+    service.images = [image('theirs', 'Ready', { run: 2, image: 'reg/t@sha256:2' }, 'bob')];
+    service.generations.theirs = [
+      { run: 2, image: 'reg/t@sha256:2', current: true, changes: { added: [], removed: [], changed: [], counts: { added: 0, removed: 0, changed: 0 } }, comparedWith: 1 },
+      { run: 1, image: 'reg/t@sha256:1', current: false, changes: { added: [], removed: [], changed: [], counts: { added: 0, removed: 0, changed: 0 } } }
+    ];
+    const view = renderPanel();
+    const detail = await openDetail('theirs');
+    const list = await within(detail).findByTestId('cnbi-generations');
+    expect(within(list).getByTestId('cnbi-generation-changes').textContent).toBe(' · same packages as run 1');
+    expect(within(list).queryByTestId('cnbi-make-current')).toBeNull();
+    view.unmount();
   });
 
   it('keeps one order, newest first, as images load, are created and arrive', async () => {

@@ -11,11 +11,14 @@ import {
   environmentIsEmpty,
   failureMessage,
   formFromEnvironment,
+  changesLabel,
+  credentialNameFor,
   formFromImage,
   formInputOf,
   formatBytes,
   formatDuration,
   imageFromForm,
+  repositoryHost,
   imageSections,
   EMPTY_FORM,
   logSeparator,
@@ -585,6 +588,41 @@ describe('edit as new', () => {
     };
     expect(editAsNewNotice(image)).toBe(
       'A copy of “Tools” (tools-x7k2p): change what you need, then build it as a new image. The original stays as it is.'
+    );
+  });
+});
+
+describe('git credentials', () => {
+  it('names the host a token is for as the service compares it', () => {
+    expect(repositoryHost('https://GitHub.com/org/repo')).toBe('github.com');
+    expect(repositoryHost(' https://git.example.org:8443/r.git ')).toBe('git.example.org:8443');
+    expect(repositoryHost('https://github.com:443/r')).toBe('github.com');
+    expect(repositoryHost('not a url')).toBe('');
+    expect(credentialNameFor('git.example.org:8443')).toBe('git-example-org-8443');
+    expect(credentialNameFor('')).toBe('git-token');
+  });
+
+  it('puts the credential in the spec of a git image only', () => {
+    const form = { ...EMPTY_FORM, displayName: 'x', buildType: 'GitRepository' as const, repository: 'https://h/r', gitCredential: 'gh' };
+    expect(imageFromForm(form).spec.gitCredential).toBe('gh');
+    expect(imageFromForm({ ...form, buildType: 'PackageList', packagesText: 'six' }).spec.gitCredential).toBeUndefined();
+    expect(formFromImage(imageFromForm(form)).gitCredential).toBe('gh');
+    expect(formInputOf('spec.gitCredential')).toBe('gitCredential');
+  });
+});
+
+describe('generations', () => {
+  it('says what changed in a few words, and how many more', () => {
+    const changes = {
+      added: ['a 1', 'b 2', 'c 3', 'd 4'],
+      removed: ['x 1'],
+      changed: [],
+      counts: { added: 5, removed: 1, changed: 0 }
+    };
+    expect(changesLabel(changes)).toBe('5 added (a 1, b 2, c 3, …) · removed x 1');
+    expect(changesLabel({ added: [], removed: [], changed: [], counts: { added: 0, removed: 0, changed: 0 } })).toBe('');
+    expect(triggerLabel({ kind: 'rollback', by: 'alice', toRun: 2, at: '2026-11-23T10:00:00Z' })).toBe(
+      'Run 2’s build made current again by alice · 2026-11-23 10:00 UTC'
     );
   });
 });

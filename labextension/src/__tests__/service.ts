@@ -11,7 +11,14 @@ import * as http from 'http';
 import type { AddressInfo } from 'net';
 
 import { compareNewestFirst } from '../model';
-import type { ICustomNBImage, IEnvironment, IServerInfo, IUserInfo } from '../model';
+import type {
+  ICustomNBImage,
+  IEnvironment,
+  IGeneration,
+  IGitCredential,
+  IServerInfo,
+  IUserInfo
+} from '../model';
 
 /** An answer other than 200 with a JSON body. */
 export interface ICannedAnswer {
@@ -37,6 +44,10 @@ export class TestCnbiService {
   logs: Record<string, string> = {};
   locks: Record<string, string> = {};
   requests: IRecordedRequest[] = [];
+  /** api/images/{name}/generations answers, by image name (none: 404, like an unknown image). */
+  generations: Record<string, IGeneration[]> = {};
+  /** The user's stored git credentials, as api/credentials lists them (no token). */
+  credentials: IGitCredential[] = [];
   /** Status the next N event-stream requests answer with instead of a stream. */
   failNextStreams: number[] = [];
   streams = new Map<string, Set<http.ServerResponse>>();
@@ -152,6 +163,27 @@ export class TestCnbiService {
   ): void {
     const parts = path.split('/').map(decodeURIComponent);
     const find = (name: string) => this.images.find(i => i.metadata.name === name);
+    if (path === 'credentials' && method === 'GET') {
+      return this.json(res, 200, { items: this.credentials });
+    }
+    if (parts[0] === 'credentials' && parts.length === 2 && method === 'PUT') {
+      const sent = JSON.parse(body) as { host: string; token: string; username?: string };
+      if (sent.host.includes('://')) {
+        return this.json(res, 422, {
+          message: `host is a host name (and port), such as github.com, not a URL: '${sent.host}'`,
+          field: 'host'
+        });
+      }
+      const stored = { name: parts[1], host: sent.host, username: sent.username ?? 'oauth2' };
+      const existed = this.credentials.some(c => c.name === parts[1]);
+      this.credentials = [...this.credentials.filter(c => c.name !== parts[1]), stored];
+      return this.json(res, existed ? 200 : 201, stored);
+    }
+    if (parts[0] === 'credentials' && parts.length === 2 && method === 'DELETE') {
+      this.credentials = this.credentials.filter(c => c.name !== parts[1]);
+      res.writeHead(204);
+      return void res.end();
+    }
     if (path === 'images' && method === 'GET') {
       return this.json(res, 200, { items: [...this.images].sort(compareNewestFirst) });
     }
@@ -274,6 +306,36 @@ export class TestCnbiService {
         }
         res.writeHead(200, { 'Content-Type': 'text/plain' });
         return void res.end(this.locks[parts[1]]);
+      }
+      if (sub === 'generations' && method === 'GET') {
+        return this.json(res, 200, { items: this.generations[parts[1]] ?? [] });
+      }
+      if (sub === 'rollback' && method === 'POST') {
+        const { run } = JSON.parse(body) as { run: number };
+        const kept = (this.generations[parts[1]] ?? []).find(g => g.run === run && !g.current);
+        if (!kept) {
+          return this.json(res, 422, { message: `cannot go back to run ${run}`, field: 'run' });
+        }
+        const next = (obj.status?.run ?? 1) + 1;
+        const back: ICustomNBImage = {
+          ...obj,
+          metadata: { ...obj.metadata, resourceVersion: this.nextVersion(obj) },
+          status: {
+            ...obj.status,
+            phase: 'Ready',
+            run: next,
+            image: kept.image,
+            triggers: [...(obj.status?.triggers ?? []), { kind: 'rollback', by: 'alice', toRun: run, run: next }]
+          }
+        };
+        const current = this.generations[parts[1]].find(g => g.current)!;
+        this.generations[parts[1]] = [
+          { ...kept, run: next, current: true },
+          { ...current, current: false },
+          ...this.generations[parts[1]].filter(g => !g.current && g.run !== run)
+        ];
+        this.replace(obj, back);
+        return this.json(res, 200, back);
       }
       if (sub === 'rebuild' && method === 'POST') {
         const rebuilt: ICustomNBImage = {

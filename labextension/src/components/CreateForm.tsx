@@ -21,6 +21,7 @@ import {
   phaseOf,
   withoutFieldPrefix
 } from '../model';
+import { GitCredentialField } from './GitCredentialField';
 
 export const DRY_RUN_DELAY_MS = 500;
 
@@ -48,7 +49,15 @@ export function inputsOf(buildType: BuildType): FormInput[] {
     case 'ImageImport':
       return [...common, 'fromImage'];
     case 'GitRepository':
-      return [...common, 'baseImage', 'repository', 'gitRef', 'packagesText', 'rebuildSchedule'];
+      return [
+        ...common,
+        'baseImage',
+        'repository',
+        'gitRef',
+        'gitCredential',
+        'packagesText',
+        'rebuildSchedule'
+      ];
     default:
       return [...common, 'baseImage', 'packagesText', 'rebuildSchedule'];
   }
@@ -415,6 +424,15 @@ export function CreateForm(props: ICreateFormProps): JSX.Element {
               />
               {fieldError('gitRef')}
             </div>
+            <GitCredentialField
+              api={api}
+              id={id}
+              repository={form.repository}
+              value={form.gitCredential}
+              invalid={!!errorOf('gitCredential')}
+              error={fieldError('gitCredential')}
+              onChange={gitCredential => update({ gitCredential })}
+            />
           </>
         )}
         {form.buildType !== 'ImageImport' && (

@@ -4,8 +4,10 @@ import { CnbiApi, CnbiApiError } from '../api';
 import { LogBuffer } from '../logbuffer';
 import {
   ICustomNBImage,
+  IGeneration,
   IUserInfo,
   baseFailedMessage,
+  changesLabel,
   descriptionOf,
   displayNameOf,
   durationLabel,
@@ -211,6 +213,36 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
     };
   }, [api, name, hasLock, image.status?.lockHash]);
 
+  // The kept builds: asked again whenever a run ends (a new build, a rollback).
+  const [generations, setGenerations] = React.useState<IGeneration[]>([]);
+  const runNumber = image.status?.run ?? 1;
+  React.useEffect(() => {
+    if (image.spec.buildType === 'ImageImport' && runNumber === 1) {
+      setGenerations([]);
+      return;
+    }
+    let live = true;
+    api.generations(name).then(
+      result => live && setGenerations(result.items),
+      () => live && setGenerations([])
+    );
+    return () => {
+      live = false;
+    };
+  }, [api, name, runNumber, phase === 'Ready']);
+
+  const makeCurrent = async (run: number) => {
+    setBusy(true);
+    setError(null);
+    try {
+      onUpdate(await api.rollback(name, run));
+    } catch (e) {
+      setError(withoutFieldPrefix((e as CnbiApiError).message));
+    } finally {
+      setBusy(false);
+    }
+  };
+
   const remove = async () => {
     if (!(await actions.confirmDelete(displayNameOf(image), builtOnIt ?? []))) {
       return;
@@ -298,6 +330,9 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             {' '}
             · <code>{image.spec.repository}</code>
             {image.spec.gitRef && <>@{image.spec.gitRef}</>}
+            {image.spec.gitCredential && (
+              <span data-testid="cnbi-credential-name"> · with the token {image.spec.gitCredential}</span>
+            )}
           </>
         )}
         {image.spec.rebuildSchedule && (
@@ -435,6 +470,43 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
                 {triggerLabel(t)}
               </li>
             ))}
+          </ul>
+        </div>
+      )}
+      {generations.length > 1 && (
+        <div className="cnbi-runs cnbi-generations" data-testid="cnbi-generations">
+          <h4>Builds you can go back to</h4>
+          <ul>
+            {generations.map(g => {
+              const changed = g.comparedWith ? changesLabel(g.changes) : '';
+              return (
+                <li key={g.run} data-run={g.run} data-current={g.current}>
+                  <span>
+                    Run {g.run}
+                    {g.current && <strong> · current</strong>}
+                    {g.completionTime && <> · {g.completionTime.slice(0, 16).replace('T', ' ')} UTC</>}
+                    {g.comparedWith !== undefined && (
+                      <span className="cnbi-changes" data-testid="cnbi-generation-changes">
+                        {' · '}
+                        {changed ? `${changed} since run ${g.comparedWith}` : `same packages as run ${g.comparedWith}`}
+                      </span>
+                    )}
+                  </span>
+                  {!g.current && changeable && (
+                    <button
+                      type="button"
+                      className="jp-Button jp-mod-styled cnbi-small-button"
+                      data-testid="cnbi-make-current"
+                      disabled={busy || running}
+                      title={`Start servers on run ${g.run}'s build again (${g.image}); no build runs, and the current build is kept`}
+                      onClick={() => void makeCurrent(g.run)}
+                    >
+                      Make current
+                    </button>
+                  )}
+                </li>
+              );
+            })}
           </ul>
         </div>
       )}

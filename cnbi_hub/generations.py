@@ -1,0 +1,142 @@
+"""Generations of an image, pure: each run that ended Ready is one, kept so a user can see what
+changed between builds and go back to an earlier one without building.
+
+The current generation is the image's status; earlier ones are saved when a new run starts
+(`saved_generation`, at the edge in controller/rebuild.py) into the image's `generations`
+artifact — {run: record} — because a record holds the package list and the lock, too large for
+status. `listing` joins both into what `GET api/images/{name}/generations` answers, each with
+what changed against the generation before it; `rolled_back` is the status that makes a saved
+one current again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from . import model
+from .model import CONDITION_VALIDATED, PHASE_READY, Condition
+
+#: what of a Ready status a generation keeps (besides packages and the lock)
+RECORD_FIELDS = ("image", "completionTime", "specHash", "gitCommit", "baseImageDigest", "resolvedBaseImage",
+                 "imageSize", "baseImageInfo", "recipe", "recipeExtras", "lockHash", "reusedFrom")
+#: how many changed packages a listing names per kind (the rest is counted)
+MAX_CHANGES_NAMED = 30
+
+
+def saved_generation(status: dict, lock_text: str | None) -> dict | None:
+    """The record of the current generation of a finished image, to keep when a new run starts;
+    None when the run did not end Ready with an image (nothing to go back to)."""
+    if status.get("phase") != PHASE_READY or not status.get("image"):
+        return None
+    record = {key: copy.deepcopy(status[key]) for key in RECORD_FIELDS if key in status}
+    record["run"] = status.get("run", 1)
+    record["packages"] = copy.deepcopy(status.get("packages", []))
+    if lock_text:
+        record["lock"] = lock_text
+    return record
+
+
+def parse_saved(text: str | None) -> dict[int, dict]:
+    """The `generations` artifact: {run: record}; an unreadable one is empty (history is a convenience)."""
+    if not text:
+        return {}
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return {}
+    return {int(run): record for run, record in raw.items() if isinstance(record, dict)}
+
+
+def with_saved(saved: dict[int, dict], record: dict | None, keep: int) -> dict[int, dict]:
+    """`saved` plus `record`, the `keep` newest only (0 keeps none)."""
+    merged = dict(saved)
+    if record is not None:
+        merged[record["run"]] = record
+    newest = sorted(merged, reverse=True)[:max(keep, 0)]
+    return {run: merged[run] for run in sorted(newest)}
+
+
+def dump_saved(saved: dict[int, dict]) -> str:
+    return json.dumps({str(run): record for run, record in sorted(saved.items())})
+
+
+def _versions(packages: list[dict]) -> dict[str, str]:
+    return {p["name"].lower(): str(p.get("version", "")) for p in packages if p.get("name")}
+
+
+def package_changes(older: list[dict] | None, newer: list[dict]) -> dict:
+    """What changed from `older`'s packages to `newer`'s: added, removed, changed (at most
+    MAX_CHANGES_NAMED named each, with counts); None older (the first generation) → nothing."""
+    if older is None:
+        return {"added": [], "removed": [], "changed": [], "counts": {"added": 0, "removed": 0, "changed": 0}}
+    before, after = _versions(older), _versions(newer)
+    added = sorted(f"{n} {after[n]}" for n in after.keys() - before.keys())
+    removed = sorted(f"{n} {before[n]}" for n in before.keys() - after.keys())
+    changed = sorted(f"{n} {before[n]} → {after[n]}" for n in after.keys() & before.keys() if before[n] != after[n])
+    return {"added": added[:MAX_CHANGES_NAMED], "removed": removed[:MAX_CHANGES_NAMED],
+            "changed": changed[:MAX_CHANGES_NAMED],
+            "counts": {"added": len(added), "removed": len(removed), "changed": len(changed)}}
+
+
+def _trigger_of_run(status: dict, run: int) -> dict | None:
+    for trigger in reversed(status.get("triggers", [])):
+        if trigger.get("run") == run:
+            return trigger
+    return None
+
+
+def listing(status: dict, saved: dict[int, dict]) -> list[dict]:
+    """Every generation, newest first: the current one (when Ready) and the saved ones, each
+    with when it was built, what started its run and what changed against the one before."""
+    entries: dict[int, dict] = {}
+    for run, record in saved.items():
+        entries[run] = {**record, "current": False}
+    current_run = status.get("run", 1)
+    if status.get("phase") == PHASE_READY and status.get("image"):
+        entries[current_run] = {**{k: status[k] for k in RECORD_FIELDS if k in status},
+                                "run": current_run, "packages": status.get("packages", []), "current": True}
+    out = []
+    runs = sorted(entries)
+    for index, run in enumerate(runs):
+        entry = entries[run]
+        older = entries[runs[index - 1]]["packages"] if index else None
+        shown = {k: entry[k] for k in ("run", "image", "completionTime", "gitCommit", "specHash", "imageSize",
+                                        "rolledBackFrom") if k in entry}
+        shown["current"] = entry["current"]
+        shown["changes"] = package_changes(older, entry.get("packages", []))
+        if index:
+            shown["comparedWith"] = runs[index - 1]
+        trigger = _trigger_of_run(status, run)
+        if trigger is not None:
+            shown["trigger"] = trigger
+        shown["packageCount"] = len(entry.get("packages", []))
+        out.append(shown)
+    return list(reversed(out))
+
+
+def rolled_back(obj: dict, record: dict, by: str, now: str | None = None) -> dict:
+    """Status that makes the saved generation `record` current again, without a build: a new
+    run that is Ready at once on that image, the run before it kept in `runs` (as a rebuild
+    keeps it), the rollback recorded in `triggers`."""
+    from .controller.statemachine import rebuilt
+
+    now = now or model.now_iso()
+    old = obj.get("status") or {}
+    trigger = {"kind": "rollback", "by": by, "at": now, "toRun": record["run"]}
+    if old.get("image"):
+        trigger["from"] = old["image"]
+    trigger["to"] = record["image"]
+    status = rebuilt(obj, by, now=now, trigger=trigger)
+    for key in ("rebuildOf", "rebuildRequestedBy", "rebuildRequestedAt"):
+        status.pop(key, None)
+    status.update({key: copy.deepcopy(record[key]) for key in RECORD_FIELDS if key in record})
+    status["packages"] = copy.deepcopy(record.get("packages", []))
+    status["rolledBackFrom"] = record["run"]
+    status["phase"] = PHASE_READY
+    status["phaseTimes"] = {PHASE_READY: now}
+    status["startTime"] = now
+    status["completionTime"] = now
+    return model.set_condition(status, Condition(
+        CONDITION_VALIDATED, "True", "RolledBack", f"run {record['run']}'s build made current again by {by}",
+        lastTransitionTime=now, observedGeneration=obj["metadata"].get("generation")))

@@ -1,0 +1,151 @@
+"""Generations: earlier Ready builds kept, listed with what changed, and made current again
+without a build (rollback) — the pure part, then end to end with real git, uv and podman."""
+
+import asyncio
+import time
+
+import pytest
+
+from cnbi_hub import generations, model
+from cnbi_hub.controller.statemachine import rebuilt
+from tests.infra_podman import podman, push_commit
+
+USER_BASE = "localhost/cnbi/notebook-base:py311-user"
+
+
+def ready_status(run: int, image: str, packages: dict, **extra) -> dict:
+    return {"phase": "Ready", "run": run, "image": image, "completionTime": f"2026-11-2{run}T10:00:00Z",
+            "specHash": f"sha256:{run}", "packages": [{"name": n, "version": v, "visible": True}
+                                                      for n, v in packages.items()], **extra}
+
+
+def test_a_ready_build_is_saved_with_its_lock_and_a_failed_one_is_not():
+    status = ready_status(1, "reg/x@sha256:1", {"six": "1.16.0"}, conditions=[{"type": "Validated"}])
+    record = generations.saved_generation(status, "six==1.16.0 --hash=sha256:aa\n")
+    assert record["run"] == 1 and record["image"] == "reg/x@sha256:1" and record["lock"].startswith("six==")
+    assert "conditions" not in record
+    assert generations.saved_generation({**status, "phase": "Failed"}, "x") is None
+    assert generations.saved_generation({**status, "image": None}, "x") is None
+
+
+def test_saved_generations_keep_the_newest_and_survive_a_bad_artifact():
+    saved = {}
+    for run in range(1, 8):
+        saved = generations.with_saved(saved, {"run": run, "image": f"i{run}"}, keep=3)
+    assert sorted(saved) == [5, 6, 7]
+    assert generations.parse_saved(generations.dump_saved(saved)) == saved
+    assert generations.parse_saved("{not json") == {} and generations.with_saved(saved, None, 0) == {}
+
+
+def test_listing_says_what_changed_between_generations_and_why_each_run_started():
+    saved = {1: {**ready_status(1, "i1", {"six": "1.16.0", "toolz": "0.12.0"}), "lock": "x"}}
+    current = ready_status(2, "i2", {"six": "1.17.0", "tabulate": "0.9.0"},
+                           triggers=[{"kind": "webhook", "run": 2, "by": "dev", "to": "b" * 40}])
+    [newest, oldest] = generations.listing(current, saved)
+    assert newest["run"] == 2 and newest["current"] and newest["comparedWith"] == 1
+    assert newest["changes"]["added"] == ["tabulate 0.9.0"]
+    assert newest["changes"]["removed"] == ["toolz 0.12.0"]
+    assert newest["changes"]["changed"] == ["six 1.16.0 → 1.17.0"]
+    assert newest["trigger"]["kind"] == "webhook" and "trigger" not in oldest
+    assert not oldest["current"] and oldest["changes"]["counts"] == {"added": 0, "removed": 0, "changed": 0}
+    assert "packages" not in newest and newest["packageCount"] == 2
+    # while a rebuild works, the current run is no generation (yet): the saved ones are listed
+    assert [g["run"] for g in generations.listing({**current, "phase": "Building"}, saved)] == [1]
+
+
+def test_rolled_back_status_is_ready_at_once_on_the_saved_build():
+    obj = {"metadata": {"name": "x", "generation": 1}, "spec": {"buildType": "PackageList"},
+           "status": ready_status(2, "i2", {"six": "1.17.0"})}
+    record = {**ready_status(1, "i1", {"six": "1.16.0"}), "lock": "six==1.16.0\n"}
+    status = generations.rolled_back(obj, record, "alice", now="2026-11-23T12:00:00Z")
+    assert status["phase"] == "Ready" and status["image"] == "i1" and status["run"] == 3
+    assert status["packages"][0]["version"] == "1.16.0" and status["rolledBackFrom"] == 1
+    assert status["runs"][-1]["run"] == 2 and status["runs"][-1]["image"] == "i2"
+    assert status["triggers"][-1] == {"kind": "rollback", "by": "alice", "at": "2026-11-23T12:00:00Z", "toRun": 1,
+                                      "from": "i2", "to": "i1", "run": 3}
+    validated = [c for c in status["conditions"] if c["type"] == model.CONDITION_VALIDATED][0]
+    assert validated["reason"] == "RolledBack" and "rebuildOf" not in status and "lock" not in status
+    # a rebuild after it starts from there as from any Ready build
+    assert rebuilt({**obj, "status": status}, "bob")["rebuildOf"] == "i1"
+
+
+# --- end to end ----------------------------------------------------------------------------
+
+
+async def _ends(hub, token, name, run, timeout=600):
+    deadline = time.monotonic() + timeout
+    while True:
+        obj = (await hub.api("GET", f"api/images/{name}", token)).json()
+        status = obj.get("status") or {}
+        if status.get("run", 1) == run and model.phase_of(obj) in model.TERMINAL_PHASES:
+            return obj
+        assert time.monotonic() < deadline, status
+        await asyncio.sleep(1)
+
+
+def _tabulate_version(image, podman_env) -> str:
+    ran = podman("run", "--rm", image, "python", "-c", "import tabulate; print(tabulate.__version__)", env=podman_env)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout.strip()
+
+
+@pytest.mark.podman
+async def test_a_rebuild_keeps_the_previous_build_and_rollback_makes_it_current_without_a_build(
+        hub, make_git_repo, notebook_base_images, podman_env):
+    owner, other = hub.token("gen-alice"), hub.token("gen-bob")
+    repo = make_git_repo("generations", {"requirements.txt": "tabulate==0.9.0\n"})
+    r = await hub.api("POST", "api/images", owner, {"spec": {"buildType": "GitRepository", "repository": repo.url,
+                                                             "baseImage": USER_BASE}})
+    assert r.code == 201, r.body
+    name = r.json()["metadata"]["name"]
+    first = await _ends(hub, owner, name, 1)
+    assert model.phase_of(first) == "Ready", first["status"]
+    first_lock = (await hub.api("GET", f"api/images/{name}/lock", owner)).body.decode()
+    assert "tabulate==0.9.0" in first_lock
+
+    push_commit(repo, {"requirements.txt": "tabulate==0.8.10\n"})
+    assert (await hub.api("POST", f"api/images/{name}/rebuild", owner)).code == 200
+    second = await _ends(hub, owner, name, 2)
+    assert model.phase_of(second) == "Ready", second["status"]
+    assert second["status"]["image"] != first["status"]["image"]
+
+    listed = (await hub.api("GET", f"api/images/{name}/generations", owner)).json()["items"]
+    assert [(g["run"], g["current"], g["image"]) for g in listed] == [
+        (2, True, second["status"]["image"]), (1, False, first["status"]["image"])]
+    assert listed[0]["changes"]["changed"] == ["tabulate 0.9.0 → 0.8.10"]
+    assert listed[0]["trigger"]["kind"] == "rebuild" and listed[0]["trigger"]["by"] == "gen-alice"
+
+    # refusals: not a kept run, the current one, someone else's image, a bad body
+    for body, status, field in (({"run": 7}, 422, "run"), ({"run": 2}, 422, "run"), ({"run": "1"}, 422, "run"),
+                                ({}, 422, "run")):
+        r = await hub.api("POST", f"api/images/{name}/rollback", owner, body)
+        assert (r.code, r.json().get("field")) == (status, field), (body, r.body)
+    assert (await hub.api("POST", f"api/images/{name}/rollback", other, {"run": 1})).code == 404
+    assert (await hub.api("GET", f"api/images/{name}/generations", other)).code == 404
+
+    before = podman("images", "--quiet", "--no-trunc", env=podman_env).stdout.split()
+    r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 1})
+    assert r.code == 200, r.body
+    back = r.json()
+    # Ready at once, on the first build: no run of the phases, no new image
+    assert model.phase_of(back) == "Ready" and back["status"]["run"] == 3
+    assert back["status"]["image"] == first["status"]["image"]
+    assert back["status"]["packages"] == first["status"]["packages"]
+    assert back["status"]["triggers"][-1]["kind"] == "rollback" and back["status"]["triggers"][-1]["toRun"] == 1
+    await asyncio.sleep(2)
+    again = (await hub.api("GET", f"api/images/{name}", owner)).json()
+    assert model.phase_of(again) == "Ready" and again["status"]["run"] == 3 and "Prepare" not in again["status"][
+        "phaseTimes"]
+    assert sorted(podman("images", "--quiet", "--no-trunc", env=podman_env).stdout.split()) == sorted(before)
+    assert (await hub.api("GET", f"api/images/{name}/lock", owner)).body.decode() == first_lock
+    assert _tabulate_version(again["status"]["image"], podman_env) == "0.9.0"
+    log = (await hub.api("GET", f"api/images/{name}/logs", owner)).body.decode()
+    assert "run 1's build made current again by gen-alice" in log
+
+    # the build it replaced is kept in its turn: going forward again works the same way
+    listed = (await hub.api("GET", f"api/images/{name}/generations", owner)).json()["items"]
+    assert [(g["run"], g["current"]) for g in listed] == [(3, True), (2, False)]
+    assert listed[0]["image"] == first["status"]["image"] and listed[1]["image"] == second["status"]["image"]
+    r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 2})
+    assert r.code == 200 and r.json()["status"]["image"] == second["status"]["image"]
+    assert _tabulate_version(r.json()["status"]["image"], podman_env) == "0.8.10"
