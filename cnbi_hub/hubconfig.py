@@ -24,6 +24,7 @@ ADMIN_ROLE = "cnbi-admin"
 # may start; this token-only service is who they are.
 HOOKS_SERVICE_NAME = "cnbi-hooks"
 HOOKS_ROLE = "cnbi-hooks"
+SERVICE_ROLE = "cnbi-service"
 
 
 def configure(
@@ -109,13 +110,21 @@ def configure(
     extra = set(c.JupyterHub.get("extra_user_scopes", set()))
     c.JupyterHub.extra_user_scopes = extra | {service_access, SCOPE_IMAGES}
 
-    roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") not in (ADMIN_ROLE, HOOKS_ROLE)]
+    roles = [r for r in c.JupyterHub.get("load_roles", []) if r.get("name") not in (ADMIN_ROLE, HOOKS_ROLE, SERVICE_ROLE)]
     roles.append(
         {
             "name": ADMIN_ROLE,
             "description": "Administer the image builder",
             "scopes": [SCOPE_ADMIN, service_access],
             "users": sorted(admin_users or ()),
+        }
+    )
+    roles.append(
+        {
+            "name": SERVICE_ROLE,
+            "description": "The cnbi service: see whether a user's server has stopped (Restart on it)",
+            "scopes": ["read:servers"],
+            "services": [SERVICE_NAME],
         }
     )
     roles.append(
@@ -135,7 +144,9 @@ def configure(
     server_scopes = list(c.Spawner.get("server_token_scopes", []) or [])
     if not server_scopes:
         server_scopes = ["users:activity!user", "access:servers!server"]
-    for scope in (service_access, SCOPE_IMAGES, SCOPE_ADMIN):
+    # delete:servers!server: the server may stop itself ("Restart on it", when its image has
+    # a newer build) and no other server
+    for scope in (service_access, SCOPE_IMAGES, SCOPE_ADMIN, "delete:servers!server"):
         if scope not in server_scopes:
             server_scopes.append(scope)
     c.Spawner.server_token_scopes = server_scopes

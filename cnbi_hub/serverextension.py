@@ -18,13 +18,13 @@ import posixpath
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.application import ExtensionApp
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import httputil, web
-from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.simple_httpclient import SimpleAsyncHTTPClient, _HTTPConnection
 from traitlets import Bool, Float, Unicode, default
@@ -302,6 +302,59 @@ class ServerInfoHandler(ExtensionHandlerMixin, APIHandler):
         self.finish(json.dumps(server_image_info(dict(os.environ))))
 
 
+def restart_plan(environ: dict[str, str]) -> dict:
+    """Where this server asks the hub to stop it (`stopUrl`, its own hub API route) and where the
+    browser goes meanwhile (`nextUrl`: the cnbi service's page that waits for the stop, then
+    sends it to the hub's spawn page with `opt-cnbi_image`); ValueError saying why when this
+    server cannot do that."""
+    image = environ.get("CNBI_IMAGE")
+    if not image:
+        raise ValueError("this server does not run on an Image Builder image")
+    api_url, user = environ.get("JUPYTERHUB_API_URL", ""), environ.get("JUPYTERHUB_USER", "")
+    if not api_url or not user or not environ.get("JUPYTERHUB_API_TOKEN"):
+        raise ValueError(NOT_UNDER_HUB_MESSAGE)
+    server = environ.get("JUPYTERHUB_SERVER_NAME", "")
+    base = environ.get("JUPYTERHUB_BASE_URL", "/").rstrip("/")
+    named = f"/{quote(server, safe='')}" if server else ""
+    return {
+        "stopUrl": f"{api_url.rstrip('/')}/users/{quote(user, safe='')}/" + (f"servers{named}" if server else "server"),
+        # the cnbi service's page waits until the hub has stopped the server, then spawns it
+        "nextUrl": f"{base}/services/cnbi/restarting/{quote(image, safe='')}?{urlencode({'server': server})}",
+    }
+
+
+class RestartHandler(ExtensionHandlerMixin, APIHandler):
+    """POST {base_url}cnbi/restart: "Restart on it" when the image has a newer build. The answer
+    (202, `nextUrl`) leaves first; then this server asks the hub to stop it, with its own token
+    (configure() grants servers `delete:servers!server`: a server may stop itself, nothing else).
+    The browser goes to `nextUrl`, from where the hub starts it again, on the image's current
+    build, once it has stopped. The user's home is a volume: it is there again."""
+
+    stop_delay = 0.5  # seconds: the answer reaches the browser before the server goes away
+
+    @web.authenticated
+    async def post(self) -> None:
+        try:
+            plan = restart_plan(dict(os.environ))
+        except ValueError as e:
+            self.set_status(409)
+            self.finish(json.dumps({"message": str(e)}))
+            return
+        self.set_status(202)
+        self.finish(json.dumps({"nextUrl": plan["nextUrl"]}))
+        asyncio.get_running_loop().call_later(
+            self.stop_delay, lambda: asyncio.ensure_future(self._stop(plan["stopUrl"])))
+
+    async def _stop(self, url: str) -> None:
+        request = HTTPRequest(url, method="DELETE",
+                              headers={"Authorization": f"token {os.environ.get('JUPYTERHUB_API_TOKEN', '')}"})
+        try:
+            await AsyncHTTPClient().fetch(request)
+            self.log.info("cnbi_hub: asked the hub to stop this server, to restart it on its image's current build")
+        except Exception as e:  # the browser's spawn page says the server is still running
+            self.log.error("cnbi_hub: the hub did not stop this server (%s): %s", url, e)
+
+
 class EnvironmentHandler(ExtensionHandlerMixin, APIHandler):
     """GET {base_url}cnbi/environment: what the user installed into this running server since it
     started on its image, as pinned requirements for a new image on that image."""
@@ -432,3 +485,4 @@ class CNBIServerExtension(ExtensionApp):
         self.handlers.append((r"/cnbi/api/(.*)", CNBIApiForwardHandler))
         self.handlers.append((r"/cnbi/server-info", ServerInfoHandler))
         self.handlers.append((r"/cnbi/environment", EnvironmentHandler))
+        self.handlers.append((r"/cnbi/restart", RestartHandler))

@@ -6,7 +6,8 @@ to rebuild, on their newest good build) and offers them next to the admin's own 
 
 - KubeSpawner 7: `profile_list` (the admin's profiles first, then the images), plus
   `options_from_form` and `apply_user_options` so `?cnbi_image=<name>` on `/hub/spawn`, or
-  `{"cnbi_image": "<name>"}` as REST `user_options`, starts that image.
+  `{"cnbi_image": "<name>"}` as REST `user_options`, starts that image (with `cnbi_build=<run>`,
+  one of its kept earlier builds).
 - DockerSpawner 14 (and PodmanSpawner): `allowed_images` as a callable returning
   `{display: image}`, an options form that says when the service is down, and the same
   `cnbi_image` option.
@@ -45,6 +46,8 @@ from traitlets.config import SingletonConfigurable
 from . import model
 
 USER_OPTION = "cnbi_image"  # ?cnbi_image=<name> on /hub/spawn, or a REST user_options key
+USER_OPTION_BUILD = "cnbi_build"  # with cnbi_image: the run of a kept earlier build (a pin)
+USER_OPTION_STARTED = "cnbi_started"  # set by the hooks: the build a server started on, by digest
 ENV_IMAGE_NAME = "CNBI_IMAGE"
 ENV_IMAGE_REFERENCE = "JUPYTER_IMAGE"
 LABEL_IMAGE = f"{model.PREFIX}/image"
@@ -65,6 +68,14 @@ def image_reference(obj: dict) -> str | None:
     if model.phase_of(obj) == model.PHASE_READY:
         return status.get("image") or None
     return status.get("rebuildOf") or None
+
+
+def pinned_to(obj: dict, generation: dict) -> dict:
+    """`obj` as a server pinned to `generation` (one of its kept builds) starts it: that build's
+    image by digest; the rest (name, description) as it is now."""
+    status = {**(obj.get("status") or {}), "phase": model.PHASE_READY, "image": generation["image"],
+              "pinnedRun": generation["run"]}
+    return {**obj, "status": status}
 
 
 def previous_build_note(obj: dict) -> str:
@@ -226,15 +237,16 @@ def kubespawner_form_options(formdata: dict) -> dict:
         for key, values in formdata.items():
             if key.startswith(prefix) and first_value(values):
                 options[key[len(prefix):]] = first_value(values)
-    image = first_value(formdata.get(USER_OPTION))
-    if image:
-        options[USER_OPTION] = image
+    for key in (USER_OPTION, USER_OPTION_BUILD):
+        value = first_value(formdata.get(key))
+        if value:
+            options[key] = value
     return options
 
 
 def dockerspawner_form_options(formdata: dict) -> dict:
     options = {}
-    for key in ("image", USER_OPTION):
+    for key in ("image", USER_OPTION, USER_OPTION_BUILD):
         value = first_value(formdata.get(key))
         if value:
             options[key] = value
@@ -367,6 +379,16 @@ class CNBISpawnerHooks(SingletonConfigurable):
 
     # -- the service --------------------------------------------------------------------------
 
+    def _service_request(self, url: str, body: dict | None = None) -> HTTPRequest:
+        """A request to the cnbi service with the hooks' token: GET, or POST of `body` as JSON."""
+        headers = {"Authorization": f"token {self.api_token}", "Accept": "application/json"}
+        if body is None:
+            return HTTPRequest(url, headers=headers, connect_timeout=self.request_timeout,
+                               request_timeout=self.request_timeout)
+        return HTTPRequest(url, method="POST", body=json.dumps(body),
+                           headers={**headers, "Content-Type": "application/json"},
+                           connect_timeout=self.request_timeout, request_timeout=self.request_timeout)
+
     async def images_for(self, username: str, groups=()) -> ImageListing:
         """The Ready images `username` (a member of `groups`) may start: their own, and those
         shared with everyone or with one of the groups; cached `cache_seconds`."""
@@ -390,12 +412,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         if groups:
             query["groups"] = ",".join(groups)
         url = url_concat(url_path_join(self.service_url, "api/images"), query)
-        request = HTTPRequest(
-            url,
-            headers={"Authorization": f"token {self.api_token}", "Accept": "application/json"},
-            connect_timeout=self.request_timeout,
-            request_timeout=self.request_timeout,
-        )
+        request = self._service_request(url)
         try:
             response = await AsyncHTTPClient().fetch(request)
             items = json.loads(response.body)["items"]
@@ -407,12 +424,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         return ImageListing(images=ready, fetched_at=now, stream_tags=stream_tags)
 
     async def _fetch_stream_tags(self) -> tuple:
-        request = HTTPRequest(
-            url_path_join(self.service_url, "api/imagestreams"),
-            headers={"Authorization": f"token {self.api_token}", "Accept": "application/json"},
-            connect_timeout=self.request_timeout,
-            request_timeout=self.request_timeout,
-        )
+        request = self._service_request(url_path_join(self.service_url, "api/imagestreams"))
         try:
             response = await AsyncHTTPClient().fetch(request)
             return tuple(tag for tag in json.loads(response.body)["items"] if tag.get("image"))
@@ -430,6 +442,53 @@ class CNBISpawnerHooks(SingletonConfigurable):
             raise web.HTTPError(404, f"No ready image named {name} that you may use.")
         return obj
 
+    async def chosen_build(self, spawner, user_options: dict) -> dict | None:
+        """The image `user_options` names (`cnbi_image`), pinned to the kept build `cnbi_build`
+        names if it names one; None without `cnbi_image`. An HTTP error the user can act on when
+        the image is not theirs to start or no such build is kept."""
+        name = first_value((user_options or {}).get(USER_OPTION))
+        if not name:
+            return None
+        obj = await self.chosen_image(spawner.user.name, name, groups_of(spawner.user))
+        run = (user_options or {}).get(USER_OPTION_BUILD)
+        if run in (None, "", []):
+            return obj
+        run = first_value(run) if isinstance(run, (list, tuple)) else run
+        try:
+            run = int(run)
+        except (TypeError, ValueError):
+            raise web.HTTPError(400, f"cnbi_build must be the number of a run of {name}, such as 2") from None
+        request = self._service_request(url_path_join(self.service_url, f"api/images/{name}/generations"))
+        try:
+            generations = json.loads((await AsyncHTTPClient().fetch(request)).body)["items"]
+        except Exception as e:
+            self.log.warning("cnbi: could not read the builds of %s: %s", name, e)
+            raise web.HTTPError(503, f"The builds of {name} cannot be read now. Try again in a minute.") from None
+        found = next((g for g in generations if g.get("run") == run), None)
+        if found is None:
+            kept = ", ".join(str(g["run"]) for g in generations) or "none"
+            raise web.HTTPError(404, f"Image {name} keeps no build of run {run} (kept: {kept}).")
+        pinned = pinned_to(obj, found)
+        spawner.cnbi_pinned_image = pinned  # profile_list and allowed_images read it later
+        return pinned
+
+    async def record_start(self, spawner, obj: dict) -> None:
+        """Tell the service a server starts on `obj` (its last use, for usage and retention)
+        and keep the exact build in the server's user_options (`cnbi_started`, which the hub
+        stores and lists with the server). Never in the way of the start: a failure is logged."""
+        reference = image_reference(obj)
+        spawner.user_options = {**(spawner.user_options or {}), USER_OPTION_STARTED: reference}
+        request = self._service_request(
+            url_path_join(self.service_url, f"api/images/{model.name_of(obj)}/started"), body={"image": reference})
+        try:
+            await AsyncHTTPClient().fetch(request)
+        except Exception as e:
+            self.log.warning("cnbi: could not record a start of %s: %s", model.name_of(obj), e)
+
+    def _pinned(self, spawner, name: str) -> dict | None:
+        pinned = getattr(spawner, "cnbi_pinned_image", None)
+        return pinned if pinned is not None and model.name_of(pinned) == name else None
+
     def _notice_html(self, listing: ImageListing) -> str:
         if not listing.error:
             return ""
@@ -442,6 +501,8 @@ class CNBISpawnerHooks(SingletonConfigurable):
         username = spawner.user.name
         listing = await self.images_for(username, groups_of(spawner.user))
         images = sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o)))
+        # a server pinned to a kept build (cnbi_build): its profile runs that build
+        images = [self._pinned(spawner, model.name_of(o)) or o for o in images]
         profiles = copy.deepcopy(list(self.admin_profiles))
         if self.layout == LAYOUT_ONE_PROFILE:
             if images or listing.stream_tags:
@@ -477,11 +538,11 @@ class CNBISpawnerHooks(SingletonConfigurable):
 
         Runs before KubeSpawner.start, which applies the profile (load_user_options).
         """
-        name = first_value((user_options or {}).get(USER_OPTION))
-        if not name:
+        obj = await self.chosen_build(spawner, user_options)
+        if obj is None:
             return
-        await self.chosen_image(spawner.user.name, name, groups_of(spawner.user))
-        spawner.user_options = {**user_options, **self.profile_options_for(name)}
+        spawner.user_options = {**user_options, **self.profile_options_for(model.name_of(obj))}
+        await self.record_start(spawner, obj)
 
     # -- DockerSpawner --------------------------------------------------------------------------
 
@@ -494,6 +555,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         listing = self.cached_images_for(spawner.user.name)
         allowed = dict(self.admin_images)
         for obj in sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o))):
+            obj = self._pinned(spawner, model.name_of(obj)) or obj
             allowed[allowed_image_key(obj)] = image_reference(obj)
         return allowed
 
@@ -523,7 +585,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         listing = await self.images_for(spawner.user.name, groups_of(spawner.user))
         name = first_value(user_options.get(USER_OPTION))
         if name:
-            obj = await self.chosen_image(spawner.user.name, name, groups_of(spawner.user))
+            obj = await self.chosen_build(spawner, user_options)
             user_options["image"] = allowed_image_key(obj)
             spawner.user_options = user_options
         else:
@@ -531,6 +593,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
             obj = next((o for o in listing.images if key and allowed_image_key(o) == key), None)
         if obj is not None:
             spawner.environment = {**spawner.environment, **image_environment(obj)}
+            await self.record_start(spawner, obj)
 
 
 def groups_of(user) -> list[str]:

@@ -112,6 +112,8 @@ def hub_config(data_dir, **service_config) -> Config:
     return c
 
 
+QUOTA_BYTES = 20_000_000_000
+
 # the session hub's webhook secrets (tests sign deliveries with them)
 GITHUB_WEBHOOK_SECRET = "cnbi-test-github-webhook-secret"
 GITLAB_WEBHOOK_TOKEN = "cnbi-test-gitlab-webhook-token"
@@ -126,7 +128,8 @@ def _free_port() -> int:
 @pytest_asyncio.fixture(scope="session")
 async def hub(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("cnbi-data")
-    config = hub_config(data_dir, max_images_per_user=5, heartbeat_interval=1.0,
+    # the bytes quota is far above what the suites build; test_service goes over it on purpose
+    config = hub_config(data_dir, max_images_per_user=5, max_bytes_per_user=QUOTA_BYTES, heartbeat_interval=1.0,
                         allowed_git_schemes=["https", "git", "http"], github_webhook_secret=GITHUB_WEBHOOK_SECRET,
                         gitlab_webhook_token=GITLAB_WEBHOOK_TOKEN)
     MockHub.clear_instance()

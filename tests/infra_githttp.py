@@ -8,6 +8,7 @@ for a token, as GitHub or GitLab do for a private repository.
 from __future__ import annotations
 
 import base64
+import gzip
 import hmac
 import secrets
 import subprocess
@@ -29,6 +30,9 @@ class TokenGitServer(GitServer):
         self.root = root
         self.token = token
         self.requests: list[tuple[str, str, bool]] = []  # (method, path, authorized)
+        # repositories whose branch moves on after each fetch, as a busy repository's does:
+        # every build of them builds a new commit (name -> the GitRepo)
+        self.moving: dict[str, "object"] = {}
         self.authorization_headers: list[str] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self.port = self._httpd.server_address[1]
@@ -117,6 +121,13 @@ class TokenGitServer(GitServer):
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
+                self.wfile.flush()
+                repo = server.moving.get(path.split("/")[1].removesuffix(".git")) if path.count("/") > 1 else None
+                plain = gzip.decompress(body) if self.headers.get("Content-Encoding") == "gzip" else body
+                if repo is not None and path.endswith("/git-upload-pack") and b"command=fetch" in plain:
+                    from tests.infra_podman import push_commit
+
+                    push_commit(repo, {"README.md": f"moved on after fetch {len(server.requests)}\n"})
 
             do_GET = _serve
             do_POST = _serve

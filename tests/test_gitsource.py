@@ -282,3 +282,20 @@ async def test_a_credential_is_sent_only_to_its_own_host(private_git_server, tmp
         await ls_remote(repo.url, "main", credential=elsewhere)
     # the helper answered nothing for 127.0.0.1:<port>, so git sent no token there
     assert len(private_git_server.authorization_headers) == sent_before
+
+
+async def test_a_moving_repository_has_a_new_commit_after_each_fetch(private_git_server, tmp_path):
+    """The test server's "moving" repositories (the UI's newer-build flow builds them twice)."""
+    from cnbi_hub.credentials import GitCredential
+
+    repo = private_git_server.make_repo("gitsource-moving", {"README.md": "first\n"})
+    private_git_server.moving[repo.name] = repo
+    credential = GitCredential(host=f"127.0.0.1:{private_git_server.port}", username="u",
+                               token=private_git_server.token)
+    first = await ls_remote(repo.url, "main", credential=credential)
+    assert first == repo.commit
+    await shallow_clone(repo.url, first, tmp_path / "one", credential=credential)
+    second = await ls_remote(repo.url, "main", credential=credential)
+    assert second != first
+    await shallow_clone(repo.url, second, tmp_path / "two", credential=credential)
+    assert (tmp_path / "two" / "README.md").read_text().startswith("moved on after fetch")

@@ -1,5 +1,6 @@
 """Enabling cnbi in a hub config, and the service's own config file."""
 
+import asyncio
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def test_configure_registers_service_scopes_and_roles():
     assert "access:services!service=cnbi" in c.Spawner.server_token_scopes
     assert "custom:cnbi:images" in c.Spawner.server_token_scopes
     assert "access:servers!server" in c.Spawner.server_token_scopes  # the default server scopes stay
+    assert "delete:servers!server" in c.Spawner.server_token_scopes  # a server may stop itself only
     assert c.Spawner.environment["CNBI_SERVICE_URL"] == "http://127.0.0.1:12345/services/cnbi/"
 
 
@@ -142,3 +144,69 @@ def test_the_embedded_service_starts_without_the_kubernetes_extra():
                "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+async def test_a_servers_own_token_may_stop_that_server_and_no_other(hub):
+    """"Restart on it" (the server extension's cnbi/restart) stops the server with the server's
+    own hub token: configure() grants it `delete:servers!server`, which the hub narrows to that
+    one server. A real hub, real (mock single-user) servers."""
+    from jupyterhub import orm
+    from jupyterhub.tests.utils import add_user, api_request
+
+    users = {}
+    for name in ("restart-alice", "restart-bob"):
+        orm_user = orm.User.find(hub.app.db, name) or add_user(hub.app.db, hub.app, name=name)
+        users[name] = hub.app.users[orm_user]
+        await users[name].spawn()
+    alice_token = users["restart-alice"].spawner.api_token
+    assert "delete:servers!server" in users["restart-alice"].spawner.server_token_scopes
+    headers = {"Authorization": f"token {alice_token}"}
+    r = await api_request(hub.app, "users", "restart-bob", "server", method="delete", headers=headers)
+    assert r.status_code in (403, 404), r.text
+    assert users["restart-bob"].spawner.active
+    r = await api_request(hub.app, "users", "restart-alice", "server", method="delete", headers=headers)
+    assert r.status_code in (202, 204), r.text
+    for _ in range(100):
+        if not users["restart-alice"].spawner.active:
+            break
+        await asyncio.sleep(0.1)
+    assert not users["restart-alice"].spawner.active
+    await users["restart-bob"].stop()
+
+
+async def test_the_restarting_page_waits_for_the_hub_to_stop_the_server_then_spawns_it(hub, service_store):
+    """Where "Restart on it" sends the browser: the cnbi service asks the hub (its own token,
+    `read:servers`) until the server has stopped, then redirects to the spawn page."""
+    from jupyterhub import orm
+    from jupyterhub.tests.utils import add_user
+
+    from cnbi_hub import model
+
+    name = "restarting-img"
+    obj = model.validate_new_object({"metadata": {"name": name}, "spec": {
+        "buildType": "ImageImport", "fromImage": "quay.io/jupyter/minimal-notebook:2024-10-07"}},
+        creator="restart-carol")
+    obj["status"] = {**model.initial_status(), "phase": "Ready", "image": "localhost/x@sha256:" + "d" * 64}
+    await service_store.create(obj)
+    orm_user = orm.User.find(hub.app.db, "restart-carol") or add_user(hub.app.db, hub.app, name="restart-carol")
+    user = hub.app.users[orm_user]
+    await user.spawn()
+    token = hub.token("restart-carol")
+
+    async def stop_later():
+        await asyncio.sleep(2)
+        await user.stop()
+
+    stopping = asyncio.create_task(stop_later())
+    started = asyncio.get_running_loop().time()
+    r = await hub.api("GET", f"restarting/{name}?server=", token, timeout=60)
+    waited = asyncio.get_running_loop().time() - started
+    await stopping
+    assert r.code == 302, r.body
+    assert r.headers["Location"] == f"/hub/spawn/restart-carol?opt-cnbi_image={name}"
+    assert waited >= 1.5 and not user.spawner.active  # it waited for the stop
+    # someone else's image: the page is a 404, as the API
+    r = await hub.api("GET", f"restarting/{name}?server=", hub.token("restart-dave"))
+    assert r.code == 404
+    r = await hub.api("GET", f"restarting/{name}?server=a/b", token)
+    assert r.code == 400

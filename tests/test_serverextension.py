@@ -21,8 +21,10 @@ from tornado.httpclient import AsyncHTTPClient
 
 from cnbi_hub.serverextension import (
     EnvironmentHandler,
+    RestartHandler,
     ServerInfoHandler,
     list_distributions,
+    restart_plan,
 )
 from cnbi_hub.serverextension import (
     NOT_UNDER_HUB_MESSAGE,
@@ -152,7 +154,8 @@ async def upstream():
 @pytest.fixture
 def isolated_jupyter_env(tmp_path, monkeypatch):
     """No user/system Jupyter config and no hub environment leak into the server under test."""
-    for var in ("CNBI_SERVICE_URL", "JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL"):
+    for var in ("CNBI_SERVICE_URL", "JUPYTERHUB_API_TOKEN", "JUPYTERHUB_API_URL", "CNBI_IMAGE", "JUPYTERHUB_USER",
+                "JUPYTERHUB_SERVER_NAME", "JUPYTERHUB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     for var, sub in (
         ("JUPYTER_CONFIG_DIR", "config"),
@@ -406,12 +409,13 @@ def extension_handlers() -> list[tuple[str, type]]:
     return [(pattern, handler) for pattern, handler, *_ in ext.handlers]
 
 
-def test_extension_handlers_are_the_forwarder_and_two_local_routes():
+def test_extension_handlers_are_the_forwarder_and_three_local_routes():
     handlers = extension_handlers()
     assert handlers == [
         (r"/cnbi/api/(.*)", CNBIApiForwardHandler),
         (r"/cnbi/server-info", ServerInfoHandler),
         (r"/cnbi/environment", EnvironmentHandler),
+        (r"/cnbi/restart", RestartHandler),
     ]
 
 
@@ -430,7 +434,7 @@ async def test_every_handler_method_requires_authentication(start_server, upstre
             r = await fetch(base + path, token="wrong-token", method=method, body=body)
             assert r.code == 403, (method, path, r.code)
             checked += 1
-    assert checked == 7
+    assert checked == 8
     assert upstream.requests == []
 
 
@@ -526,3 +530,53 @@ async def test_environment_without_a_known_image_is_409_with_a_message(start_ser
     r = await fetch(base + "cnbi/environment")
     assert r.code == 409
     assert "image is not known" in json.loads(r.body)["message"]
+
+
+# -- restart on the image's current build ------------------------------------------------------
+
+
+def test_restart_plan_names_this_servers_stop_route_and_the_spawn_page():
+    hub = {"CNBI_IMAGE": "pandas-x7k2p", "JUPYTERHUB_API_URL": "http://127.0.0.1:8081/hub/api",
+           "JUPYTERHUB_USER": "al ice", "JUPYTERHUB_API_TOKEN": "t", "JUPYTERHUB_BASE_URL": "/jh/"}
+    assert restart_plan(hub) == {
+        "stopUrl": "http://127.0.0.1:8081/hub/api/users/al%20ice/server",
+        "nextUrl": "/jh/services/cnbi/restarting/pandas-x7k2p?server="}
+    named = restart_plan({**hub, "JUPYTERHUB_SERVER_NAME": "pandas-x7k2p"})
+    assert named["stopUrl"].endswith("/users/al%20ice/servers/pandas-x7k2p")
+    assert named["nextUrl"] == "/jh/services/cnbi/restarting/pandas-x7k2p?server=pandas-x7k2p"
+    with pytest.raises(ValueError, match="does not run on an Image Builder image"):
+        restart_plan({**hub, "CNBI_IMAGE": ""})
+    with pytest.raises(ValueError, match="not running under JupyterHub"):
+        restart_plan({**hub, "JUPYTERHUB_API_TOKEN": ""})
+
+
+@pytest.mark.asyncio
+async def test_restart_answers_first_then_asks_the_hub_to_stop_this_server(start_server, upstream, monkeypatch):
+    """The hub API is the recording upstream: the server's own token asks it to stop the server."""
+    monkeypatch.setenv("CNBI_IMAGE", "pandas-x7k2p")
+    monkeypatch.setenv("JUPYTERHUB_USER", "alice")
+    monkeypatch.setenv("JUPYTERHUB_SERVER_NAME", "pandas-x7k2p")
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", HUB_API_TOKEN)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", upstream.url + "api/hub-api")
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/restart", method="POST", body="{}")
+    assert r.code == 202, r.body
+    assert json.loads(r.body) == {"nextUrl": "/services/cnbi/restarting/pandas-x7k2p?server=pandas-x7k2p"}
+    assert [q for q in upstream.requests if q["method"] == "DELETE"] == []  # the answer went first
+    for _ in range(50):
+        deletes = [q for q in upstream.requests if q["method"] == "DELETE"]
+        if deletes:
+            break
+        await asyncio.sleep(0.05)
+    assert [(q["path"], q["authorization"]) for q in deletes] == [
+        ("/services/cnbi/api/hub-api/users/alice/servers/pandas-x7k2p", f"token {HUB_API_TOKEN}")]
+
+
+@pytest.mark.asyncio
+async def test_restart_of_a_server_on_another_image_is_409_and_stops_nothing(start_server, upstream, monkeypatch):
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", HUB_API_TOKEN)
+    base = await start_server({"service_url": upstream.url})
+    r = await fetch(base + "cnbi/restart", method="POST", body="{}")
+    assert r.code == 409 and "Image Builder image" in json.loads(r.body)["message"]
+    await asyncio.sleep(0.7)
+    assert [q for q in upstream.requests if q["method"] == "DELETE"] == []

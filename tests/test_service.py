@@ -438,3 +438,42 @@ async def test_an_image_on_another_names_one_you_may_use_and_closes_no_cycle(hub
     # shared with everyone, bob may build on it
     assert (await hub.api("PATCH", "api/images/stack-middle", tokens[ADMIN], {"shared": True})).code == 200
     assert (await hub.api("POST", "api/images?dryRun=true", bob, on("stack-middle"))).code == 200
+
+
+async def test_usage_per_user_is_for_admins_and_starts_are_recorded_by_the_hooks_only(hub, tokens, clean):
+    alice, bob, admin = tokens["alice"], tokens["bob"], tokens[ADMIN]
+    r = await hub.api("POST", "api/images", alice, package_list("six==1.16.0", name="usage-one"))
+    assert r.code == 201, r.body
+    assert (await hub.api("GET", "api/usage", alice)).code == 403
+    # a user cannot pretend a server started; the hooks (admins) can
+    started = {"image": "localhost/cnbi/usage-one@sha256:" + "a" * 64}
+    assert (await hub.api("POST", "api/images/usage-one/started", alice, started)).code == 403
+    r = await hub.api("POST", "api/images/usage-one/started", admin, {"image": ""})
+    assert r.code == 422 and r.json()["field"] == "image"
+    assert (await hub.api("POST", "api/images/no-such-image/started", admin, started)).code == 404
+    r = await hub.api("POST", "api/images/usage-one/started", admin, started)
+    assert r.code == 200 and r.json()["status"]["lastStartedImage"] == started["image"]
+    usage = (await hub.api("GET", "api/usage", admin)).json()["items"]
+    mine = next(u for u in usage if u["user"] == "alice")
+    assert mine["images"] >= 1 and mine["lastStartedAt"] == r.json()["status"]["lastStartedAt"]
+    assert (await hub.api("GET", "api/usage", bob)).code == 403
+
+
+async def test_a_user_over_the_bytes_quota_can_neither_build_nor_rebuild_until_they_delete(hub, service_store):
+    from tests.hubfixtures import QUOTA_BYTES
+
+    token = hub.token("quota-user")
+    big = model.validate_new_object(package_list("six==1.16.0", name="quota-big"), creator="quota-user")
+    big["status"] = {**model.initial_status(), "phase": "Ready", "image": "localhost/cnbi/q@sha256:" + "c" * 64,
+                     "imageSize": QUOTA_BYTES + 5_000_000_000}
+    await service_store.create(big)  # as if built: the store is the service's own database
+    r = await hub.api("POST", "api/images", token, package_list("toolz==0.12.1"))
+    assert r.code == 409, r.body
+    assert "take 25.0 GB, this hub's limit is 20.0 GB" in r.json()["message"]
+    r = await hub.api("POST", "api/images/quota-big/rebuild", token)
+    assert r.code == 409 and "a rebuild keeps the build it replaces" in r.json()["message"]
+    assert (await hub.api("GET", "api/images/quota-big", token)).json()["status"]["phase"] == "Ready"
+    assert (await hub.api("DELETE", "api/images/quota-big", token)).code == 204
+    r = await hub.api("POST", "api/images", token, package_list("toolz==0.12.1"))
+    assert r.code == 201, r.body
+    assert (await hub.api("DELETE", f"api/images/{r.json()['metadata']['name']}", token)).code == 204

@@ -278,3 +278,66 @@ async def test_an_image_being_rebuilt_or_whose_rebuild_failed_starts_on_its_prev
         spawner.user_options = {"profile": f"cnbi-{model.name_of(obj)}"}
         await spawner.load_user_options()
         assert spawner.image == obj["status"]["image"]  # the build it had before the rebuild
+
+
+async def _with_a_kept_build(service_store, obj: dict) -> str:
+    """Give `obj` a kept run-1 build (as a rebuild would) and a current run 2; run 1's image."""
+    from cnbi_hub import generations
+
+    name = model.name_of(obj)
+    old = f"localhost/cnbi/{name}@sha256:" + "1" * 64
+    record = {"run": 1, "image": old, "completionTime": "2026-11-22T10:00:00Z", "packages": []}
+    await service_store.put_artifact(name, "generations", generations.dump_saved({1: record}))
+    current = await service_store.get(name)
+    await service_store.update_status(name, {**current["status"], "run": 2})
+    return old
+
+
+@pytest.mark.parametrize("layout", ["profile-per-image", "one-profile"])
+async def test_kubespawner_pins_a_kept_build_with_cnbi_build(hub, three_images, make_kubespawner, service_store,
+                                                              layout):
+    _, _, shared_img = three_images
+    name = model.name_of(shared_img)
+    old = await _with_a_kept_build(service_store, shared_img)
+    spawner = make_kubespawner("kalice", make_hooks(hub, layout=layout))
+    # /hub/spawn?cnbi_image=<name>&cnbi_build=1 (or REST user_options)
+    options = spawner.options_from_query({"cnbi_image": [name], "cnbi_build": ["1"]})
+    assert options == {"cnbi_image": name, "cnbi_build": "1"}
+    spawner.user_options = options
+    await spawner._run_apply_user_options(spawner.user_options)
+    await spawner.load_user_options()
+    assert spawner.image == old != shared_img["status"]["image"]
+    assert spawner.environment["JUPYTER_IMAGE"] == old
+    # the start is recorded: on the image (its last use) and with the server (the exact build)
+    assert spawner.user_options["cnbi_started"] == old
+    recorded = (await service_store.get(name))["status"]
+    assert recorded["lastStartedImage"] == old and recorded["lastStartedAt"]
+    # without the pin, the same spawner class starts the current build
+    plain = make_kubespawner("kalice", make_hooks(hub, layout=layout))
+    plain.user_options = {"cnbi_image": name}
+    await plain._run_apply_user_options(plain.user_options)
+    await plain.load_user_options()
+    assert plain.image == shared_img["status"]["image"]
+    for build, status in (("9", 404), ("two", 400)):
+        refused = make_kubespawner("kalice", make_hooks(hub, layout=layout))
+        with pytest.raises(web.HTTPError) as e:
+            await refused._run_apply_user_options({"cnbi_image": name, "cnbi_build": build})
+        assert e.value.status_code == status, build
+
+
+async def test_dockerspawner_pins_a_kept_build_with_cnbi_build(hub, three_images, service_store):
+    alice_img, _, _ = three_images
+    name = model.name_of(alice_img)
+    old = await _with_a_kept_build(service_store, alice_img)
+    c = copy.deepcopy(hub.app.config)
+    c.CNBISpawnerHooks.cache_seconds = 0
+    configure_dockerspawner(c, "PodmanSpawner")
+    CNBISpawnerHooks.clear_instance()
+    try:
+        spawner = PodmanSpawner(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        spawner.user_options = spawner.options_from_query({"cnbi_image": [name], "cnbi_build": ["1"]})
+        await spawner._run_apply_user_options(spawner.user_options)
+        assert await spawner.check_allowed(spawner.user_options["image"]) == old
+        assert spawner.environment["JUPYTER_IMAGE"] == old
+    finally:
+        CNBISpawnerHooks.clear_instance()

@@ -49,6 +49,7 @@ FLOWS = {
         ("save-environment", "save-environment-diff", "save-environment-terminal"),
     "home survives: a file of the default server is there in a server started on a built image":
         ("home-survives",),
+    "a newer build: a server on the image says so, and restarts on it": ("newer-build",),
 }
 LIGHT_ONLY = ("edit-as-new-form", "save-environment-form")
 
@@ -109,11 +110,15 @@ def test_image_builder_in_chromium(ui_hub, notebook_base_images, private_git_ser
     assert ui_hub.lab_image
     # a private repository (smart HTTP on 127.0.0.1 asking for a token) for the token flow
     private = private_git_server.make_repo("ui-private", {"requirements.txt": "six\n"})
+    # a repository that moves on after each fetch: each build of it is a new build (the newer-build flow)
+    moving = private_git_server.make_repo("ui-moving", {"requirements.txt": "six\n"})
+    private_git_server.moving[moving.name] = moving
     env = dict(
         os.environ,
         **ui_hub.playwright_env(),
         CNBI_UI_PRIVATE_REPO=private.url,
         CNBI_UI_PRIVATE_TOKEN=private_git_server.token,
+        CNBI_UI_MOVING_REPO=moving.url,
         CNBI_UI_OUTPUT=str(OUTPUT),
         CNBI_UI_CHROMIUM=CHROMIUM,
         PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD="1",

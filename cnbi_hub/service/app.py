@@ -175,6 +175,13 @@ class CNBIService(Application):
         20, help="How many images one user may have at once; creating more answers 409."
     ).tag(config=True)
 
+    max_bytes_per_user = Integer(
+        0,
+        help="""How many bytes one user's images may take, their current builds and the earlier
+        builds kept (each build's own size, as `GET api/usage` sums them). At or over it, creating
+        or rebuilding an image answers 409 saying how much is used. 0: no limit.""",
+    ).tag(config=True)
+
     allowed_git_schemes = List(
         Unicode(),
         ["https"],
@@ -222,6 +229,15 @@ class CNBIService(Application):
         starts nothing. Kept in memory: a delivery repeated after a restart is recognised by its
         commit instead (an image already built at the pushed commit is not rebuilt).""",
     ).tag(config=True)
+
+    restart_wait_seconds = Float(
+        120.0,
+        help="""How long the "restarting" page (where the Lab panel's "Restart on it" goes) waits
+        for the hub to stop the user's server before it sends the browser to the spawn page.""",
+    ).tag(config=True)
+
+    restart_poll_seconds = Float(1.0, help="Seconds between the restarting page's questions to the hub.").tag(
+        config=True)
 
     log_poll_interval = Float(
         2.0,
@@ -321,6 +337,8 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/rebuild"), handlers.RebuildHandler),
             (route(rf"api/images/{name}/generations"), handlers.GenerationsHandler),
             (route(rf"api/images/{name}/rollback"), handlers.RollbackHandler),
+            (route(rf"api/images/{name}/started"), handlers.StartedHandler),
+            (route("api/usage"), handlers.UsageHandler),
             (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
             (route("api/credentials"), handlers.CredentialsHandler),
@@ -334,6 +352,7 @@ class CNBIService(Application):
             (route("health"), handlers.HealthHandler),
             (route("oauth_callback"), HubOAuthCallbackHandler),
             (route(rf"images/{name}"), pages.ImagePage),
+            (route(rf"restarting/{name}"), pages.RestartingPage),
             (self.service_prefix.rstrip("/") + r"/?", pages.ImageListPage),
         ]
         return web.Application(

@@ -231,6 +231,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
                 f"you already have {self.cnbi.max_images_per_user} images, the most allowed; "
                 "delete one you no longer need first",
             )
+        await check_bytes_quota(self, "build another")
         created = await self.create_with_name(obj)
         self.set_header("Location", url_path_join(self.request.path, created["metadata"]["name"]))
         self.write_json(created, status=201)
@@ -493,7 +494,89 @@ class RebuildHandler(APIHandler):
         obj = await self.changeable_image(name)
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
             raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        await check_bytes_quota(self, "rebuild one (a rebuild keeps the build it replaces)")
         self.write_json(await start_rebuild(self.store, obj, self.username, keep=self.cnbi.runner.keep_generations))
+
+
+@web.stream_request_body
+class StartedHandler(BodyLimitMixin, APIHandler):
+    """POST api/images/{name}/started {"image": ref}: the spawner hooks say a server is starting
+    on the image (on `image`, its current build or a kept one), so the image records when it was
+    last used (`status.lastStartedAt`, `.lastStartedImage`). Admins only: the hooks are one."""
+
+    def prepare(self):
+        super().prepare()
+        self.prepare_body_limit()
+
+    async def post(self, name: str):
+        if not self.is_admin:
+            raise FieldError(403, "only the hub's spawner hooks (an admin) record server starts")
+        try:
+            body = json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        image = body.get("image") if isinstance(body, dict) else None
+        if not isinstance(image, str) or not image or len(image) > 512:
+            raise FieldError(422, "image names the reference the server starts on", "image")
+        await self.visible_image(name)
+        now = model.now_iso()
+
+        def record(current: dict) -> dict:
+            return {**(current.get("status") or {}), "lastStartedAt": now, "lastStartedImage": image}
+
+        try:
+            self.write_json(await modify_status(self.store, name, record))
+        except NotFound:
+            raise FieldError(404, f"image {name} not found", "metadata.name")
+
+
+async def usage_by_user(store, objs: list[dict]) -> dict[str, dict]:
+    """Per creator: images, Ready ones, kept builds, their bytes (each build's own size, summed)
+    and the last server start on one."""
+    per_user: dict[str, dict] = {}
+    for obj in objs:
+        status = obj.get("status") or {}
+        saved = await saved_generations(store, model.name_of(obj))
+        entry = per_user.setdefault(model.creator_of(obj), {
+            "user": model.creator_of(obj), "images": 0, "readyImages": 0, "keptBuilds": 0, "bytes": 0,
+            "lastStartedAt": None})
+        entry["images"] += 1
+        if model.phase_of(obj) == model.PHASE_READY:
+            entry["readyImages"] += 1
+            entry["bytes"] += int(status.get("imageSize") or 0)
+        entry["keptBuilds"] += len(saved)
+        entry["bytes"] += sum(int(record.get("imageSize") or 0) for record in saved.values())
+        started = status.get("lastStartedAt")
+        if started and (entry["lastStartedAt"] is None or started > entry["lastStartedAt"]):
+            entry["lastStartedAt"] = started
+    return per_user
+
+
+def gigabytes(size: int) -> str:
+    return f"{size / 1e9:.1f} GB"
+
+
+async def check_bytes_quota(handler: "APIHandler", what: str) -> None:
+    """409 when the caller's images already take `max_bytes_per_user` or more."""
+    limit = handler.cnbi.max_bytes_per_user
+    if not limit:
+        return
+    mine = await handler.store.list(owner=handler.username)
+    used = (await usage_by_user(handler.store, mine)).get(handler.username, {}).get("bytes", 0)
+    if used >= limit:
+        raise FieldError(409, f"your images and their kept builds take {gigabytes(used)}, this hub's limit is "
+                              f"{gigabytes(limit)}: delete an image you no longer need before you {what}")
+
+
+class UsageHandler(APIHandler):
+    """GET api/usage (admins): per user, how many images and kept builds they have, the bytes
+    those take, and when a server last started on one of them."""
+
+    async def get(self):
+        if not self.is_admin:
+            raise FieldError(403, f"only admins see every user's usage ({SCOPE_ADMIN})")
+        per_user = await usage_by_user(self.store, await self.store.list())
+        self.write_json({"items": sorted(per_user.values(), key=lambda e: (-e["bytes"], e["user"]))})
 
 
 class GenerationsHandler(APIHandler):

@@ -11,6 +11,10 @@ The handlers are the API's, with browser manners: the hub's OAuth login (a redir
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import time
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -18,6 +22,7 @@ from urllib.parse import quote, urlencode
 from jinja2 import Environment, PackageLoader
 from jupyterhub.utils import url_path_join
 from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from .. import model
 from ..store.base import NotFound
@@ -181,3 +186,52 @@ class ImagePage(PageHandler):
             spawn_url=url_path_join(hub_prefix, "spawn") + "?" + urlencode({"opt-cnbi_image": model.name_of(obj)}),
             api_url=url_path_join(self.cnbi.service_prefix, "api/images", quote(model.name_of(obj))),
         )
+
+
+# JupyterHub's own rule for server names: no '/', and not more than 255 characters
+_SERVER_NAME = re.compile(r"^[^/?#\s]{0,255}$")
+
+
+async def server_state(api_url: str, token: str, user: str, server: str) -> str:
+    """What the hub says of `user`'s server `server` ('' the default one): "running",
+    "stopping", "stopped", or "unknown" (the hub did not say: no such right, no answer)."""
+    request = HTTPRequest(url_path_join(api_url, "users", quote(user, safe="")),
+                          headers={"Authorization": f"token {token}"}, request_timeout=10)
+    try:
+        servers = json.loads((await AsyncHTTPClient().fetch(request)).body).get("servers")
+    except Exception:
+        return "unknown"
+    if servers is None:
+        return "unknown"
+    model_ = servers.get(server)
+    if not model_ or model_.get("stopped"):
+        return "stopped"
+    if model_.get("pending") == "stop":
+        return "stopping"
+    return "running" if model_.get("ready") or model_.get("pending") else "stopped"
+
+
+class RestartingPage(PageHandler):
+    """GET /services/cnbi/restarting/<name>?server=<server>: where "Restart on it" (the Lab panel
+    of a server on an earlier build of <name>) sends the browser while the hub stops that server.
+    It waits — here, at most `restart_wait_seconds` — until the hub says the server has stopped,
+    then sends the browser to the hub's spawn page for it with `opt-cnbi_image`, which starts it
+    on the image's current build. (The hub's own pending page, reloaded while a named server
+    stops, ends at a 404 once it has stopped.)"""
+
+    @web.authenticated
+    async def get(self, name: str):
+        await self.visible_image(name)  # 404 for an image the user may not start, as the API
+        server = self.get_argument("server", "")
+        if not _SERVER_NAME.match(server):
+            raise FieldError(400, "server is a server name (no '/', at most 255 characters)")
+        deadline = time.monotonic() + self.cnbi.restart_wait_seconds
+        while time.monotonic() < deadline:
+            state = await server_state(self.hub_auth.api_url, self.hub_auth.api_token, self.username, server)
+            if state in ("stopped", "unknown"):
+                break
+            await asyncio.sleep(self.cnbi.restart_poll_seconds)
+        user = quote(self.username, safe="")
+        named = f"/{quote(server, safe='')}" if server else ""
+        self.redirect(url_path_join(self.hub_auth.hub_prefix, "spawn", user) + named + "?"
+                      + urlencode({"opt-cnbi_image": name}))

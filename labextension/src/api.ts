@@ -264,6 +264,15 @@ export class CnbiApi {
     return (await this.fetch(this.localUrl('server-info'))).json();
   }
 
+  /**
+   * Stop this server (the hub does, asked by the server extension) so that it starts again on
+   * its image's current build from `nextUrl` (the cnbi service's page that waits for the stop);
+   * 409 when the server is not on an Image Builder image.
+   */
+  async restartServer(): Promise<{ nextUrl: string }> {
+    return (await this.fetch(this.localUrl('restart'), { method: 'POST', body: '{}' })).json();
+  }
+
   /** What the user installed into this running server; 409 when its image is not known. */
   async environment(): Promise<IEnvironment> {
     return (await this.fetch(this.localUrl('environment'))).json();

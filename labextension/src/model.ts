@@ -1062,3 +1062,22 @@ export function changesLabel(changes: IPackageChanges, shown = 3): string {
     .filter(Boolean)
     .join(' · ');
 }
+
+/**
+ * Whether this server runs an earlier build of its image than the image's current one: the
+ * server's image (by digest, as the spawner started it) is not the Ready image's `status.image`.
+ * Null when it runs the current build, the image is not Ready, or the server is on another image.
+ */
+export function newerBuildOf(
+  server: IServerInfo | null,
+  image: ICustomNBImage | undefined
+): { name: string; run: number } | null {
+  if (!server?.cnbiImage || !server.jupyterImage || !image || nameOf(image) !== server.cnbiImage) {
+    return null;
+  }
+  const current = image.status?.image;
+  if (phaseOf(image) !== 'Ready' || !current || current === server.jupyterImage) {
+    return null;
+  }
+  return { name: nameOf(image), run: image.status?.run ?? 1 };
+}

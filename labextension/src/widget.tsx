@@ -35,6 +35,19 @@ export const labPanelActions: IPanelActions = {
     });
     return result.button.accept;
   },
+  async confirmRestart(displayName: string, run: number): Promise<boolean> {
+    const result = await showDialog({
+      title: 'Restart on the newer build',
+      body:
+        `Restart this server on run ${run} of “${displayName}”? The server stops and starts again: ` +
+        'its kernels and terminals end, so save your work first. Your home directory stays as it is.',
+      buttons: [Dialog.cancelButton(), Dialog.okButton({ label: 'Restart' })]
+    });
+    return result.button.accept;
+  },
+  navigate(url: string): void {
+    window.location.assign(url);
+  },
   copyToClipboard(text: string): void {
     Clipboard.copyToSystem(text);
   },

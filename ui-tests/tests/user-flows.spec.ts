@@ -415,3 +415,76 @@ test('home survives: a file of the default server is there in a server started o
     await server.close();
   }
 });
+
+test('a newer build: a server on the image says so, and restarts on it', async ({ page }) => {
+  const repository = process.env.CNBI_UI_MOVING_REPO;
+  const token = process.env.CNBI_UI_PRIVATE_TOKEN;
+  test.skip(!repository || !token, 'needs the moving repository of tests/test_ui.py');
+  test.setTimeout(2 * BUILD_TIMEOUT_MS + 600_000);
+  const host = new URL(repository!).host;
+
+  // an image of a repository that moves on after each build, with a stored token
+  await openLab(page);
+  await setTheme(page, LIGHT);
+  const panel = await openImageBuilder(page);
+  const form = panel.getByTestId('cnbi-create-form');
+  const displayName = uniqueName('moving repo');
+  await form.getByTestId('cnbi-tab-GitRepository').click();
+  await form.getByTestId('cnbi-name').fill(displayName);
+  await form.getByTestId('cnbi-base-image').selectOption(BASE_IMAGE);
+  await form.getByTestId('cnbi-repository').fill(repository!);
+  const select = form.getByTestId('cnbi-git-credential-select');
+  const stored = host.replace(/[^a-z0-9]+/g, '-');
+  if ((await select.locator(`option[value="${stored}"]`).count()) === 0) {
+    await select.selectOption({ label: `Add a token for ${host}…` });
+    await form.getByTestId('cnbi-token').fill(token!);
+    await form.getByTestId('cnbi-token-save').click();
+  } else {
+    await select.selectOption(stored); // stored by an earlier flow: pick it
+  }
+  await expect(select).toHaveValue(stored);
+  const name = await submit(page, panel, displayName);
+  await waitForFinish(panel, 'Ready', BUILD_TIMEOUT_MS);
+  const first = (await (await page.request.get(userPath(`cnbi/api/images/${name}`))).json()).status.image;
+
+  // a server on run 1, in a new tab
+  const opened = page.context().waitForEvent('page');
+  await detailOf(panel).getByTestId('cnbi-spawn').click();
+  const server = await opened;
+  server.setDefaultNavigationTimeout(180_000);
+  try {
+    await waitForLab(server, 240_000);
+    await setTheme(server, LIGHT);
+    const info = await (await server.request.get(userPath(`${name}/cnbi/server-info`))).json();
+    expect(info.jupyterImage).toBe(first);
+    const serverPanel = await openImageBuilder(server);
+    await expect(serverPanel.getByTestId('cnbi-newer-build')).toHaveCount(0);
+
+    // rebuilt (from the first tab, as a push would): the new commit makes a new build
+    await detailOf(panel).getByTestId('cnbi-rebuild').click();
+    await expect(detailOf(panel).getByTestId('cnbi-run')).toHaveText(/Run 2/, { timeout: BUILD_TIMEOUT_MS });
+    await waitForFinish(panel, 'Ready', BUILD_TIMEOUT_MS);
+    const second = (await (await page.request.get(userPath(`cnbi/api/images/${name}`))).json()).status.image;
+    expect(second).not.toBe(first);
+
+    // the server's own panel says so at once, and restarts the server on it
+    const notice = serverPanel.getByTestId('cnbi-newer-build');
+    await expect(notice).toContainText(`A newer build of ${displayName} is ready (run 2)`, { timeout: 30_000 });
+    await screenshotBothThemes(server, serverPanel, 'newer-build');
+    await notice.getByTestId('cnbi-restart-on-newer').click();
+    const dialog = server.locator('.jp-Dialog');
+    await expect(dialog).toContainText('Restart this server on run 2');
+    await dialog.locator('button', { hasText: /^Restart$/ }).click();
+    // the service's page waits while the hub stops it, the hub's while it starts, then Lab
+    await server.waitForURL(/\/(hub|services\/cnbi)\//, { timeout: 60_000 });
+    await waitForLab(server, 300_000);
+    const restarted = await (await server.request.get(userPath(`${name}/cnbi/server-info`))).json();
+    expect(restarted.jupyterImage).toBe(second);
+    expect(restarted.cnbiImage).toBe(name);
+    const again = await openImageBuilder(server);
+    await expect(again.getByTestId('cnbi-image-row').first()).toBeVisible();
+    await expect(again.getByTestId('cnbi-newer-build')).toHaveCount(0);
+  } finally {
+    await server.close();
+  }
+});

@@ -64,7 +64,12 @@ describe('ImageBuilder panel', () => {
         return true;
       },
       copyToClipboard: text => copied.push(text),
-      openUrl: url => opened.push(url)
+      openUrl: url => opened.push(url),
+      confirmRestart: async (name, run) => {
+        confirms.push(`restart ${name} on run ${run}`);
+        return true;
+      },
+      navigate: url => opened.push(`navigate ${url}`)
     };
   });
 
@@ -324,6 +329,9 @@ describe('ImageBuilder panel', () => {
     expect(spawnUrl('/hub', 'a b')).toBe('/hub/spawn?opt-cnbi_image=a%20b');
     expect(spawnUrl('/hub/', 'img-1', 'alice', true)).toBe('/hub/spawn/alice/img-1?opt-cnbi_image=img-1');
     expect(spawnUrl('/hub/', 'img-1', 'alice', false)).toBe('/hub/spawn?opt-cnbi_image=img-1');
+    expect(spawnUrl('/hub/', 'img-1', 'alice', true, 2)).toBe(
+      '/hub/spawn/alice/img-1-run-2?opt-cnbi_image=img-1&opt-cnbi_build=2'
+    );
   });
   describe('form messages', () => {
     it('shows a field’s message at that field, without its path, until the input changes', async () => {
@@ -531,6 +539,10 @@ describe('ImageBuilder panel', () => {
       ' · tabulate 0.9.0 → 0.8.10 · added numpy 2.0.0 since run 1'
     );
     expect(within(items[0]).queryByTestId('cnbi-make-current')).toBeNull();
+    expect(within(items[0]).queryByTestId('cnbi-start-build')).toBeNull();
+    // a server pinned to the kept build
+    fireEvent.click(within(items[1]).getByTestId('cnbi-start-build'));
+    expect(actions.opened).toContain('/hub/spawn/alice/gen-run-1?opt-cnbi_image=gen&opt-cnbi_build=1');
     fireEvent.click(within(items[1]).getByTestId('cnbi-make-current'));
     await waitFor(() => expect(service.images[0].status?.image).toBe('reg/gen@sha256:1'));
     const rollback = service.requests.find(r => r.method === 'POST' && r.url.split('?')[0].endsWith('/rollback'))!;
@@ -557,6 +569,45 @@ describe('ImageBuilder panel', () => {
     const list = await within(detail).findByTestId('cnbi-generations');
     expect(within(list).getByTestId('cnbi-generation-changes').textContent).toBe(' · same packages as run 1');
     expect(within(list).queryByTestId('cnbi-make-current')).toBeNull();
+    // starting a kept build is for everyone who may start the image
+    expect(within(list).getAllByTestId('cnbi-start-build')).toHaveLength(1);
+    view.unmount();
+  });
+
+  it('says when the image this server runs has a newer build, and restarts the server on it', async () => {
+    const running = 'reg/mine@sha256:1';
+    service.serverInfo = { cnbiImage: 'mine', jupyterImage: running, serverName: 'mine' };
+    service.images = [image('mine', 'Ready', { run: 1, image: running })];
+    const view = renderPanel();
+    await screen.findByTestId('cnbi-image-row');
+    expect(screen.queryByTestId('cnbi-newer-build')).toBeNull();
+    // a push rebuilt it meanwhile: the stream of the image this server runs brings run 2
+    await service.waitFor(() => service.watchers('mine') > 0);
+    const rebuilt = image('mine', 'Ready', { run: 2, image: 'reg/mine@sha256:2' });
+    rebuilt.metadata.resourceVersion = '2';
+    service.replace(service.images[0], rebuilt);
+    const notice = await screen.findByTestId('cnbi-newer-build');
+    expect(notice.textContent).toContain('A newer build of Display mine is ready (run 2)');
+    fireEvent.click(within(notice).getByTestId('cnbi-restart-on-newer'));
+    await waitFor(() => expect(actions.opened).toContain('navigate /services/cnbi/restarting/mine?server=mine'));
+    expect(service.stopped).toBe(true);
+    expect(actions.confirms).toContain('restart Display mine on run 2');
+    expect(service.requests.some(r => r.method === 'POST' && r.url.split('?')[0] === '/user/alice/cnbi/restart')).toBe(
+      true
+    );
+    view.unmount();
+  });
+
+  it('says nothing about an image it does not run, or one not Ready', async () => {
+    service.serverInfo = { cnbiImage: 'mine', jupyterImage: 'reg/mine@sha256:1', serverName: '' };
+    service.images = [
+      image('mine', 'Building', { run: 2, image: 'reg/mine@sha256:2' }),
+      image('other', 'Ready', { run: 3, image: 'reg/other@sha256:9' })
+    ];
+    const view = renderPanel();
+    await screen.findAllByTestId('cnbi-image-row');
+    await new Promise(r => setTimeout(r, 100));
+    expect(screen.queryByTestId('cnbi-newer-build')).toBeNull();
     view.unmount();
   });
 

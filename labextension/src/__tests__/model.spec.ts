@@ -18,6 +18,7 @@ import {
   formatBytes,
   formatDuration,
   imageFromForm,
+  newerBuildOf,
   repositoryHost,
   imageSections,
   EMPTY_FORM,
@@ -624,5 +625,22 @@ describe('generations', () => {
     expect(triggerLabel({ kind: 'rollback', by: 'alice', toRun: 2, at: '2026-11-23T10:00:00Z' })).toBe(
       'Run 2’s build made current again by alice · 2026-11-23 10:00 UTC'
     );
+  });
+});
+
+describe('a newer build of the image this server runs', () => {
+  const ready = (digest: string, phase = 'Ready'): any => ({
+    metadata: { name: 'mine' },
+    spec: { buildType: 'PackageList' },
+    status: { phase, run: 4, image: digest }
+  });
+  it('is the Ready image on another digest than the server started on', () => {
+    const server = { cnbiImage: 'mine', jupyterImage: 'reg/mine@sha256:1', serverName: '' };
+    expect(newerBuildOf(server, ready('reg/mine@sha256:2'))).toEqual({ name: 'mine', run: 4 });
+    expect(newerBuildOf(server, ready('reg/mine@sha256:1'))).toBeNull();
+    expect(newerBuildOf(server, ready('reg/mine@sha256:2', 'Building'))).toBeNull();
+    expect(newerBuildOf({ ...server, cnbiImage: 'other' }, ready('reg/mine@sha256:2'))).toBeNull();
+    expect(newerBuildOf({ ...server, jupyterImage: null }, ready('reg/mine@sha256:2'))).toBeNull();
+    expect(newerBuildOf(null, ready('reg/mine@sha256:2'))).toBeNull();
   });
 });

@@ -46,6 +46,8 @@ export class TestCnbiService {
   requests: IRecordedRequest[] = [];
   /** api/images/{name}/generations answers, by image name (none: 404, like an unknown image). */
   generations: Record<string, IGeneration[]> = {};
+  /** Set by POST cnbi/restart: server-info then answers as a stopped server's. */
+  stopped = false;
   /** The user's stored git credentials, as api/credentials lists them (no token). */
   credentials: IGitCredential[] = [];
   /** Status the next N event-stream requests answer with instead of a stream. */
@@ -140,7 +142,19 @@ export class TestCnbiService {
       this.requests.push({ method: req.method!, url: req.url!, body });
       const url = new URL(req.url!, 'http://127.0.0.1');
       if (url.pathname === '/user/alice/cnbi/server-info') {
-        return this.json(res, 200, this.serverInfo);
+        // once asked to restart, the server goes away: the hub answers for it
+        return this.stopped
+          ? this.json(res, 503, { message: 'server not running' })
+          : this.json(res, 200, this.serverInfo);
+      }
+      if (url.pathname === '/user/alice/cnbi/restart' && req.method === 'POST') {
+        const name = this.serverInfo.cnbiImage;
+        if (!name) {
+          return this.json(res, 409, { message: 'this server does not run on an Image Builder image' });
+        }
+        this.stopped = true;
+        const server = encodeURIComponent(this.serverInfo.serverName);
+        return this.json(res, 202, { nextUrl: `/services/cnbi/restarting/${name}?server=${server}` });
       }
       if (url.pathname === '/user/alice/cnbi/environment') {
         const env = this.environment;

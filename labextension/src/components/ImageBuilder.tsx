@@ -6,6 +6,7 @@ import {
   IEnvironment,
   IImageForm,
   IPhaseSnapshot,
+  IServerInfo,
   IUserInfo,
   buildFinishedNotice,
   displayNameOf,
@@ -15,6 +16,7 @@ import {
   formFromImage,
   isTerminal,
   mergeImages,
+  newerBuildOf,
   nameOf,
   phaseOf,
   snapshotOf,
@@ -32,6 +34,7 @@ import { ImageList } from './ImageList';
  * The list follows at most this many unfinished images (the detail view adds one more).
  */
 export const MAX_LIST_STREAMS = 3;
+
 
 /** Something asked of the panel from outside (a command): each new `seq` is done once. */
 export type PanelRequest =
@@ -87,6 +90,22 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
     setImages(list => list.filter(i => nameOf(i) !== name));
     setSelected(s => (s === name ? null : s));
   }, []);
+
+  // What this server runs on: a newer build of that image is worth a notice.
+  const [serverInfo, setServerInfo] = React.useState<IServerInfo | null>(null);
+  const [restartError, setRestartError] = React.useState<string | null>(null);
+  const [restarting, setRestarting] = React.useState(false);
+  React.useEffect(() => {
+    api.serverInfo().then(
+      info => {
+        setServerInfo(info);
+        if (info.cnbiImage) {
+          api.getImage(info.cnbiImage).then(upsert, () => undefined);
+        }
+      },
+      () => setServerInfo(null) // an older server extension: no notice
+    );
+  }, [api]);
 
   React.useEffect(() => {
     api.serviceSettings().then(
@@ -190,12 +209,15 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
   }, [request?.seq]);
 
   // Live rows: a stream for each unfinished image (up to the cap), closed once it finishes;
-  // the builds of this session first, so that their end is noticed (and notified).
+  // the builds of this session first, so that their end is noticed (and notified). The image
+  // this server runs is always followed: a new build of it (a push, a rollback) shows at once.
+  const runningOn = serverInfo?.cnbiImage ?? null;
   const followed = images
-    .filter(i => !isTerminal(phaseOf(i)) && nameOf(i) !== selected)
+    .filter(i => !isTerminal(phaseOf(i)) && nameOf(i) !== selected && nameOf(i) !== runningOn)
     .sort((a, b) => Number(tracked.current.has(nameOf(b))) - Number(tracked.current.has(nameOf(a))))
     .slice(0, MAX_LIST_STREAMS)
-    .map(nameOf);
+    .map(nameOf)
+    .concat(runningOn && runningOn !== selected ? [runningOn] : []);
   const followedKey = followed.join('\n');
   const streams = React.useRef(new Map<string, ImageEventStream>());
   React.useEffect(() => {
@@ -228,6 +250,23 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
   );
 
   const current = images.find(i => nameOf(i) === selected) ?? null;
+  const runningImage = runningOn ? images.find(i => nameOf(i) === runningOn) : undefined;
+  const newer = newerBuildOf(serverInfo, runningImage);
+  const restart = async () => {
+    if (!newer || !(await actionsRef.current.confirmRestart(displayNameOf(runningImage!), newer.run))) {
+      return;
+    }
+    setRestarting(true);
+    setRestartError(null);
+    try {
+      // the service's page waits until the hub has stopped this server, then starts it again
+      const { nextUrl } = await api.restartServer();
+      actionsRef.current.navigate(nextUrl);
+    } catch (e) {
+      setRestartError(withoutFieldPrefix((e as CnbiApiError).message));
+      setRestarting(false);
+    }
+  };
   const lookup = React.useCallback(
     (name: string) => images.find(i => nameOf(i) === name),
     [images]
@@ -318,6 +357,27 @@ export function ImageBuilder(props: IImageBuilderProps): JSX.Element {
             </button>
           </div>
         </div>
+        {newer && (
+          <div className="cnbi-newer-build" role="status" data-testid="cnbi-newer-build">
+            <p>
+              A newer build of <strong>{displayNameOf(runningImage!)}</strong> is ready (run {newer.run}):
+              this server runs an earlier one.
+            </p>
+            <button
+              className="jp-mod-styled jp-mod-accept cnbi-button"
+              data-testid="cnbi-restart-on-newer"
+              disabled={restarting}
+              onClick={() => void restart()}
+            >
+              {restarting ? 'Restarting…' : 'Restart on it'}
+            </button>
+            {restartError && (
+              <p className="cnbi-error" role="alert">
+                {restartError}
+              </p>
+            )}
+          </div>
+        )}
         {loadError && (
           <p className="cnbi-error" role="alert" data-testid="cnbi-load-error">
             {loadError}

@@ -47,6 +47,10 @@ export interface IPanelActions {
   openUrl: (url: string) => void;
   /** Say that a build finished (while the panel is not visible). */
   notify: (notice: IPanelNotice) => void;
+  /** "Restart this server on run N of the image?" (the server stops: unsaved work is lost). */
+  confirmRestart: (displayName: string, run: number) => Promise<boolean>;
+  /** Leave this page for `url` (the hub's spawn page, once the server is asked to stop). */
+  navigate: (url: string) => void;
 }
 
 export interface IImageDetailProps {
@@ -80,11 +84,22 @@ export const CANCELLABLE = ['Pending', 'Prepare', 'Resolving', 'Building'];
  * the image (the user keeps the one this panel runs in); without, the default server's spawn
  * page, which only helps once that server is stopped. The hub wants spawn options as `opt-…`.
  */
-export function spawnUrl(hubPrefix: string, name: string, user?: string, namedServers?: boolean): string {
+export function spawnUrl(
+  hubPrefix: string,
+  name: string,
+  user?: string,
+  namedServers?: boolean,
+  run?: number
+): string {
   const prefix = hubPrefix.endsWith('/') ? hubPrefix : hubPrefix + '/';
-  const query = `opt-cnbi_image=${encodeURIComponent(name)}`;
+  let query = `opt-cnbi_image=${encodeURIComponent(name)}`;
+  // a kept earlier build (cnbi_build): its own named server, beside one on the current build
+  const server = run === undefined ? name : `${name}-run-${run}`;
+  if (run !== undefined) {
+    query += `&opt-cnbi_build=${run}`;
+  }
   if (namedServers && user) {
-    return `${prefix}spawn/${encodeURIComponent(user)}/${encodeURIComponent(name)}?${query}`;
+    return `${prefix}spawn/${encodeURIComponent(user)}/${encodeURIComponent(server)}?${query}`;
   }
   return `${prefix}spawn?${query}`;
 }
@@ -492,6 +507,17 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
                       </span>
                     )}
                   </span>
+                  {!g.current && (
+                    <button
+                      type="button"
+                      className="jp-Button jp-mod-styled cnbi-small-button"
+                      data-testid="cnbi-start-build"
+                      title={`Start a server on run ${g.run}'s build (${g.image}), pinned to it`}
+                      onClick={() => actions.openUrl(spawnUrl(hubPrefix, name, currentUser, namedServers, g.run))}
+                    >
+                      Start a server on it
+                    </button>
+                  )}
                   {!g.current && changeable && (
                     <button
                       type="button"
