@@ -65,8 +65,11 @@ def test_rolled_back_status_is_ready_at_once_on_the_saved_build():
                                       "from": "i2", "to": "i1", "run": 3}
     validated = [c for c in status["conditions"] if c["type"] == model.CONDITION_VALIDATED][0]
     assert validated["reason"] == "RolledBack" and "rebuildOf" not in status and "lock" not in status
-    # a rebuild after it starts from there as from any Ready build
-    assert rebuilt({**obj, "status": status}, "bob")["rebuildOf"] == "i1"
+    # a rebuild after it starts from there as from any Ready build, and the image's last use stays
+    used = {**status, "lastStartedAt": "2026-11-23T13:00:00Z", "lastStartedImage": "i1"}
+    again = rebuilt({**obj, "status": used}, "bob")
+    assert again["rebuildOf"] == "i1" and again["lastStartedAt"] == "2026-11-23T13:00:00Z"
+    assert again["lastStartedImage"] == "i1" and again["phase"] == "Pending"
 
 
 # --- end to end ----------------------------------------------------------------------------

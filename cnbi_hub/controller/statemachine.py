@@ -237,6 +237,9 @@ def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = N
     status["rebuildRequestedBy"] = by
     status["rebuildRequestedAt"] = now
     status["triggers"] = (list(old.get("triggers", [])) + [trigger])[-MAX_REMEMBERED_TRIGGERS:]
+    for key in ("lastStartedAt", "lastStartedImage"):  # the image's use, not the run's
+        if old.get(key):
+            status[key] = old[key]
     return status
 
 
@@ -272,9 +275,9 @@ def trigger_satisfied(obj: dict, trigger: dict) -> bool:
     return bool(trigger.get("to")) and status.get("gitCommit") == trigger["to"]
 
 
-# status fields that others than the engine write while it works (a push's pending rebuild):
-# the engine's own writes keep them
-FIELDS_WRITTEN_BY_OTHERS = ("rebuildAfter",)
+# status fields that others than the engine write while it works (a push's pending rebuild, the
+# spawner hooks' record of a server start): the engine's own writes keep them
+FIELDS_WRITTEN_BY_OTHERS = ("rebuildAfter", "lastStartedAt", "lastStartedImage")
 
 
 def run_separator(status: dict) -> str | None:
