@@ -714,7 +714,9 @@ class PhaseWork(LoggingConfigurable):
             "cnbi-ca": Path(self.ca_bundle).read_text() if self.ca_bundle and os.path.isfile(self.ca_bundle) else "",
             "cnbi-uv-config": uv_config_toml(self.index_url or None, tuple(self.extra_index_urls)),
         }
-        git_credential = await self.git_credential(obj, say) if status.get("gitCommit") else None
+        # a builder that builds the engine's checkout (podman) needs no credential here
+        git_credential = (await self.git_credential(obj, say)
+                          if status.get("gitCommit") and self.builder.fetches_repository else None)
         if isinstance(git_credential, Outcome):  # removed or changed since Prepare
             raise BuildError(git_credential.message)
         say(f"building {target}")

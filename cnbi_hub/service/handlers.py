@@ -65,11 +65,6 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(value))
 
-    def read_json(self):
-        try:
-            return json.loads(self.request.body or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
 
 
 def newest_first(items: list[dict]) -> list[dict]:
@@ -145,6 +140,13 @@ class APIHandler(BaseHandler):
             raise FieldError(403, f"image {name} is shared with you; only its owner or an admin may change it")
         return obj
 
+    async def finished_image(self, name: str) -> dict:
+        """An image the caller may change whose run has ended (409 while it works)."""
+        obj = await self.changeable_image(name)
+        if model.phase_of(obj) not in model.TERMINAL_PHASES:
+            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        return obj
+
 
 class BodyLimitMixin:
     """Bodies over MAX_BODY_BYTES are drained without being kept, then refused with 413.
@@ -172,6 +174,13 @@ class BodyLimitMixin:
         if self._received > self.max_body_bytes:
             raise FieldError(413, f"the request body is larger than {self.max_body_bytes // 1024} KiB")
         return b"".join(self._chunks)
+
+    def body_json(self):
+        """The body as JSON (null when empty); 413 when too large, 400 when not JSON."""
+        try:
+            return json.loads(self.body_bytes() or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FieldError(400, f"the request body is not valid JSON: {e}")
 
 
 @web.stream_request_body
@@ -212,10 +221,7 @@ class ImagesHandler(BodyLimitMixin, APIHandler):
         self.write_json({"items": newest_first(items)})
 
     async def post(self):
-        try:
-            body = json.loads(self.body_bytes() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        body = self.body_json()
         try:
             obj = model.validate_new_object(body, creator=self.username, policy=self.cnbi.validation_policy)
         except model.InvalidObject as e:
@@ -319,10 +325,7 @@ class ImageHandler(BodyLimitMixin, APIHandler):
         self.write_json(await self.visible_image(name))
 
     async def patch(self, name: str):
-        try:
-            changes = json.loads(self.body_bytes() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        changes = self.body_json()
         if not isinstance(changes, dict):
             raise FieldError(422, "the request body must be a JSON object")
         unknown = sorted(set(changes) - self.PATCH_FIELDS)
@@ -491,9 +494,7 @@ class RebuildHandler(APIHandler):
     `status.runs` and its log stays above the new run's."""
 
     async def post(self, name: str):
-        obj = await self.changeable_image(name)
-        if model.phase_of(obj) not in model.TERMINAL_PHASES:
-            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        obj = await self.finished_image(name)
         await check_bytes_quota(self, "rebuild one (a rebuild keeps the build it replaces)")
         self.write_json(await start_rebuild(self.store, obj, self.username, keep=self.cnbi.runner.keep_generations))
 
@@ -511,10 +512,7 @@ class StartedHandler(BodyLimitMixin, APIHandler):
     async def post(self, name: str):
         if not self.is_admin:
             raise FieldError(403, "only the hub's spawner hooks (an admin) record server starts")
-        try:
-            body = json.loads(self.body_bytes() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        body = self.body_json()
         image = body.get("image") if isinstance(body, dict) else None
         if not isinstance(image, str) or not image or len(image) > 512:
             raise FieldError(422, "image names the reference the server starts on", "image")
@@ -599,18 +597,13 @@ class RollbackHandler(BodyLimitMixin, APIHandler):
         self.prepare_body_limit()
 
     async def post(self, name: str):
-        try:
-            body = json.loads(self.body_bytes() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        body = self.body_json()
         if not isinstance(body, dict) or set(body) != {"run"}:
             raise FieldError(422, 'the body names the run to go back to: {"run": 2}', "run")
         run = body["run"]
         if not isinstance(run, int) or isinstance(run, bool) or run < 1:
             raise FieldError(422, "run is the number of an earlier run, such as 2", "run")
-        obj = await self.changeable_image(name)
-        if model.phase_of(obj) not in model.TERMINAL_PHASES:
-            raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
+        obj = await self.finished_image(name)
         saved = await saved_generations(self.store, name)
         if run not in saved:
             current = (obj.get("status") or {}).get("run", 1)
@@ -719,10 +712,7 @@ class CredentialHandler(BodyLimitMixin, APIHandler):
         return vault
 
     async def put(self, name: str):
-        try:
-            body = json.loads(self.body_bytes() or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise FieldError(400, f"the request body is not valid JSON: {e}")
+        body = self.body_json()
         try:
             clean = credentials.check_credential_input(name, body)
         except model.InvalidObject as e:

@@ -191,6 +191,22 @@ export async function fillPackageForm(
   await form.getByTestId('cnbi-packages').fill(packages);
 }
 
+/** Fills the git tab: name, base image, repository URL; returns the form. */
+export async function fillGitForm(
+  panel: Locator,
+  displayName: string,
+  repository: string,
+  baseImage: string
+): Promise<Locator> {
+  const form = panel.getByTestId('cnbi-create-form');
+  await expect(form).toBeVisible();
+  await form.getByTestId('cnbi-tab-GitRepository').click();
+  await form.getByTestId('cnbi-name').fill(displayName);
+  await form.getByTestId('cnbi-base-image').selectOption(baseImage);
+  await form.getByTestId('cnbi-repository').fill(repository);
+  return form;
+}
+
 /** Deletes the shown image through the detail's Delete button and JupyterLab's dialog. */
 export async function deleteShownImage(page: Page, panel: Locator, name: string): Promise<void> {
   const detail = panel.getByTestId('cnbi-detail');

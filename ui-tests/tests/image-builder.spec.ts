@@ -15,6 +15,7 @@ import {
   DARK,
   LIGHT,
   deleteShownImage,
+  fillGitForm,
   fillPackageForm,
   hubEnv,
   launcherCard,
@@ -235,12 +236,8 @@ test('a private repository builds with a token stored from the form, and goes ba
   test.setTimeout(BUILD_TIMEOUT_MS + 180_000);
   const host = new URL(repository!).host;
   const panel = await openImageBuilder(page);
-  const form = panel.getByTestId('cnbi-create-form');
   const displayName = uniqueName('private repo');
-  await form.getByTestId('cnbi-tab-GitRepository').click();
-  await form.getByTestId('cnbi-name').fill(displayName);
-  await form.getByTestId('cnbi-base-image').selectOption(BASE_IMAGE);
-  await form.getByTestId('cnbi-repository').fill(repository!);
+  const form = await fillGitForm(panel, displayName, repository!, BASE_IMAGE);
   const select = form.getByTestId('cnbi-git-credential-select');
   await select.selectOption({ label: `Add a token for ${host}…` });
   const box = form.getByTestId('cnbi-add-token');

@@ -21,6 +21,7 @@ import { expect, Locator, Page, test } from '@playwright/test';
 
 import {
   LIGHT,
+  fillGitForm,
   fillPackageForm,
   hubEnv,
   launcherCard,
@@ -427,12 +428,8 @@ test('a newer build: a server on the image says so, and restarts on it', async (
   await openLab(page);
   await setTheme(page, LIGHT);
   const panel = await openImageBuilder(page);
-  const form = panel.getByTestId('cnbi-create-form');
   const displayName = uniqueName('moving repo');
-  await form.getByTestId('cnbi-tab-GitRepository').click();
-  await form.getByTestId('cnbi-name').fill(displayName);
-  await form.getByTestId('cnbi-base-image').selectOption(BASE_IMAGE);
-  await form.getByTestId('cnbi-repository').fill(repository!);
+  const form = await fillGitForm(panel, displayName, repository!, BASE_IMAGE);
   const select = form.getByTestId('cnbi-git-credential-select');
   const stored = host.replace(/[^a-z0-9]+/g, '-');
   if ((await select.locator(`option[value="${stored}"]`).count()) === 0) {

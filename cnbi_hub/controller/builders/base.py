@@ -93,6 +93,10 @@ class Builder(LoggingConfigurable):
     #: registry: then an image is reusable only while that storage still has it
     keeps_images_locally: bool = False
 
+    #: whether the builder fetches a GitRepository's commit again where it builds (Tekton's
+    #: fetch step) instead of building the engine's checkout: then it needs the git credential
+    fetches_repository: bool = False
+
     async def stored_image(self, reference: str) -> StoredImage | None:
         """The image if the builder has it (local storage), else None."""
         raise NotImplementedError
@@ -106,9 +110,9 @@ class Builder(LoggingConfigurable):
         """Build `plan` (the context files, plus the repository `checkout` for git builds) for
         the object `obj` and return the digest of `plan.target`. `secrets` (CA bundle, index
         config) reach the build as build secrets, never as a layer. A builder that validates as
-        part of its build (Tekton) runs `checks` there; see `validate`. A builder that fetches
-        the repository again where it builds (Tekton) uses `git_credential` for it, and only
-        for it: never in the step that runs the repository's own recipe."""
+        part of its build (Tekton) runs `checks` there; see `validate`. One that
+        `fetches_repository` is given the image's `git_credential` for that fetch, and only for
+        it: never in the step that runs the repository's own recipe."""
         raise NotImplementedError
 
     async def validate(self, image: str, checks: list[Check], *, obj: dict) -> list[tuple[int, str, str]]:

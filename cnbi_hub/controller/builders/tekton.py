@@ -82,6 +82,7 @@ class TektonBuilder(Builder):
     """Builds with Tekton PipelineRuns in the operator's namespace."""
 
     keeps_images_locally = False
+    fetches_repository = True  # the fetch step of cnbi-build checks the commit out in the pod
 
     namespace = Unicode(help="Namespace the PipelineRuns run in. Default: $POD_NAMESPACE, else 'default'.").tag(config=True)
 
