@@ -7,6 +7,10 @@ artifact — {run: record} — because a record holds the package list and the l
 status. `listing` joins both into what `GET api/images/{name}/generations` answers, each with
 what changed against the generation before it; `rolled_back` is the status that makes a saved
 one current again.
+
+A saved record also says when it stopped being current (`savedAt`), when a server last started
+on it (`lastStartedAt`) and, once retention has deleted its image from storage, when and why
+(`removed`): its packages and lock stay, so what it was can still be read and built again.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ RECORD_FIELDS = ("image", "completionTime", "specHash", "gitCommit", "baseImageD
                  "imageSize", "baseImageInfo", "recipe", "recipeExtras", "lockHash", "reusedFrom")
 #: how many changed packages a listing names per kind (the rest is counted)
 MAX_CHANGES_NAMED = 30
+#: how many records of builds whose image retention removed are kept (their packages and lock)
+MAX_REMOVED_RECORDS = 20
 
 
-def saved_generation(status: dict, lock_text: str | None) -> dict | None:
+def saved_generation(status: dict, lock_text: str | None, now: str | None = None) -> dict | None:
     """The record of the current generation of a finished image, to keep when a new run starts;
     None when the run did not end Ready with an image (nothing to go back to)."""
     if status.get("phase") != PHASE_READY or not status.get("image"):
         return None
     record = {key: copy.deepcopy(status[key]) for key in RECORD_FIELDS if key in status}
     record["run"] = status.get("run", 1)
+    record["savedAt"] = now or model.now_iso()
+    if status.get("lastStartedImage") == status["image"] and status.get("lastStartedAt"):
+        record["lastStartedAt"] = status["lastStartedAt"]
     record["packages"] = copy.deepcopy(status.get("packages", []))
     if lock_text:
         record["lock"] = lock_text
@@ -48,13 +57,38 @@ def parse_saved(text: str | None) -> dict[int, dict]:
     return {int(run): record for run, record in raw.items() if isinstance(record, dict)}
 
 
-def with_saved(saved: dict[int, dict], record: dict | None, keep: int) -> dict[int, dict]:
-    """`saved` plus `record`, the `keep` newest only (0 keeps none)."""
+def with_saved(saved: dict[int, dict], record: dict | None) -> dict[int, dict]:
+    """`saved` plus `record`. Every record whose image is still stored stays: retention deletes
+    the images beyond `keep_generations` (it can tell which a running server uses) and marks
+    their records `removed`; of those, the MAX_REMOVED_RECORDS newest stay."""
     merged = dict(saved)
     if record is not None:
         merged[record["run"]] = record
-    newest = sorted(merged, reverse=True)[:max(keep, 0)]
-    return {run: merged[run] for run in sorted(newest)}
+    removed = sorted((run for run, r in merged.items() if r.get("removed")), reverse=True)
+    for run in removed[MAX_REMOVED_RECORDS:]:
+        del merged[run]
+    return {run: merged[run] for run in sorted(merged)}
+
+
+def stored(saved: dict[int, dict]) -> dict[int, dict]:
+    """The saved generations whose image is still stored: those a server can start on."""
+    return {run: record for run, record in saved.items() if not record.get("removed")}
+
+
+def with_start(saved: dict[int, dict], image: str, at: str) -> dict[int, dict] | None:
+    """`saved` with a server start on `image` recorded on the stored generation of that image;
+    None when no stored generation has it (a start on the current build)."""
+    digest = image.rpartition("@")[2]
+    runs = [run for run, r in stored(saved).items() if r.get("image", "").rpartition("@")[2] == digest]
+    if not digest or not runs:
+        return None
+    return {run: ({**r, "lastStartedAt": at} if run in runs else r) for run, r in saved.items()}
+
+
+def with_removed(saved: dict[int, dict], runs: dict[int, str], at: str) -> dict[int, dict]:
+    """`saved` with the generations `runs` ({run: why}) marked removed by retention at `at`."""
+    return {run: ({**r, "removed": {"at": at, "reason": runs[run]}} if run in runs else r)
+            for run, r in saved.items()}
 
 
 def dump_saved(saved: dict[int, dict]) -> str:
@@ -102,7 +136,7 @@ def listing(status: dict, saved: dict[int, dict]) -> list[dict]:
         entry = entries[run]
         older = entries[runs[index - 1]]["packages"] if index else None
         shown = {k: entry[k] for k in ("run", "image", "completionTime", "gitCommit", "specHash", "imageSize",
-                                        "rolledBackFrom") if k in entry}
+                                        "rolledBackFrom", "savedAt", "lastStartedAt", "removed") if k in entry}
         shown["current"] = entry["current"]
         shown["changes"] = package_changes(older, entry.get("packages", []))
         if index:

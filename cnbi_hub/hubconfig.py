@@ -122,8 +122,9 @@ def configure(
     roles.append(
         {
             "name": SERVICE_ROLE,
-            "description": "The cnbi service: see whether a user's server has stopped (Restart on it)",
-            "scopes": ["read:servers"],
+            "description": "The cnbi service: see whether a user's server has stopped (Restart on it) and "
+                           "which builds running servers use (retention never removes those)",
+            "scopes": ["list:users", "read:servers"],
             "services": [SERVICE_NAME],
         }
     )

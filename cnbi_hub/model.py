@@ -41,6 +41,9 @@ ANNOTATION_DESCRIPTION = "opendatahub.io/notebook-image-desc"
 ANNOTATION_CREATOR = "opendatahub.io/notebook-image-creator"
 # Our own additions live under one prefix.
 PREFIX = "cnbi-hub.io"
+#: the user_options key in which the spawner hooks keep the build a server started on (by digest);
+#: the hub lists it with the server, so retention can tell which images running servers use
+USER_OPTION_STARTED = "cnbi_started"
 ANNOTATION_SHARED = f"{PREFIX}/shared"
 # JupyterHub groups the image is shared with: comma-separated, sorted
 ANNOTATION_SHARED_WITH_GROUPS = f"{PREFIX}/shared-with-groups"

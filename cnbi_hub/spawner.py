@@ -47,7 +47,7 @@ from . import model
 
 USER_OPTION = "cnbi_image"  # ?cnbi_image=<name> on /hub/spawn, or a REST user_options key
 USER_OPTION_BUILD = "cnbi_build"  # with cnbi_image: the run of a kept earlier build (a pin)
-USER_OPTION_STARTED = "cnbi_started"  # set by the hooks: the build a server started on, by digest
+USER_OPTION_STARTED = model.USER_OPTION_STARTED  # set by the hooks: the build a server started on, by digest
 ENV_IMAGE_NAME = "CNBI_IMAGE"
 ENV_IMAGE_REFERENCE = "JUPYTER_IMAGE"
 LABEL_IMAGE = f"{model.PREFIX}/image"
@@ -464,10 +464,13 @@ class CNBISpawnerHooks(SingletonConfigurable):
         except Exception as e:
             self.log.warning("cnbi: could not read the builds of %s: %s", name, e)
             raise web.HTTPError(503, f"The builds of {name} cannot be read now. Try again in a minute.") from None
-        found = next((g for g in generations if g.get("run") == run), None)
+        startable = [g for g in generations if not g.get("removed")]
+        found = next((g for g in startable if g.get("run") == run), None)
         if found is None:
-            kept = ", ".join(str(g["run"]) for g in generations) or "none"
-            raise web.HTTPError(404, f"Image {name} keeps no build of run {run} (kept: {kept}).")
+            kept = ", ".join(str(g["run"]) for g in startable) or "none"
+            gone = next((g["removed"] for g in generations if g.get("run") == run and g.get("removed")), None)
+            why = f"its image was removed ({gone['reason']})" if gone else "it keeps no such build"
+            raise web.HTTPError(404, f"Image {name} cannot start run {run}: {why} (kept: {kept}).")
         pinned = pinned_to(obj, found)
         spawner.cnbi_pinned_image = pinned  # profile_list and allowed_images read it later
         return pinned

@@ -17,6 +17,7 @@ import pytest
 
 from cnbi_hub import model, webhooks
 from cnbi_hub.controller.rebuild import rebuild_for_push, roll_back, saved_generations
+from cnbi_hub.controller.registry import RegistryClient
 from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
 from tests.infra_podman import push_commit
@@ -306,9 +307,52 @@ async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
         assert model.phase_of(still) == "Ready" and still["status"]["run"] == 4, still["status"]
         assert len(pipeline_runs(kube_node, cluster_namespace)) == 3
         assert "tabulate==0.9.0" in await cluster_store.get_artifact("from-git", "lock")
+
+        # retention, by the operator: restarted with a policy that keeps no earlier build, it
+        # deletes run 2's image from the registry at once, but not run 3's while a pod runs it
+        saved = await saved_generations(cluster_store, "from-git")
+        run2_image, run3_image = saved[2]["image"], saved[3]["image"]
+        assert len({run2_image, run3_image, still["status"]["image"]}) == 3
+        server_pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "a-server-on-run-3"},
+                      "spec": {"containers": [{"name": "notebook", "image": run3_image, "command": ["sleep", "600"]}],
+                               "terminationGracePeriodSeconds": 0}}
+        kube_node.kubectl("apply", "-n", cluster_namespace, "-f", "-", input=json.dumps(server_pod))
+        kube_node.kubectl("wait", "-n", cluster_namespace, "--for=condition=Ready", "pod/a-server-on-run-3",
+                          "--timeout=180s")
+        operator.stop()
+        operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                            overrides={"allowed_git_schemes": ["https", "git"],
+                                       "EmbeddedRunner": {"keep_generations": 0, "retention_interval": 1}}).start()
+        registry = RegistryClient(insecure_registries=[cluster_registry["push"].split("/")[0]])
+        saved = await _when_removed(cluster_store, "from-git", 2, operator)
+        assert saved[2]["removed"]["reason"] == "this hub keeps no earlier build's image"
+        assert not (await registry.exists(run2_image))["exists"]
+        await asyncio.sleep(3)  # passes go on: the pod still runs run 3's build
+        assert "removed" not in (await saved_generations(cluster_store, "from-git"))[3]
+        assert (await registry.exists(run3_image))["exists"]
+        kube_node.kubectl("delete", "-n", cluster_namespace, "pod/a-server-on-run-3", "--wait=true")
+        await _when_removed(cluster_store, "from-git", 3, operator)
+        assert not (await registry.exists(run3_image))["exists"]
+        current = await cluster_store.get("from-git")
+        assert model.phase_of(current) == "Ready" and current["status"]["image"] == still["status"]["image"]
+        assert (await registry.exists(current["status"]["image"]))["exists"]
+        # the records stay, with their packages and lock; going back to one is refused
+        with pytest.raises(KeyError):
+            await roll_back(cluster_store, current, 2, "alice")
+        assert "tabulate==0.9.0" in (await saved_generations(cluster_store, "from-git"))[3]["lock"]
     finally:
         operator.stop()
         print("--- operator log (tail) ---\n" + operator.log())
+
+
+async def _when_removed(store, name: str, run: int, operator, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        saved = await saved_generations(store, name)
+        if saved[run].get("removed"):
+            return saved
+        assert time.monotonic() < deadline, f"run {run} was not removed: {saved[run]}\n" + operator.log()
+        await asyncio.sleep(0.5)
 
 
 def github_push(repo, before: str, after: str, delivery: str):

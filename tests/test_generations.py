@@ -8,7 +8,9 @@ import pytest
 
 from cnbi_hub import generations, model
 from cnbi_hub.controller.statemachine import rebuilt
+from tests.hubfixtures import ADMIN
 from tests.infra_podman import podman, push_commit
+from tests.test_podmanspawner import hub_request, wait_for_server
 
 USER_BASE = "localhost/cnbi/notebook-base:py311-user"
 
@@ -28,13 +30,29 @@ def test_a_ready_build_is_saved_with_its_lock_and_a_failed_one_is_not():
     assert generations.saved_generation({**status, "image": None}, "x") is None
 
 
-def test_saved_generations_keep_the_newest_and_survive_a_bad_artifact():
+def test_saved_generations_keep_every_stored_build_and_the_newest_removed_records():
     saved = {}
     for run in range(1, 8):
-        saved = generations.with_saved(saved, {"run": run, "image": f"i{run}"}, keep=3)
-    assert sorted(saved) == [5, 6, 7]
+        saved = generations.with_saved(saved, {"run": run, "image": f"i{run}"})
+    # retention, not saving, decides which builds lose their image: all seven are still there
+    assert sorted(saved) == list(range(1, 8))
     assert generations.parse_saved(generations.dump_saved(saved)) == saved
-    assert generations.parse_saved("{not json") == {} and generations.with_saved(saved, None, 0) == {}
+    assert generations.parse_saved("{not json") == {} and generations.with_saved(saved, None) == saved
+    removed = generations.with_removed(saved, {run: "old" for run in range(1, 7)}, "2026-11-24T00:00:00Z")
+    assert sorted(generations.stored(removed)) == [7] and removed[1]["removed"]["reason"] == "old"
+    many = {run: {"run": run, "image": f"i{run}", "removed": {"at": "x", "reason": "y"}} for run in range(1, 40)}
+    kept = generations.with_saved(many, {"run": 40, "image": "i40"})
+    assert sorted(kept) == [*range(40 - generations.MAX_REMOVED_RECORDS, 40), 40]
+
+
+def test_a_start_on_a_kept_build_is_recorded_on_that_build_only():
+    saved = {1: {"run": 1, "image": "r/x@sha256:aa"}, 2: {"run": 2, "image": "r/x@sha256:bb"}}
+    started = generations.with_start(saved, "other/name@sha256:aa", "2026-11-24T10:00:00Z")
+    assert started[1]["lastStartedAt"] == "2026-11-24T10:00:00Z" and "lastStartedAt" not in started[2]
+    assert generations.with_start(saved, "r/x@sha256:cc", "t") is None  # the current build
+    assert generations.with_start(saved, "r/x:latest", "t") is None
+    gone = generations.with_removed(saved, {1: "old"}, "t")
+    assert generations.with_start(gone, "r/x@sha256:aa", "t") is None
 
 
 def test_listing_says_what_changed_between_generations_and_why_each_run_started():
@@ -152,3 +170,75 @@ async def test_a_rebuild_keeps_the_previous_build_and_rollback_makes_it_current_
     r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 2})
     assert r.code == 200 and r.json()["status"]["image"] == second["status"]["image"]
     assert _tabulate_version(r.json()["status"]["image"], podman_env) == "0.8.10"
+
+    # --- retention: one more build, so runs 3 (the first build's image) and 4 (the second's) are kept
+    third_commit = push_commit(repo, {"README.md": "a third build\n"})
+    assert (await hub.api("POST", f"api/images/{name}/rebuild", owner)).code == 200
+    fifth = await _ends(hub, owner, name, 5)
+    assert model.phase_of(fifth) == "Ready" and fifth["status"]["gitCommit"] == third_commit, fifth["status"]
+    first_image, second_image = first["status"]["image"], second["status"]["image"]
+    listed = (await hub.api("GET", f"api/images/{name}/generations", owner)).json()["items"]
+    assert [(g["run"], g["image"]) for g in listed] == [(5, fifth["status"]["image"]), (4, second_image),
+                                                         (3, first_image)]
+    assert all(g.get("savedAt") for g in listed[1:])
+
+    # a server of alice's runs on run 4's build: the hub lists it with the build it started on,
+    # as the spawner hooks record it (user_options cnbi_started)
+    r = await hub_request(hub, "POST", "hub/api/users/gen-alice/server", owner,
+                          body={"cnbi_image": name, "cnbi_started": second_image})
+    assert r.code in (201, 202), r.body
+    await wait_for_server(hub, "gen-alice", owner)
+    admin = hub.token(ADMIN)
+    try:
+        # only admins; a bad policy names its field; nothing is removed by either
+        assert (await hub.api("POST", "api/retention", owner, {"keepGenerations": 0})).code == 403
+        assert (await hub.api("GET", "api/retention", owner)).code == 403
+        for body, field in (({"keepGenerations": -1}, "keepGenerations"), ({"keepGenerations": "0"}, "keepGenerations"),
+                            ({"dropUnusedDays": True}, "dropUnusedDays"), ({"keep": 1}, "keep"),
+                            ({"dryRun": "yes"}, "dryRun"), ({"user": ""}, "user")):
+            r = await hub.api("POST", "api/retention", admin, body)
+            assert (r.code, r.json().get("field")) == (422, field), (body, r.body)
+        r = await hub.api("POST", "api/retention", admin, {"keepGenerations": 0, "user": "gen-alice", "dryRun": True})
+        assert r.code == 200, r.body
+        preview = r.json()
+        assert [(e["run"], e["imageDeleted"]) for e in preview["removed"]] == [(3, True)], preview
+        assert [(e["name"], e["run"]) for e in preview["inUse"]] == [(name, 4)]
+        assert _stored(first_image, podman_env)  # a dry run removes nothing
+
+        r = await hub.api("POST", "api/retention", admin, {"keepGenerations": 0, "user": "gen-alice"})
+        assert r.code == 200, r.body
+        report = r.json()
+        assert [(e["name"], e["run"], e["imageDeleted"]) for e in report["removed"]] == [(name, 3, True)], report
+        assert report["failed"] == [] and [e["run"] for e in report["inUse"]] == [4]
+        assert report["bytesFreed"] == first["status"]["imageSize"]
+        assert not _stored(first_image, podman_env)
+        assert _stored(second_image, podman_env) and _stored(fifth["status"]["image"], podman_env)
+        assert _tabulate_version(second_image, podman_env) == "0.8.10"  # the server's build runs on
+
+        # the record stays, says why; it can no longer be made current nor started
+        listed = (await hub.api("GET", f"api/images/{name}/generations", owner)).json()["items"]
+        gone = next(g for g in listed if g["run"] == 3)
+        assert gone["removed"]["reason"] == "this hub keeps no earlier build's image" and gone["packageCount"]
+        assert "removed" not in next(g for g in listed if g["run"] == 4)
+        r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 3})
+        assert (r.code, r.json()["field"]) == (409, "run") and "was removed" in r.json()["message"], r.body
+        usage = (await hub.api("GET", "api/usage", admin)).json()["items"]
+        mine = next(u for u in usage if u["user"] == "gen-alice")
+        assert (mine["keptBuilds"], mine["removedBuilds"]) == (1, 1), mine
+        assert (await hub.api("GET", "api/retention", admin)).json()["lastPass"]["removed"][0]["run"] == 3
+    finally:
+        r = await hub_request(hub, "DELETE", "hub/api/users/gen-alice/server", owner)
+        await wait_for_server(hub, "gen-alice", owner, ready=False)
+
+    # the server has stopped: run 4's build goes too; the current one never does
+    report = (await hub.api("POST", "api/retention", admin, {"keepGenerations": 0, "user": "gen-alice"})).json()
+    assert [(e["run"], e["imageDeleted"]) for e in report["removed"]] == [(4, True)] and report["inUse"] == []
+    assert not _stored(second_image, podman_env) and _stored(fifth["status"]["image"], podman_env)
+    again = (await hub.api("GET", f"api/images/{name}", owner)).json()
+    assert model.phase_of(again) == "Ready" and again["status"]["image"] == fifth["status"]["image"]
+    report = (await hub.api("POST", "api/retention", admin, {"keepGenerations": 0, "user": "gen-alice"})).json()
+    assert report["removed"] == []  # nothing left to remove
+
+
+def _stored(image, podman_env) -> bool:
+    return podman("image", "inspect", "--format", "{{.Id}}", image, env=podman_env).returncode == 0

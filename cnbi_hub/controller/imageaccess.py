@@ -123,6 +123,13 @@ class ImageAccess(LoggingConfigurable):
             running.add_done_callback(forget)
         return await asyncio.shield(running)
 
+    async def delete(self, text: str) -> bool:
+        """Delete an image pinned by digest from its registry (retention), with the credentials
+        of `auth_file`; False when the registry had no such image. Raises RegistryError."""
+        ref = parse_image_reference(text)
+        client, credentials = self._client_and_credentials(ref, self.auth_documents(None))
+        return await client.delete(ref, auth=credentials and (credentials.username, credentials.password))
+
     async def check(self, text: str) -> dict:
         """`GET api/check-image`: {exists, digest, platforms}; raises ImageUnauthorized for an
         image the registry keeps private, RegistryUnreachable / RegistryError otherwise."""

@@ -14,6 +14,7 @@ $CNBI_OPERATOR_CONFIG), like the service's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from ..imagestreams import ImageStreams
 from ..store.kubernetes import KubernetesImageStore
 from .builders.base import Builder
 from .imageaccess import ImageAccess
+from .inuse import pods_in_use
 from .phases import PhaseWork
 from .runner import EmbeddedRunner
 
@@ -104,6 +106,13 @@ class CNBIOperator(Application):
     publish_retry_seconds = Float(30.0, help="Seconds before an ImageStream that could not be written is tried again.").tag(
         config=True)
 
+    server_namespaces = List(
+        Unicode(),
+        help="""Namespaces whose pods retention looks at before it deletes a kept build's image
+        from the registry: never one a pod there runs (KubeSpawner's namespace, when it is not
+        the operator's; the operator needs `list pods` there). Default: the operator's own.""",
+    ).tag(config=True)
+
     work_dir = Unicode("/tmp/cnbi-operator", help="Where repository checkouts live while Prepare reads them.").tag(
         config=True)
 
@@ -127,6 +136,9 @@ class CNBIOperator(Application):
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases,
                                      max_concurrent_builds=self.max_concurrent_builds)
+        # retention deletes no image a pod runs (hub servers or any other)
+        self.runner.images_in_use = functools.partial(pods_in_use, self.kubeconfig,
+                                                      list(self.server_namespaces) or [self.namespace])
         self.imagestreams = ImageStreams(parent=self, kubeconfig=self.kubeconfig)
         return self.runner
 

@@ -615,6 +615,31 @@ class PhaseWork(LoggingConfigurable):
         registry = self.push_registry.rstrip("/") if self.push_registry else "localhost/cnbi"
         return f"{registry}/{name}"
 
+    def built_here(self, obj: dict, record: dict) -> bool:
+        """Whether the image of `obj`'s build `record` is one this service built, in the
+        repository it builds that image to (only those are ever deleted: an import's image, a
+        base image, belong to someone else)."""
+        if obj["spec"]["buildType"] == "ImageImport":
+            return False
+        built_by = record.get("reusedFrom") or model.name_of(obj)
+        return (record.get("image") or "").startswith(self.target_repository(built_by) + "@")
+
+    async def delete_built_image(self, reference: str) -> str | None:
+        """Delete a built image from where it is stored (retention): the builder's storage
+        (podman), the push registry, or both. None when it is gone; else why it stays."""
+        if not reference.startswith(self.target_repository("")):
+            return f"{reference} is not in this service's repositories"
+        if self.builder.keeps_images_locally:
+            kept = await self.builder.delete_stored_image(reference, self.target_repository(""))
+            if kept:
+                return kept
+        if self.push_registry:
+            try:
+                await self.access.delete(reference)
+            except (RegistryError, LookupError, ValueError) as e:
+                return str(e)
+        return None
+
     async def build(self, obj: dict, say=_no_log) -> Outcome:
         spec, status = obj["spec"], obj["status"]
         own_containerfile = status.get("recipe") == "containerfile"

@@ -26,14 +26,14 @@ async def full_log(store, name: str) -> str:
     return text
 
 
-async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None,
-                        keep: int = KEEP_GENERATIONS) -> dict:
+async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) -> dict:
     """Send the finished `obj` through its phases again; Conflict if it changed since it was read.
-    A Ready build is kept as a generation to go back to (the `keep` newest)."""
+    A Ready build is kept as a generation to go back to (retention deletes the images of those
+    beyond `keep_generations`)."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
     # read before: once the status is written, a new run may log and resolve a new lock
     history = await full_log(store, name)
-    kept = await _generations_with_current(store, obj, keep)
+    kept = await _generations_with_current(store, obj)
     written = await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
     # only a rebuild that happened moves the log (a lost write moved nothing); the new run's
     # engine keeps its log in memory and writes all of it at each flush
@@ -44,7 +44,7 @@ async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None,
     return written
 
 
-async def _generations_with_current(store, obj: dict, keep: int, without: int | None = None) -> dict | None:
+async def _generations_with_current(store, obj: dict, without: int | None = None) -> dict | None:
     """The saved generations plus the current Ready build of `obj` (None: nothing to save)."""
     name = model.name_of(obj)
     record = generations.saved_generation(obj.get("status") or {}, await store.get_artifact(name, "lock"))
@@ -53,21 +53,22 @@ async def _generations_with_current(store, obj: dict, keep: int, without: int | 
         saved.pop(without, None)
     elif record is None:
         return None
-    return generations.with_saved(saved, record, keep)
+    return generations.with_saved(saved, record)
 
 
 async def saved_generations(store, name: str) -> dict[int, dict]:
     return generations.parse_saved(await store.get_artifact(name, "generations"))
 
 
-async def roll_back(store, obj: dict, run: int, by: str, keep: int = KEEP_GENERATIONS) -> dict:
+async def roll_back(store, obj: dict, run: int, by: str) -> dict:
     """Make run `run`'s saved build of the finished `obj` current again, without a build: its
     image, packages and lock; the build it replaces is saved in its turn. KeyError when no
-    such generation is saved; Conflict if `obj` changed since it was read."""
+    such generation is saved or retention removed its image; Conflict if `obj` changed since
+    it was read."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
-    record = (await saved_generations(store, name))[run]
+    record = generations.stored(await saved_generations(store, name))[run]
     history = await full_log(store, name)
-    kept = await _generations_with_current(store, obj, keep, without=run)  # it is the current one now
+    kept = await _generations_with_current(store, obj, without=run)  # it is the current one now
     written = await store.update_status(name, generations.rolled_back(obj, record, by),
                                         obj["metadata"]["resourceVersion"])
     await store.put_artifact(name, "generations", generations.dump_saved(kept), uid=uid)
@@ -79,19 +80,18 @@ async def roll_back(store, obj: dict, run: int, by: str, keep: int = KEEP_GENERA
     return written
 
 
-async def rebuild_now_or_after_run(store, obj: dict, by: str, trigger: dict,
-                                   keep: int = KEEP_GENERATIONS) -> str | None:
+async def rebuild_now_or_after_run(store, obj: dict, by: str, trigger: dict) -> str | None:
     """A finished `obj` is rebuilt now ("rebuilding"); one in work keeps `trigger` for when its
     run ends ("afterCurrentRun"); None when it finished between the read and this write (read
     it again and call once more). Conflict when it changed since it was read."""
     if model.phase_of(obj) in model.TERMINAL_PHASES:
-        await start_rebuild(store, obj, by, trigger, keep=keep)
+        await start_rebuild(store, obj, by, trigger)
         return "rebuilding"
     written = await modify_status(store, model.name_of(obj), lambda current: rebuild_after_this_run(current, trigger))
     return None if model.phase_of(written) in model.TERMINAL_PHASES else "afterCurrentRun"
 
 
-async def rebuild_for_push(store, obj: dict, push: webhooks.Push, keep: int = KEEP_GENERATIONS) -> str:
+async def rebuild_for_push(store, obj: dict, push: webhooks.Push) -> str:
     """What a push does to an image that tracks its branch: "rebuilding" (finished: rebuilt
     now), "afterCurrentRun" (in work: the engine rebuilds it when this run ends) or "unchanged"
     (already built at the pushed commit, or deleted meanwhile). Conflict if it keeps changing."""
@@ -106,7 +106,7 @@ async def rebuild_for_push(store, obj: dict, push: webhooks.Push, keep: int = KE
                     and (obj.get("status") or {}).get("gitCommit") == push.after):
                 return "unchanged"
             try:
-                done = await rebuild_now_or_after_run(store, obj, f"{push.provider} webhook", trigger, keep=keep)
+                done = await rebuild_now_or_after_run(store, obj, f"{push.provider} webhook", trigger)
                 if done:
                     return done
             except Conflict:

@@ -352,6 +352,32 @@ class RegistryClient(LoggingConfigurable):
             return {"exists": False, "digest": None, "platforms": []}
         return {"exists": True, "digest": resolved.digest, "platforms": resolved.platforms}
 
+    async def delete(
+        self,
+        ref: ImageReference | str,
+        auth: RegistryCredentials | tuple[str, str] | None = None,
+    ) -> bool:
+        """Delete the manifest ``ref`` pins by digest (the distribution API's DELETE; the
+        registry frees its layers at its next garbage collection). True when deleted, False
+        when the registry had no such manifest. A registry that does not allow deleting
+        (docker's registry without ``storage.delete.enabled``) raises RegistryError saying so."""
+        if isinstance(ref, str):
+            ref = parse_image_reference(ref)
+        if not ref.digest:
+            raise ValueError(f"only an image pinned by digest is deleted, not {ref}")
+        session = _Session(ref, RegistryCredentials(*auth) if auth else None)
+        url = self._api_url(ref, f"manifests/{ref.digest}")
+        try:
+            await self._fetch(session, url, {"Accept": MANIFEST_ACCEPT}, method="DELETE", accept=(200, 202))
+        except ImageNotFound:
+            return False
+        except RegistryError as error:
+            if "HTTP 405" in str(error) or "UNSUPPORTED" in str(error):
+                raise self._error(RegistryError, ref, "does not allow deleting images (a docker registry "
+                                  "needs storage.delete.enabled)") from error
+            raise
+        return True
+
     # -- internals -----------------------------------------------------------------------------
 
     def _scheme(self, ref: ImageReference) -> str:
@@ -408,7 +434,8 @@ class RegistryClient(LoggingConfigurable):
             ) from error
 
     async def _fetch(
-        self, session: _Session, url: str, headers: Mapping[str, str], method: str = "GET"
+        self, session: _Session, url: str, headers: Mapping[str, str], method: str = "GET",
+        accept: tuple[int, ...] = (200,),
     ) -> HTTPResponse:
         """GET (or HEAD) ``url`` from the image's registry, answering an auth challenge once."""
         ref = session.ref
@@ -432,7 +459,7 @@ class RegistryClient(LoggingConfigurable):
             if same_host and session.authorization:
                 redirect_headers["Authorization"] = session.authorization
             response = await self._send(ref, self._request(location, redirect_headers, method=method))
-        self._raise_for_status(session, response)
+        self._raise_for_status(session, response, accept)
         return response
 
     async def _authorize(self, session: _Session, challenge_response: HTTPResponse) -> str:
@@ -501,8 +528,8 @@ class RegistryClient(LoggingConfigurable):
             )
         return token
 
-    def _raise_for_status(self, session: _Session, response: HTTPResponse) -> None:
-        if response.code == 200:
+    def _raise_for_status(self, session: _Session, response: HTTPResponse, accept: tuple[int, ...] = (200,)) -> None:
+        if response.code in accept:
             return
         ref = session.ref
         codes = _registry_error_codes(response.body)

@@ -22,6 +22,7 @@ from ..store.base import Conflict, NotFound, modify_status
 from .buildlog import BuildLog
 from .phases import PhaseWork
 from .rebuild import KEEP_GENERATIONS, rebuild_now_or_after_run, start_rebuild
+from .retention import InUse, policy_of, retention_pass
 from .statemachine import (
     FIELDS_WRITTEN_BY_OTHERS,
     Outcome,
@@ -67,10 +68,36 @@ class EmbeddedRunner(LoggingConfigurable):
 
     keep_generations = Integer(
         KEEP_GENERATIONS,
-        help="""How many earlier Ready builds of each image are kept to go back to (`GET
-        api/images/{name}/generations`, `POST .../rollback`): their image, packages and lock.
-        A rebuild that ends Failed, and every rebuild while it works, leaves the image startable
-        on its newest good build either way. 0 keeps none.""",
+        help="""How many earlier Ready builds of each image keep their image to go back to (`GET
+        api/images/{name}/generations`, `POST .../rollback`, a spawn pinned with cnbi_build).
+        Every rebuild keeps the build it replaces; retention (`retention_interval`) deletes the
+        images of those beyond this many, keeping their record (packages, lock), unless a
+        running server uses one. A rebuild that ends Failed, and every rebuild while it works,
+        leaves the image startable on its newest good build either way. 0 keeps none.""",
+    ).tag(config=True)
+
+    retention_interval = Float(
+        3600.0,
+        help="""Seconds between retention passes, which delete the stored images (local storage,
+        the push registry) of earlier builds that `keep_generations`, `drop_unused_days` or
+        `max_bytes_per_user` say go. Never an image's current build, never one a running server
+        uses (`images_in_use`: the hub's servers, or the cluster's pods), never one another image
+        still names; when it cannot tell what runs, a pass deletes nothing. 0 turns it off.""",
+    ).tag(config=True)
+
+    drop_unused_days = Float(
+        0.0,
+        help="""An earlier build no server started on for this many days (counted from when it
+        stopped being current, or its last start) loses its image at the next retention pass.
+        0: kept builds are dropped only beyond `keep_generations`.""",
+    ).tag(config=True)
+
+    max_bytes_per_user = Integer(
+        0,
+        help="""While one user's builds take more bytes than this (current builds and the earlier
+        ones still stored, each build's own size), retention deletes that user's least recently
+        used earlier builds until they fit. The service refuses new builds over
+        `CNBIService.max_bytes_per_user` (embedded mode copies that here). 0: no limit.""",
     ).tag(config=True)
 
     rebuild_check_interval = Float(
@@ -110,6 +137,11 @@ class EmbeddedRunner(LoggingConfigurable):
         self._stack_parents: dict[str, str | None] = {}
         self._finished: dict[str, tuple[str, str | None]] = {}
         self._following: set[asyncio.Task] = set()
+        #: what running servers use, for retention (set by the service or the operator)
+        self.images_in_use: InUse | None = None
+        self.last_retention: dict | None = None
+        self._retention_lock = asyncio.Lock()
+        self._retention_task: asyncio.Task | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -134,13 +166,15 @@ class EmbeddedRunner(LoggingConfigurable):
         self._position_writer = asyncio.create_task(self._write_positions())
         if self.rebuild_check_interval > 0:
             self._base_watcher = asyncio.create_task(self._watch_base_images())
+        if self.retention_interval > 0:
+            self._retention_task = asyncio.create_task(self._retention_loop())
         await self.schedule()
 
     async def stop(self) -> None:
         # work cut off by a stop resumes at the next start: it is not the user's cancel, so a
         # build running outside this process (a PipelineRun) goes on and is found again
         self._stopping = True
-        for background in (self._watcher, self._position_writer, self._base_watcher):
+        for background in (self._watcher, self._position_writer, self._base_watcher, self._retention_task):
             if background:
                 background.cancel()
         background = [*self._tasks.values(), *self._reusing.values(), *self._rebuilding.values(),
@@ -288,8 +322,7 @@ class EmbeddedRunner(LoggingConfigurable):
             trigger = {"kind": "schedule", "schedule": obj["spec"]["rebuildSchedule"], "at": model.now_iso(),
                        "by": "rebuild schedule", "from": obj["status"].get("completionTime", "")}
             try:
-                await start_rebuild(self.store, obj, f"its {obj['spec']['rebuildSchedule']} schedule", trigger,
-                                    keep=self.keep_generations)
+                await start_rebuild(self.store, obj, f"its {obj['spec']['rebuildSchedule']} schedule", trigger)
             except (Conflict, NotFound):
                 continue
             count += 1
@@ -323,13 +356,35 @@ class EmbeddedRunner(LoggingConfigurable):
                 trigger = {"kind": "baseImage", "image": source, "from": old, "to": digest,
                            "at": model.now_iso(), "by": "base image check"}
                 try:
-                    await start_rebuild(self.store, obj, "a base image update", trigger, keep=self.keep_generations)
+                    await start_rebuild(self.store, obj, "a base image update", trigger)
                 except (Conflict, NotFound):
                     continue  # changed meanwhile: the next round looks again
                 rebuilt_count += 1
                 self.log.info("image %s: %s moved from %s to %s: rebuilding", model.name_of(obj), source,
                               old[:19], digest[:19])
         return rebuilt_count
+
+    # --- retention ---------------------------------------------------------------------------
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention_interval)
+            try:
+                await self.check_retention()
+            except Exception:  # one failed pass (the store away): the next one tries again
+                self.log.exception("retention pass failed")
+
+    async def check_retention(self, overrides: dict | None = None, dry_run: bool = False,
+                              only_owner: str | None = None) -> dict:
+        """One retention pass (controller/retention.py), with an admin's one-off `overrides` of
+        the policy, over one user's images if `only_owner`; the report of the last real one is
+        kept (`GET api/retention`)."""
+        async with self._retention_lock:
+            report = await retention_pass(self.store, self.phases, policy_of(self, overrides), self.images_in_use,
+                                          dry_run=dry_run, only_owner=only_owner)
+        if not dry_run:
+            self.last_retention = report
+        return report
 
     # --- a push that came during a run -------------------------------------------------------
 
@@ -362,7 +417,7 @@ class EmbeddedRunner(LoggingConfigurable):
                     else:
                         by = (f"{trigger.get('source', 'a')} webhook" if trigger.get("kind") == "webhook"
                               else trigger.get("by") or "a trigger")
-                        await start_rebuild(self.store, obj, by, trigger, keep=self.keep_generations)
+                        await start_rebuild(self.store, obj, by, trigger)
                         self.log.info("image %s: rebuilding for the %s trigger that came during its run", name,
                                       trigger.get("kind"))
                     return
@@ -442,7 +497,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 "baseImageDigest", ""), "to": digest, "at": model.now_iso(), "by": f"a new build of {base_name}"}
             try:
                 # in work, maybe on the old build: rebuilt when this run ends, unless it got this one
-                done = await rebuild_now_or_after_run(self.store, obj, trigger["by"], trigger, keep=self.keep_generations)
+                done = await rebuild_now_or_after_run(self.store, obj, trigger["by"], trigger)
             except Conflict:
                 continue
             if done == "rebuilding":

@@ -8,6 +8,7 @@ listens on 127.0.0.1 behind the hub's proxy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 from urllib.parse import urlparse
@@ -25,6 +26,7 @@ from ..controller.builders.base import Builder
 from ..credentials import CredentialVault
 from ..controller.imageaccess import ImageAccess
 from ..controller.phases import PhaseWork
+from ..controller.inuse import hub_servers_in_use
 from ..controller.runner import EmbeddedRunner
 from ..imageref import parse_image_reference
 from ..store.base import ChangeBroadcaster
@@ -304,6 +306,13 @@ class CNBIService(Application):
             work_dir=os.path.join(self.data_dir, "builds"),
         )
         self.runner = EmbeddedRunner(parent=self, store=self.store, phases=self.phases, publish=self.events.publish)
+        if not self.runner.max_bytes_per_user:
+            self.runner.max_bytes_per_user = self.max_bytes_per_user
+        # retention asks the hub which builds running servers use (the service's role grants
+        # list:users and read:servers); without a hub to ask it removes nothing
+        hub_api_url, hub_token = os.environ.get("JUPYTERHUB_API_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+        if hub_api_url and hub_token:
+            self.runner.images_in_use = functools.partial(hub_servers_in_use, hub_api_url, hub_token)
         self.imagestreams = None
         if self.imagestream_namespaces:
             # cluster mode only: the demo's install has no Kubernetes client
@@ -339,6 +348,7 @@ class CNBIService(Application):
             (route(rf"api/images/{name}/rollback"), handlers.RollbackHandler),
             (route(rf"api/images/{name}/started"), handlers.StartedHandler),
             (route("api/usage"), handlers.UsageHandler),
+            (route("api/retention"), handlers.RetentionHandler),
             (route(rf"api/images/{name}/cancel"), handlers.CancelHandler),
             (route("api/base-images"), handlers.BaseImagesHandler),
             (route("api/credentials"), handlers.CredentialsHandler),

@@ -26,6 +26,7 @@ from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnre
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
 from ..controller.rebuild import full_log, rebuild_for_push, roll_back, saved_generations, start_rebuild
+from ..controller.retention import policy_of
 from ..controller.statemachine import cancelled
 from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
 
@@ -146,6 +147,14 @@ class APIHandler(BaseHandler):
         if model.phase_of(obj) not in model.TERMINAL_PHASES:
             raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
         return obj
+
+    async def still_stored(self, reference: str) -> bool:
+        """Whether a kept build's image is still where it was stored (503 when that cannot be
+        asked now): a build is never made current on an image that is gone."""
+        try:
+            return (await self.cnbi.image_access.check(reference))["exists"]
+        except (RegistryError, LookupError) as e:
+            raise FieldError(503, f"cannot see whether {reference} is still stored: {e}")
 
 
 class BodyLimitMixin:
@@ -496,7 +505,7 @@ class RebuildHandler(APIHandler):
     async def post(self, name: str):
         obj = await self.finished_image(name)
         await check_bytes_quota(self, "rebuild one (a rebuild keeps the build it replaces)")
-        self.write_json(await start_rebuild(self.store, obj, self.username, keep=self.cnbi.runner.keep_generations))
+        self.write_json(await start_rebuild(self.store, obj, self.username))
 
 
 @web.stream_request_body
@@ -523,27 +532,35 @@ class StartedHandler(BodyLimitMixin, APIHandler):
             return {**(current.get("status") or {}), "lastStartedAt": now, "lastStartedImage": image}
 
         try:
-            self.write_json(await modify_status(self.store, name, record))
+            written = await modify_status(self.store, name, record)
+            # a start pinned to a kept build: that build's last use, which retention reads
+            saved = generations.with_start(await saved_generations(self.store, name), image, now)
+            if saved is not None:
+                await self.store.put_artifact(name, "generations", generations.dump_saved(saved),
+                                              uid=written["metadata"]["uid"])
         except NotFound:
             raise FieldError(404, f"image {name} not found", "metadata.name")
+        self.write_json(written)
 
 
 async def usage_by_user(store, objs: list[dict]) -> dict[str, dict]:
-    """Per creator: images, Ready ones, kept builds, their bytes (each build's own size, summed)
-    and the last server start on one."""
+    """Per creator: images, Ready ones, kept builds (still stored; and those whose image
+    retention removed), their bytes (each build's own size, summed) and the last server start."""
     per_user: dict[str, dict] = {}
     for obj in objs:
         status = obj.get("status") or {}
         saved = await saved_generations(store, model.name_of(obj))
         entry = per_user.setdefault(model.creator_of(obj), {
-            "user": model.creator_of(obj), "images": 0, "readyImages": 0, "keptBuilds": 0, "bytes": 0,
-            "lastStartedAt": None})
+            "user": model.creator_of(obj), "images": 0, "readyImages": 0, "keptBuilds": 0, "removedBuilds": 0,
+            "bytes": 0, "lastStartedAt": None})
         entry["images"] += 1
         if model.phase_of(obj) == model.PHASE_READY:
             entry["readyImages"] += 1
             entry["bytes"] += int(status.get("imageSize") or 0)
-        entry["keptBuilds"] += len(saved)
-        entry["bytes"] += sum(int(record.get("imageSize") or 0) for record in saved.values())
+        stored = generations.stored(saved)
+        entry["keptBuilds"] += len(stored)
+        entry["removedBuilds"] += len(saved) - len(stored)
+        entry["bytes"] += sum(int(record.get("imageSize") or 0) for record in stored.values())
         started = status.get("lastStartedAt")
         if started and (entry["lastStartedAt"] is None or started > entry["lastStartedAt"]):
             entry["lastStartedAt"] = started
@@ -564,6 +581,56 @@ async def check_bytes_quota(handler: "APIHandler", what: str) -> None:
     if used >= limit:
         raise FieldError(409, f"your images and their kept builds take {gigabytes(used)}, this hub's limit is "
                               f"{gigabytes(limit)}: delete an image you no longer need before you {what}")
+
+
+@web.stream_request_body
+class RetentionHandler(BodyLimitMixin, APIHandler):
+    """GET api/retention (admins): the policy and the last retention pass's report. POST runs a
+    pass now, with one-off changes to the policy (`keepGenerations`, `dropUnusedDays`,
+    `maxBytesPerUser`), over one `user`'s images only if given, and `dryRun` (say what would
+    go, remove nothing). Embedded mode: the
+    engine runs here; in cluster mode the operator runs the passes (409)."""
+
+    OVERRIDES = {"keepGenerations": int, "dropUnusedDays": (int, float), "maxBytesPerUser": int}
+
+    def prepare(self):
+        super().prepare()
+        if self.request.method == "POST":
+            self.prepare_body_limit()
+
+    def _admin_engine(self):
+        if not self.is_admin:
+            raise FieldError(403, f"only admins run retention ({SCOPE_ADMIN})")
+        if not self.cnbi.reconcile:
+            raise FieldError(409, "retention runs in the operator (cluster mode): see its log and the images' builds")
+        return self.cnbi.runner
+
+    async def get(self):
+        runner = self._admin_engine()
+        self.write_json({"policy": policy_of(runner).__dict__, "intervalSeconds": runner.retention_interval,
+                         "lastPass": runner.last_retention})
+
+    async def post(self):
+        runner = self._admin_engine()
+        body = self.body_json()
+        body = {} if body is None else body
+        if not isinstance(body, dict):
+            raise FieldError(422, "the body is an object, such as {\"dryRun\": true}", "dryRun")
+        for key, value in body.items():
+            if key == "dryRun":
+                if not isinstance(value, bool):
+                    raise FieldError(422, "dryRun is true or false", "dryRun")
+            elif key == "user":
+                if not isinstance(value, str) or not value or len(value) > 255:
+                    raise FieldError(422, "user names the hub user whose images the pass looks at", "user")
+            elif key not in self.OVERRIDES:
+                raise FieldError(422, f"{key} is not a retention setting; these are: "
+                                      f"{', '.join([*self.OVERRIDES, 'user', 'dryRun'])}", key)
+            elif isinstance(value, bool) or not isinstance(value, self.OVERRIDES[key]) or value < 0:
+                raise FieldError(422, f"{key} is a number, 0 or more", key)
+        overrides = {k: v for k, v in body.items() if k in self.OVERRIDES}
+        self.write_json(await runner.check_retention(overrides, dry_run=body.get("dryRun", False),
+                                                     only_owner=body.get("user")))
 
 
 class UsageHandler(APIHandler):
@@ -605,13 +672,19 @@ class RollbackHandler(BodyLimitMixin, APIHandler):
             raise FieldError(422, "run is the number of an earlier run, such as 2", "run")
         obj = await self.finished_image(name)
         saved = await saved_generations(self.store, name)
+        removed = (saved.get(run) or {}).get("removed")
+        if removed:
+            raise FieldError(409, f"cannot go back to run {run}: its image was removed on {removed['at'][:10]} "
+                                  f"({removed['reason']}); its packages and lock are still listed", "run")
+        if run in saved and not await self.still_stored(saved[run]["image"]):
+            raise FieldError(409, f"cannot go back to run {run}: its image is no longer stored", "run")
         if run not in saved:
             current = (obj.get("status") or {}).get("run", 1)
             why = ("it is the current build" if run == current and model.phase_of(obj) == model.PHASE_READY
                    else f"no build of run {run} is kept; kept: {', '.join(map(str, sorted(saved))) or 'none'}")
             raise FieldError(422, f"cannot go back to run {run}: {why}", "run")
         try:
-            written = await roll_back(self.store, obj, run, self.username, keep=self.cnbi.runner.keep_generations)
+            written = await roll_back(self.store, obj, run, self.username)
         except Conflict:
             raise FieldError(409, f"image {name} changed meanwhile; look at it again and retry")
         self.write_json(written)
@@ -801,7 +874,7 @@ class WebhookHandler(BodyLimitMixin, BaseHandler):
             for obj in await self.store.list(build_type="GitRepository"):
                 if webhooks.tracks(obj, push):
                     try:
-                        counts[await rebuild_for_push(self.store, obj, push, keep=self.cnbi.runner.keep_generations)] += 1
+                        counts[await rebuild_for_push(self.store, obj, push)] += 1
                     except Conflict:
                         counts["failed"] += 1  # kept changing: a redelivery tries it again
         except Exception:

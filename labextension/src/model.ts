@@ -1040,6 +1040,17 @@ export interface IGeneration {
   /** The run it was compared with (the generation before it), if any. */
   comparedWith?: number;
   trigger?: ITrigger;
+  /** When it stopped being the current build. */
+  savedAt?: string;
+  /** The last server start on this build (pinned to it). */
+  lastStartedAt?: string;
+  /** Retention deleted its image: it is listed (packages, lock) but cannot be started. */
+  removed?: { at: string; reason: string };
+}
+
+/** "2026-11-24 10:00 UTC" from an ISO time. */
+export function shortTime(iso: string): string {
+  return `${iso.slice(0, 16).replace('T', ' ')} UTC`;
 }
 
 /** "2 added (numpy 2.0, …) · tabulate 0.9.0 → 0.8.10"; '' when nothing changed or nothing came before. */

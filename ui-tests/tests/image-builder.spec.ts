@@ -28,6 +28,7 @@ import {
   setTheme,
   submit,
   uniqueName,
+  userLab,
   userPath
 } from './helpers';
 
@@ -229,7 +230,10 @@ test('a PackageList image builds to Ready with its log', async ({ page }) => {
   expect((await listImages(page)).map(i => i.name)).not.toContain(name);
 });
 
-test('a private repository builds with a token stored from the form, and goes back to its first build', async ({ page }) => {
+test('a private repository builds with a token stored from the form, and goes back to its first build', async ({
+  page,
+  browser
+}) => {
   const repository = process.env.CNBI_UI_PRIVATE_REPO;
   const token = process.env.CNBI_UI_PRIVATE_TOKEN;
   test.skip(!hubEnv().builds || !repository || !token, 'needs the private git server of tests/test_ui.py');
@@ -274,6 +278,39 @@ test('a private repository builds with a token stored from the form, and goes ba
   await expect(badge).toHaveAttribute('data-phase', 'Ready');
   await expect(detail.getByTestId('cnbi-triggers')).toContainText('Run 1’s build made current again');
 
+  // an admin's retention pass (keep no earlier build) removes run 2's image: the detail still
+  // lists it, says why, and offers neither a start nor a rollback on it
+  const env = hubEnv();
+  const { context, page: adminPage } = await userLab(browser, env.admin);
+  try {
+    const [code, report] = await adminPage.evaluate(
+      async ([url, user]) => {
+        const xsrf = decodeURIComponent((document.cookie.match(/(?:^|; )_xsrf=([^;]+)/) || ['', ''])[1]);
+        const response = await fetch(url, {
+          method: 'POST',
+          headers: { 'Content-Type': 'application/json', 'X-XSRFToken': xsrf },
+          body: JSON.stringify({ keepGenerations: 0, user })
+        });
+        return [response.status, await response.json()];
+      },
+      [`/${userPath('cnbi/api/retention', env.admin)}`, env.user]
+    );
+    expect(code, JSON.stringify(report)).toBe(200);
+    expect(report.removed.map((r: { name: string; run: number }) => [r.name, r.run])).toContainEqual([name, 2]);
+  } finally {
+    await context.close();
+  }
+  await page.reload();
+  const again = page.getByTestId('cnbi-panel');
+  await expect(again).toBeVisible({ timeout: 120_000 });
+  await row(again, name).click();
+  const removed = again.getByTestId('cnbi-generations').locator('li[data-run="2"]');
+  await expect(removed).toHaveAttribute('data-removed', 'true');
+  await expect(removed.getByTestId('cnbi-generation-removed')).toContainText('image removed');
+  await expect(removed.getByTestId('cnbi-make-current')).toHaveCount(0);
+  await expect(removed.getByTestId('cnbi-start-build')).toHaveCount(0);
+  await screenshotBothThemes(page, again, 'panel-generation-removed');
+
   // the API lists the credential by name and host only; the log says which one was used
   const listed = await page.request.get(userPath('cnbi/api/credentials'));
   expect(listed.status()).toBe(200);
@@ -283,5 +320,5 @@ test('a private repository builds with a token stored from the form, and goes ba
   const log = await page.request.get(userPath(`cnbi/api/images/${name}/logs`));
   expect(await log.text()).toContain(`using the git credential ${stored}`);
   expect(await log.text()).not.toContain(token!);
-  await deleteShownImage(page, panel, name);
+  await deleteShownImage(page, again, name);
 });

@@ -135,6 +135,13 @@ class Builder(LoggingConfigurable):
     async def remove_image(self, reference: str) -> None:
         """Drop a half-made or unwanted image (cancelled builds)."""
 
+    async def delete_stored_image(self, reference: str, own_prefix: str) -> str | None:
+        """Delete a finished image from the builder's own storage (retention): None when it is
+        gone (or was never here), else why it stays (a container uses it, another name has it).
+        Names under `own_prefix` (this service's repositories) are dropped with it; any other
+        name keeps it. Only a builder that `keeps_images_locally` has anything to delete."""
+        return None
+
     async def cancel_build(self, obj: dict) -> None:
         """Stop the build of `obj` that runs outside this process (a PipelineRun), if any; a
         build inside this process stops with the task that awaits it."""

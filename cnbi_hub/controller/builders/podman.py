@@ -198,6 +198,22 @@ class PodmanBuilder(Builder):
     async def remove_image(self, reference: str) -> None:
         await self._run("rmi", "--ignore", "--", reference)
 
+    async def delete_stored_image(self, reference: str, own_prefix: str) -> str | None:
+        # podman removes an untagged image only by its ID (by `name@digest` it answers "tag not
+        # known"), and by ID only while one name at most has it and no container uses it: the
+        # last is the guard we want, so no --force ever
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{join .RepoTags \" \"}}", reference)
+        if code != 0 or not out.split():
+            return None
+        image_id, *names = out.split()
+        for name in names:
+            if name.startswith(own_prefix):
+                await self._run("untag", image_id, name)
+        code, out, err = await self._run("rmi", "--", image_id)
+        if code != 0 and await self.stored_image(image_id) is not None:
+            return f"podman keeps it: {_last_lines(err or out, 2)}"
+        return None
+
     async def tag(self, source: str, target: str) -> None:
         code, out, err = await self._run("tag", source, target)
         if code != 0:

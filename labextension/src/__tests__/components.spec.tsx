@@ -558,6 +558,42 @@ describe('ImageBuilder panel', () => {
     view.unmount();
   });
 
+  it('lists a kept build whose image retention removed, with why, and offers neither start nor rollback', async () => {
+    const none = { added: [], removed: [], changed: [], counts: { added: 0, removed: 0, changed: 0 } };
+    service.images = [image('pruned', 'Ready', { run: 3, image: 'reg/p@sha256:3' })];
+    service.generations.pruned = [
+      { run: 3, image: 'reg/p@sha256:3', current: true, changes: none, comparedWith: 2 },
+      {
+        run: 2,
+        image: 'reg/p@sha256:2',
+        current: false,
+        changes: none,
+        comparedWith: 1,
+        savedAt: '2026-11-20T08:00:00Z',
+        lastStartedAt: '2026-11-21T09:30:00Z'
+      },
+      {
+        run: 1,
+        image: 'reg/p@sha256:1',
+        current: false,
+        changes: none,
+        removed: { at: '2026-11-24T03:00:00Z', reason: 'no server started on it for 30 days' }
+      }
+    ];
+    const view = renderPanel();
+    const detail = await openDetail('pruned');
+    const items = within(await within(detail).findByTestId('cnbi-generations')).getAllByRole('listitem');
+    expect(items.map(i => i.dataset.removed)).toEqual(['false', 'false', 'true']);
+    expect(items[1].textContent).toContain('last started 2026-11-21 09:30 UTC');
+    expect(within(items[1]).getByTestId('cnbi-make-current')).toBeTruthy();
+    expect(within(items[2]).getByTestId('cnbi-generation-removed').textContent).toBe(
+      ' · image removed 2026-11-24 03:00 UTC: no server started on it for 30 days'
+    );
+    expect(within(items[2]).queryByTestId('cnbi-make-current')).toBeNull();
+    expect(within(items[2]).queryByTestId('cnbi-start-build')).toBeNull();
+    view.unmount();
+  });
+
   it('offers no rollback on an image shared with me', async () => {
     service.images = [image('theirs', 'Ready', { run: 2, image: 'reg/t@sha256:2' }, 'bob')];
     service.generations.theirs = [

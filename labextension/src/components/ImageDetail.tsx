@@ -19,6 +19,7 @@ import {
   nameOf,
   phaseProgress,
   runLabel,
+  shortTime,
   startableBuild,
   triggerLabel,
   withoutFieldPrefix
@@ -495,19 +496,25 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
             {generations.map(g => {
               const changed = g.comparedWith ? changesLabel(g.changes) : '';
               return (
-                <li key={g.run} data-run={g.run} data-current={g.current}>
+                <li key={g.run} data-run={g.run} data-current={g.current} data-removed={!!g.removed}>
                   <span>
                     Run {g.run}
                     {g.current && <strong> · current</strong>}
-                    {g.completionTime && <> · {g.completionTime.slice(0, 16).replace('T', ' ')} UTC</>}
+                    {g.completionTime && <> · {shortTime(g.completionTime)}</>}
                     {g.comparedWith !== undefined && (
                       <span className="cnbi-changes" data-testid="cnbi-generation-changes">
                         {' · '}
                         {changed ? `${changed} since run ${g.comparedWith}` : `same packages as run ${g.comparedWith}`}
                       </span>
                     )}
+                    {g.lastStartedAt && !g.current && <> · last started {shortTime(g.lastStartedAt)}</>}
+                    {g.removed && (
+                      <span className="cnbi-generation-removed" data-testid="cnbi-generation-removed">
+                        {' · '}image removed {shortTime(g.removed.at)}: {g.removed.reason}
+                      </span>
+                    )}
                   </span>
-                  {!g.current && (
+                  {!g.current && !g.removed && (
                     <button
                       type="button"
                       className="jp-Button jp-mod-styled cnbi-small-button"
@@ -518,7 +525,7 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
                       Start a server on it
                     </button>
                   )}
-                  {!g.current && changeable && (
+                  {!g.current && !g.removed && changeable && (
                     <button
                       type="button"
                       className="jp-Button jp-mod-styled cnbi-small-button"
