@@ -149,6 +149,12 @@ def listing(status: dict, saved: dict[int, dict]) -> list[dict]:
     return list(reversed(out))
 
 
+def restoring(record: dict) -> dict:
+    """What a run that builds a kept build again takes from its record (`status.restoring`):
+    the commit, the base by digest and the lock's hash (the lock itself is the `lock` artifact)."""
+    return {key: record[key] for key in ("run", "gitCommit", "resolvedBaseImage", "lockHash") if record.get(key)}
+
+
 def rolled_back(obj: dict, record: dict, by: str, now: str | None = None) -> dict:
     """Status that makes the saved generation `record` current again, without a build: a new
     run that is Ready at once on that image, the run before it kept in `runs` (as a rebuild

@@ -30,6 +30,7 @@ listens on 127.0.0.1 on a free port, so no bridge network (a private address ran
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import dataclasses
 import html
@@ -48,6 +49,7 @@ from . import model
 USER_OPTION = "cnbi_image"  # ?cnbi_image=<name> on /hub/spawn, or a REST user_options key
 USER_OPTION_BUILD = "cnbi_build"  # with cnbi_image: the run of a kept earlier build (a pin)
 USER_OPTION_STARTED = model.USER_OPTION_STARTED  # set by the hooks: the build a server started on, by digest
+BUILD_CHOICE_CURRENT = "current"  # the spawn form's "Build" choice that starts the current build
 ENV_IMAGE_NAME = "CNBI_IMAGE"
 ENV_IMAGE_REFERENCE = "JUPYTER_IMAGE"
 LABEL_IMAGE = f"{model.PREFIX}/image"
@@ -125,16 +127,37 @@ def image_kubespawner_override(obj: dict, extra_override: dict | None = None) ->
     return override
 
 
-def image_profile(obj: dict, *, slug_prefix: str, for_user: str | None = None, extra_override: dict | None = None) -> dict:
+def kept_build_label(generation: dict) -> str:
+    """Plain text naming a kept earlier build on a spawn form: "Run 3, built 2026-11-20 10:00 UTC"."""
+    built = (generation.get("completionTime") or "")[:16].replace("T", " ")
+    return f"Run {generation['run']}, built {built} UTC" if built else f"Run {generation['run']}"
+
+
+def image_profile(obj: dict, *, slug_prefix: str, for_user: str | None = None, extra_override: dict | None = None,
+                  kept: tuple = ()) -> dict:
     """One KubeSpawner profile for one image. KubeSpawner's form template does not escape, and
-    these texts come from users (shared images reach other users' forms), so they are escaped here."""
+    these texts come from users (shared images reach other users' forms), so they are escaped
+    here. With `kept` builds (earlier generations whose image is stored), a "Build" option
+    chooses between the current build (the default) and those, newest first."""
     name = model.name_of(obj)
-    return {
+    profile = {
         "display_name": html.escape(model.display_name_of(obj) or name),
         "description": html.escape(image_description(obj, for_user)),
         "slug": f"{slug_prefix}{name}",
         "kubespawner_override": image_kubespawner_override(obj, extra_override),
     }
+    if kept:
+        current = (obj.get("status") or {}).get("pinnedRun") is None
+        choices = {BUILD_CHOICE_CURRENT: {"display_name": "The current build", "default": current}}
+        for generation in kept:
+            pinned = pinned_to(obj, generation)
+            choices[str(generation["run"])] = {
+                "display_name": html.escape(kept_build_label(generation) + ", an earlier build"),
+                "kubespawner_override": image_kubespawner_override(pinned, extra_override),
+                **({"default": True} if not current and obj["status"]["pinnedRun"] == generation["run"] else {}),
+            }
+        profile["profile_options"] = {USER_OPTION_BUILD: {"display_name": "Build", "choices": choices}}
+    return profile
 
 
 def images_choice_profile(images: list[dict], *, slug: str, display_name: str, description: str,
@@ -219,6 +242,16 @@ def allowed_image_key(obj: dict) -> str:
     return f"{label} ({name})" if label != name else name
 
 
+def kept_build_key(obj: dict, generation: dict) -> str:
+    """The {display: image} key of an earlier build of a cnbi image, listed under the image:
+    what tells it apart first (a select shows the start of a long entry)."""
+    name = model.name_of(obj)
+    label = model.display_name_of(obj) or name
+    built = (generation.get("completionTime") or "")[:16].replace("T", " ")
+    when = f" of {built} UTC" if built else ""
+    return f"{label} — earlier build, run {generation['run']}{when}" + (f" ({name})" if label != name else "")
+
+
 def first_value(value) -> str | None:
     """Form and query data arrive as lists of strings, REST user_options as plain values."""
     if isinstance(value, (list, tuple)):
@@ -261,6 +294,8 @@ class ImageListing:
     error: str | None = None
     fetched_at: float = 0.0
     stream_tags: tuple = ()  # Open Data Hub notebook ImageStream tags (cluster mode, OpenShift)
+    #: image name -> its earlier builds a server can start on (stored, not removed), newest first
+    kept: dict = dataclasses.field(default_factory=dict)
 
     def find(self, name: str) -> dict | None:
         return next((obj for obj in self.images if model.name_of(obj) == name), None)
@@ -421,7 +456,24 @@ class CNBISpawnerHooks(SingletonConfigurable):
             return ImageListing(error=str(e) or type(e).__name__, fetched_at=now)
         ready = tuple(obj for obj in items if image_reference(obj))
         stream_tags = await self._fetch_stream_tags() if self.include_imagestreams else ()
-        return ImageListing(images=ready, fetched_at=now, stream_tags=stream_tags)
+        return ImageListing(images=ready, fetched_at=now, stream_tags=stream_tags, kept=await self._fetch_kept(ready))
+
+    async def _fetch_kept(self, images: tuple) -> dict:
+        """The earlier builds of `images` a server can start on, for the form's build choice:
+        asked only of images that ran more than once (the others have none)."""
+        rebuilt = [obj for obj in images if (obj.get("status") or {}).get("run", 1) > 1]
+
+        async def kept_of(obj: dict) -> tuple:
+            url = url_path_join(self.service_url, f"api/images/{model.name_of(obj)}/generations")
+            try:
+                items = json.loads((await AsyncHTTPClient().fetch(self._service_request(url))).body)["items"]
+            except Exception as e:  # the image itself can still be started: offer its current build
+                self.log.warning("cnbi: could not read the builds of %s: %s", model.name_of(obj), e)
+                return ()
+            return tuple(g for g in items if not g.get("current") and not g.get("removed") and g.get("image"))
+
+        found = await asyncio.gather(*(kept_of(obj) for obj in rebuilt))
+        return {model.name_of(obj): builds for obj, builds in zip(rebuilt, found) if builds}
 
     async def _fetch_stream_tags(self) -> tuple:
         request = self._service_request(url_path_join(self.service_url, "api/imagestreams"))
@@ -517,7 +569,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         else:
             profiles.extend(
                 image_profile(obj, slug_prefix=self.profile_slug_prefix, for_user=username,
-                              extra_override=self.image_override)
+                              extra_override=self.image_override, kept=listing.kept.get(model.name_of(obj), ()))
                 for obj in images
             )
             profiles.extend(
@@ -536,11 +588,29 @@ class CNBISpawnerHooks(SingletonConfigurable):
         """KubeSpawner.options_from_form (also used for /hub/spawn query arguments)."""
         return kubespawner_form_options(formdata)
 
+    def image_named_by_profile(self, user_options: dict) -> str | None:
+        """The cnbi image a KubeSpawner form choice names (its profile, or the one-profile
+        layout's image option); None for the admin's profiles and ImageStream tags."""
+        profile = first_value(user_options.get("profile")) or ""
+        prefix = self.profile_slug_prefix
+        if not profile.startswith(prefix) or profile.startswith(f"{prefix}imagestream-"):
+            return None
+        if self.layout == LAYOUT_ONE_PROFILE:
+            chosen = first_value(user_options.get(SINGLE_PROFILE_OPTION)) or ""
+            return chosen if profile == f"{prefix}images" and not chosen.startswith("imagestream-") else None
+        return profile[len(prefix):]
+
     async def kubespawner_apply_user_options(self, spawner, user_options: dict) -> None:
-        """Spawner.apply_user_options: `cnbi_image` becomes the profile that runs it.
+        """Spawner.apply_user_options: `cnbi_image` becomes the profile that runs it; a cnbi
+        profile chosen on the form (with its "Build" choice) is pinned and recorded the same way.
 
         Runs before KubeSpawner.start, which applies the profile (load_user_options).
         """
+        user_options = dict(user_options or {})
+        if first_value(user_options.get(USER_OPTION_BUILD)) == BUILD_CHOICE_CURRENT:
+            del user_options[USER_OPTION_BUILD]
+        if not first_value(user_options.get(USER_OPTION)) and (named := self.image_named_by_profile(user_options)):
+            user_options[USER_OPTION] = named
         obj = await self.chosen_build(spawner, user_options)
         if obj is None:
             return
@@ -560,6 +630,8 @@ class CNBISpawnerHooks(SingletonConfigurable):
         for obj in sorted(listing.images, key=lambda o: (model.display_name_of(o).lower(), model.name_of(o))):
             obj = self._pinned(spawner, model.name_of(obj)) or obj
             allowed[allowed_image_key(obj)] = image_reference(obj)
+            for generation in listing.kept.get(model.name_of(obj), ()):
+                allowed[kept_build_key(obj, generation)] = generation["image"]
         return allowed
 
     async def dockerspawner_options_form(self, spawner) -> str:
@@ -594,6 +666,12 @@ class CNBISpawnerHooks(SingletonConfigurable):
         else:
             key = first_value(user_options.get("image"))
             obj = next((o for o in listing.images if key and allowed_image_key(o) == key), None)
+            kept = next(((o, g) for o in listing.images for g in listing.kept.get(model.name_of(o), ())
+                         if key and kept_build_key(o, g) == key), None)
+            if kept is not None:  # an earlier build chosen on the form: pinned as cnbi_build pins it
+                obj = await self.chosen_build(spawner, {USER_OPTION: model.name_of(kept[0]),
+                                                        USER_OPTION_BUILD: str(kept[1]["run"])})
+                spawner.user_options = {**user_options, "image": kept_build_key(obj, kept[1])}
         if obj is not None:
             spawner.environment = {**spawner.environment, **image_environment(obj)}
             await self.record_start(spawner, obj)

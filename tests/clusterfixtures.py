@@ -135,11 +135,12 @@ def operator(kube_node, cluster_namespace, cluster_registry, tmp_path):
     print("--- operator log (tail) ---\n" + running.log())
 
 
-async def wait_for_phase(store, name, phases, timeout=900):
+async def wait_for_phase(store, name, phases, timeout=900, run: int | None = None):
+    """The object once it is in one of `phases` (in run `run`, if given)."""
     deadline = time.monotonic() + timeout
     while True:
         obj = await store.get(name)
-        if model.phase_of(obj) in phases:
+        if model.phase_of(obj) in phases and (run is None or (obj.get("status") or {}).get("run", 1) == run):
             return obj
         assert time.monotonic() < deadline, f"{name} stuck in {model.phase_of(obj)}: {obj.get('status')}"
         await asyncio.sleep(1)

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from cnbi_hub import model, webhooks
-from cnbi_hub.controller.rebuild import rebuild_for_push, roll_back, saved_generations
+from cnbi_hub.controller.rebuild import build_again, rebuild_for_push, roll_back, saved_generations
 from cnbi_hub.controller.registry import RegistryClient
 from cnbi_hub.store.kubernetes import KubernetesImageStore
 from tests.clusterfixtures import Operator, apply, pipeline_runs, rendered_manifests, wait_for_phase
@@ -340,6 +340,22 @@ async def test_a_git_repository_builds_with_the_gitrepo_pipeline(
         with pytest.raises(KeyError):
             await roll_back(cluster_store, current, 2, "alice")
         assert "tabulate==0.9.0" in (await saved_generations(cluster_store, "from-git"))[3]["lock"]
+
+        # built again on demand (the service, its own identity): run 2's commit, in a PipelineRun
+        service = KubernetesImageStore(namespace=cluster_namespace, kubeconfig=str(kube_node.kubeconfig[
+            kube_node.serviceaccount_identity(cluster_namespace, "cnbi-service", create=False)]))
+        try:
+            await build_again(service, await service.get("from-git"), 2, "alice")
+        finally:
+            await service.aclose()
+        again = await wait_for_phase(cluster_store, "from-git", model.TERMINAL_PHASES, run=5)
+        assert model.phase_of(again) == "Ready", json.dumps(again["status"], indent=1) + operator.log()
+        assert again["status"]["gitCommit"] == second and again["status"]["triggers"][-1]["kind"] == "restore"
+        params = {p["name"]: p["value"] for p in next(
+            r for r in pipeline_runs(kube_node, cluster_namespace)
+            if r["metadata"]["name"] == "cnbi-from-git-g1-r5")["spec"]["params"]}
+        assert params["git-commit"] == second
+        assert (await registry.exists(again["status"]["image"]))["exists"]
     finally:
         operator.stop()
         print("--- operator log (tail) ---\n" + operator.log())

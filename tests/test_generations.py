@@ -7,7 +7,7 @@ import time
 import pytest
 
 from cnbi_hub import generations, model
-from cnbi_hub.controller.statemachine import rebuilt
+from cnbi_hub.controller.statemachine import held_on_earlier_build, rebuilt, schedule_due
 from tests.hubfixtures import ADMIN
 from tests.infra_podman import podman, push_commit
 from tests.test_podmanspawner import hub_request, wait_for_server
@@ -88,6 +88,24 @@ def test_rolled_back_status_is_ready_at_once_on_the_saved_build():
     again = rebuilt({**obj, "status": used}, "bob")
     assert again["rebuildOf"] == "i1" and again["lastStartedAt"] == "2026-11-23T13:00:00Z"
     assert again["lastStartedImage"] == "i1" and again["phase"] == "Pending"
+
+
+def test_a_rollback_or_a_build_again_holds_the_image_on_that_build_until_its_next_rebuild():
+    obj = {"metadata": {"name": "x", "generation": 1}, "spec": {"buildType": "PackageList", "rebuildSchedule": "daily"},
+           "status": ready_status(2, "i2", {"six": "1.17.0"})}
+    week_later = model.parse_iso("2026-11-29T10:00:00Z")
+    assert schedule_due(obj, week_later) and not held_on_earlier_build(obj["status"])
+    back = generations.rolled_back(obj, {**ready_status(1, "i1", {"six": "1.16.0"}), "lock": "x"}, "alice",
+                                   now="2026-11-22T10:00:00Z")
+    assert held_on_earlier_build(back) and not schedule_due({**obj, "status": back}, week_later)
+    record = {**ready_status(1, "i1", {}), "gitCommit": "c" * 40, "resolvedBaseImage": "b@sha256:1",
+              "lockHash": "sha256:aa", "lock": "six==1.16.0\n", "removed": {"at": "t", "reason": "r"}}
+    again = {**rebuilt({**obj, "status": back}, "alice"), "restoring": generations.restoring(record)}
+    assert again["restoring"] == {"run": 1, "gitCommit": "c" * 40, "resolvedBaseImage": "b@sha256:1",
+                                  "lockHash": "sha256:aa"}
+    assert held_on_earlier_build(again)
+    # the next rebuild (a person's, a push's) lets it follow its base and schedule again
+    assert not held_on_earlier_build(rebuilt({**obj, "status": {**again, "phase": "Ready"}}, "bob"))
 
 
 # --- end to end ----------------------------------------------------------------------------
@@ -238,6 +256,29 @@ async def test_a_rebuild_keeps_the_previous_build_and_rollback_makes_it_current_
     assert model.phase_of(again) == "Ready" and again["status"]["image"] == fifth["status"]["image"]
     report = (await hub.api("POST", "api/retention", admin, {"keepGenerations": 0, "user": "gen-alice"})).json()
     assert report["removed"] == []  # nothing left to remove
+
+    # a removed build is built again on demand from what its record keeps: the first build's
+    # commit (the branch is two commits further), its base by digest and its lock
+    r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 3, "rebuild": "yes"})
+    assert (r.code, r.json()["field"]) == (422, "rebuild")
+    r = await hub.api("POST", f"api/images/{name}/rollback", owner, {"run": 3, "rebuild": True})
+    assert r.code == 200, r.body
+    assert r.json()["status"]["restoring"] == {"run": 3, "gitCommit": first["status"]["gitCommit"],
+                                               "resolvedBaseImage": first["status"]["resolvedBaseImage"],
+                                               "lockHash": first["status"]["lockHash"]}
+    sixth = await _ends(hub, owner, name, 6)
+    assert model.phase_of(sixth) == "Ready", sixth["status"]
+    assert sixth["status"]["gitCommit"] == first["status"]["gitCommit"] != third_commit
+    assert sixth["status"]["lockHash"] == first["status"]["lockHash"]
+    assert (await hub.api("GET", f"api/images/{name}/lock", owner)).body.decode() == first_lock
+    assert _tabulate_version(sixth["status"]["image"], podman_env) == "0.9.0"
+    assert sixth["status"]["triggers"][-1] == {**sixth["status"]["triggers"][-1], "kind": "restore", "toRun": 3,
+                                               "by": "gen-alice", "run": 6}
+    log = (await hub.api("GET", f"api/images/{name}/logs", owner)).body.decode()
+    assert "installing run 3's lock as it was" in log and "building run 3's commit" in log
+    # the build it replaced (run 5's) is kept in its turn, with its image
+    listed = (await hub.api("GET", f"api/images/{name}/generations", owner)).json()["items"]
+    assert [(g["run"], "removed" in g) for g in listed[:2]] == [(6, False), (5, False)]
 
 
 def _stored(image, podman_env) -> bool:

@@ -325,6 +325,38 @@ async def test_kubespawner_pins_a_kept_build_with_cnbi_build(hub, three_images, 
         assert e.value.status_code == status, build
 
 
+async def test_kubespawner_form_offers_an_images_kept_builds_and_records_each_start(
+        hub, three_images, make_kubespawner, service_store):
+    alice_img, _, shared_img = three_images
+    name, slug = model.name_of(alice_img), f"cnbi-{model.name_of(alice_img)}"
+    old = await _with_a_kept_build(service_store, alice_img)
+    spawner = make_kubespawner("kalice", make_hooks(hub))
+    form = await spawner.get_options_form()
+    select = re.search(rf'<select name="profile-option-{slug}--cnbi_build".*?</select>', form, re.S).group(0)
+    assert re.findall(r'<option value="([^"]+)"', select) == ["current", "1"]
+    assert "Run 1, built 2026-11-22 10:00 UTC, an earlier build" in select
+    assert f"profile-option-cnbi-{model.name_of(shared_img)}--cnbi_build" not in form  # it has none
+
+    # the user picks run 1 on the form: that build starts, and the start is recorded on it
+    form_data = {"profile": [slug], f"profile-option-{slug}--cnbi_build": ["1"]}
+    spawner.user_options = spawner.run_options_from_form(form_data)
+    assert spawner.user_options == {"profile": slug, "cnbi_build": "1"}
+    await spawner._run_apply_user_options(spawner.user_options)
+    await spawner.load_user_options()
+    assert spawner.image == old and spawner.environment["JUPYTER_IMAGE"] == old
+    assert spawner.user_options["cnbi_started"] == old
+    assert (await service_store.get(name))["status"]["lastStartedImage"] == old
+
+    # the default choice, and a plain profile choice, start the current build: recorded as well
+    for choice in (["current"], None):
+        plain = make_kubespawner("kalice", make_hooks(hub))
+        data = {"profile": [slug], **({f"profile-option-{slug}--cnbi_build": choice} if choice else {})}
+        plain.user_options = plain.run_options_from_form(data)
+        await plain._run_apply_user_options(plain.user_options)
+        await plain.load_user_options()
+        assert plain.image == alice_img["status"]["image"] == plain.user_options["cnbi_started"], choice
+
+
 async def test_dockerspawner_pins_a_kept_build_with_cnbi_build(hub, three_images, service_store):
     alice_img, _, _ = three_images
     name = model.name_of(alice_img)
@@ -339,5 +371,17 @@ async def test_dockerspawner_pins_a_kept_build_with_cnbi_build(hub, three_images
         await spawner._run_apply_user_options(spawner.user_options)
         assert await spawner.check_allowed(spawner.user_options["image"]) == old
         assert spawner.environment["JUPYTER_IMAGE"] == old
+
+        # the form lists the earlier build under the image; choosing it there pins it the same way
+        chooser = PodmanSpawner(user=real_user(hub, "kalice"), hub=hub.app.hub, config=c)
+        form = await chooser.get_options_form()
+        keys = re.findall(r'<option value="([^"]+)"', form)
+        kept_key = next(k for k in keys if "— earlier build, run 1 of 2026-11-22 10:00 UTC" in k)
+        assert kept_key.startswith(model.display_name_of(alice_img)) and kept_key.endswith(f"({name})")
+        assert keys.index(kept_key) == keys.index(next(k for k in keys if k.endswith(f"({name})"))) + 1
+        chooser.user_options = chooser.options_from_form({"image": [kept_key]})
+        await chooser._run_apply_user_options(chooser.user_options)
+        assert await chooser.check_allowed(chooser.user_options["image"]) == old
+        assert chooser.environment["JUPYTER_IMAGE"] == old and chooser.user_options["cnbi_started"] == old
     finally:
         CNBISpawnerHooks.clear_instance()

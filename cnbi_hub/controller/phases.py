@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 from collections import Counter
 import os
@@ -36,6 +37,7 @@ from .imageaccess import ImageAccess
 from .registry import ImageNotFound, ImageUnauthorized, RegistryError, RegistryUnreachable
 from .resolve import (
     IndexSettings,
+    LockResult,
     ResolutionError,
     constraints_from_pip_list,
     lock_difference,
@@ -43,7 +45,7 @@ from .resolve import (
     resolve_lock,
     validate_requirement,
 )
-from .statemachine import Outcome, failure_of
+from .statemachine import Outcome, failure_of, held_on_earlier_build
 
 
 def _no_log(line: str) -> None:
@@ -188,6 +190,8 @@ class PhaseWork(LoggingConfigurable):
         when it names a digest, or its repository's own Containerfile names its base."""
         if (obj.get("status") or {}).get("recipe") == "containerfile" or stacks.parent_of(obj["spec"]):
             return None  # an image on another CustomNBImage follows that one's builds instead
+        if held_on_earlier_build(obj.get("status") or {}):
+            return None  # its owner went back to an earlier build: it stays on that one
         try:
             reference = self.base_reference(obj)
         except LookupError:
@@ -228,7 +232,12 @@ class PhaseWork(LoggingConfigurable):
             base_text = self.base_reference(obj)
         except LookupError as e:
             return Outcome(False, "NoBaseImage", str(e), observed)
-        if stacks.parent_of(obj["spec"]):
+        restoring = (obj.get("status") or {}).get("restoring") or {}
+        if restoring.get("resolvedBaseImage"):
+            # building a kept build again: on the very base it was built on
+            base_text = restoring["resolvedBaseImage"]
+            say(f"building run {restoring.get('run')}'s build again, on its base {base_text}")
+        elif stacks.parent_of(obj["spec"]):
             found = await self.stack_base(obj, say)
             if isinstance(found, Outcome):
                 return dataclasses.replace(found, observed=observed)
@@ -304,8 +313,13 @@ class PhaseWork(LoggingConfigurable):
             return credential
         try:
             gitsource.allowed_scheme(url, tuple(self.allowed_git_schemes))
-            say(f"resolving {ref or 'the default branch'} of {url}")
-            commit = await gitsource.ls_remote(url, ref, credential=credential)
+            restoring = (obj.get("status") or {}).get("restoring") or {}
+            if restoring.get("gitCommit"):
+                commit = restoring["gitCommit"]  # building a kept build again: its own commit
+                say(f"building run {restoring.get('run')}'s commit {commit[:12]} of {url} again")
+            else:
+                say(f"resolving {ref or 'the default branch'} of {url}")
+                commit = await gitsource.ls_remote(url, ref, credential=credential)
             if checkout.exists():
                 shutil.rmtree(checkout)
             checkout.parent.mkdir(parents=True, exist_ok=True)
@@ -387,13 +401,24 @@ class PhaseWork(LoggingConfigurable):
                 return self._reused(reused, {"specHash": key})
             return Outcome(True, "NothingToResolve", "the repository builds itself", {"specHash": key})
         info = BaseImageInfo.from_status(status["baseImageInfo"])
-        say(f"resolving {len(requirements)} requirements for Python {info.python_version} "
-            f"against the {len(info.packages)} packages already in the base image")
-        try:
-            lock = await self._resolve_lock_cached(requirements, info)
-        except ResolutionError as e:
-            return Outcome(False, "Unresolvable", str(e))
-        await self.store.put_artifact(model.name_of(obj), "lock", lock.text)
+        restoring = status.get("restoring") or {}
+        if restoring.get("lockHash"):
+            # building a kept build again: its own lock, as it was (written when the run began)
+            text = await self.store.get_artifact(model.name_of(obj), "lock") or ""
+            lock = LockResult(text=text, sha256=hashlib.sha256(text.encode()).hexdigest(),
+                              packages=list(lock_entries(text)))
+            if f"sha256:{lock.sha256}" != restoring["lockHash"]:
+                return Outcome(False, "LockChanged", f"run {restoring.get('run')}'s lock was changed since it "
+                                                     "was kept: it cannot be built again as it was")
+            say(f"installing run {restoring.get('run')}'s lock as it was")
+        else:
+            say(f"resolving {len(requirements)} requirements for Python {info.python_version} "
+                f"against the {len(info.packages)} packages already in the base image")
+            try:
+                lock = await self._resolve_lock_cached(requirements, info)
+            except ResolutionError as e:
+                return Outcome(False, "Unresolvable", str(e))
+            await self.store.put_artifact(model.name_of(obj), "lock", lock.text)
         key = spec_hash(obj, status["resolvedBaseImage"], lock.sha256)
         observed = {"lockHash": f"sha256:{lock.sha256}", "specHash": key}
         say(f"locked {len(lock.packages)} packages")

@@ -26,22 +26,37 @@ async def full_log(store, name: str) -> str:
     return text
 
 
-async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None) -> dict:
+async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None, restore: dict | None = None) -> dict:
     """Send the finished `obj` through its phases again; Conflict if it changed since it was read.
     A Ready build is kept as a generation to go back to (retention deletes the images of those
-    beyond `keep_generations`)."""
+    beyond `keep_generations`). With `restore` (a kept build's record), the run builds that
+    build again: its commit, its base by digest and its lock, not what the spec names now."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
     # read before: once the status is written, a new run may log and resolve a new lock
     history = await full_log(store, name)
     kept = await _generations_with_current(store, obj)
-    written = await store.update_status(name, rebuilt(obj, by, trigger=trigger), obj["metadata"]["resourceVersion"])
+    status = rebuilt(obj, by, trigger=trigger)
+    if restore is not None:
+        status["restoring"] = generations.restoring(restore)
+    written = await store.update_status(name, status, obj["metadata"]["resourceVersion"])
     # only a rebuild that happened moves the log (a lost write moved nothing); the new run's
     # engine keeps its log in memory and writes all of it at each flush
     if kept is not None:
         await store.put_artifact(name, "generations", generations.dump_saved(kept), uid=uid)
+    if restore is not None:
+        await store.put_artifact(name, "lock", restore.get("lock", ""), uid=uid)  # Resolving installs it as it is
     await store.put_artifact(name, "log-history", history, uid=uid)
     await store.put_artifact(name, "log", "", uid=uid)
     return written
+
+
+async def build_again(store, obj: dict, run: int, by: str) -> dict:
+    """Build run `run`'s kept build of the finished `obj` again (retention removed its image;
+    its record keeps the commit, base digest and lock): a new run that ends Ready on an image
+    with the same packages. KeyError when no such generation is saved."""
+    record = (await saved_generations(store, model.name_of(obj)))[run]
+    trigger = {"kind": "restore", "by": by, "at": model.now_iso(), "toRun": run}
+    return await start_rebuild(store, obj, by, trigger, restore=record)
 
 
 async def _generations_with_current(store, obj: dict, without: int | None = None) -> dict | None:

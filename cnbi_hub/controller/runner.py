@@ -28,6 +28,7 @@ from .statemachine import (
     Outcome,
     advance,
     failure_of,
+    held_on_earlier_build,
     queued,
     restart,
     run_separator,
@@ -483,6 +484,8 @@ class EmbeddedRunner(LoggingConfigurable):
                 return 0
             if status.get("recipe") == "containerfile":
                 return 0  # its repository's own Containerfile names its base
+            if phase in model.TERMINAL_PHASES and held_on_earlier_build(status):
+                return 0  # its owner went back to an earlier build: it stays on that one
             if phase == model.PHASE_FAILED and (failure_of(status) or {}).get("reason") not in _BASE_FAILURES:
                 return 0
             asked = [t for t in status.get("triggers", [])

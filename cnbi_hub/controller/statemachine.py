@@ -256,12 +256,20 @@ def rebuild_after_this_run(obj: dict, trigger: dict) -> dict | None:
 SCHEDULE_SECONDS = {"daily": 86400, "weekly": 7 * 86400, "monthly": 30 * 86400}
 
 
+def held_on_earlier_build(status: dict) -> bool:
+    """Whether the current run made an earlier build current again (a rollback, or a kept build
+    built again from its lock): the owner chose that build, so base-image updates and schedules
+    leave the image on it; their next rebuild, or a push, moves it on."""
+    return bool(status.get("rolledBackFrom") or status.get("restoring"))
+
+
 def schedule_due(obj: dict, now: float) -> bool:
     """Whether a finished image's `spec.rebuildSchedule` has come due: its period has passed
-    since its last run completed (`now` in seconds since the epoch)."""
+    since its last run completed (`now` in seconds since the epoch); never for an image held on
+    an earlier build."""
     period = SCHEDULE_SECONDS.get((obj.get("spec") or {}).get("rebuildSchedule") or "")
     finished = (obj.get("status") or {}).get("completionTime")
-    if not period or not finished:
+    if not period or not finished or held_on_earlier_build(obj.get("status") or {}):
         return False
     return now - model.parse_iso(finished) >= period
 

@@ -25,7 +25,14 @@ from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
 from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
-from ..controller.rebuild import full_log, rebuild_for_push, roll_back, saved_generations, start_rebuild
+from ..controller.rebuild import (
+    build_again,
+    full_log,
+    rebuild_for_push,
+    roll_back,
+    saved_generations,
+    start_rebuild,
+)
 from ..controller.retention import policy_of
 from ..controller.statemachine import cancelled
 from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
@@ -657,7 +664,9 @@ class GenerationsHandler(APIHandler):
 @web.stream_request_body
 class RollbackHandler(BodyLimitMixin, APIHandler):
     """POST api/images/{name}/rollback {"run": N}: make run N's kept build current again, without
-    a build (its image, packages and lock); the build it replaces is kept in its turn."""
+    a build (its image, packages and lock); the build it replaces is kept in its turn. With
+    "rebuild": true (a build whose image retention removed), build it again instead: its commit,
+    its base by digest and its lock."""
 
     def prepare(self):
         super().prepare()
@@ -665,17 +674,28 @@ class RollbackHandler(BodyLimitMixin, APIHandler):
 
     async def post(self, name: str):
         body = self.body_json()
-        if not isinstance(body, dict) or set(body) != {"run"}:
-            raise FieldError(422, 'the body names the run to go back to: {"run": 2}', "run")
-        run = body["run"]
+        if not isinstance(body, dict) or "run" not in body or set(body) - {"run", "rebuild"}:
+            raise FieldError(422, 'the body names the run to go back to: {"run": 2} (and "rebuild": true to '
+                                  'build it again from its lock)', "run")
+        run, rebuild = body["run"], body.get("rebuild", False)
         if not isinstance(run, int) or isinstance(run, bool) or run < 1:
             raise FieldError(422, "run is the number of an earlier run, such as 2", "run")
+        if not isinstance(rebuild, bool):
+            raise FieldError(422, "rebuild is true (build that run again from its lock) or false", "rebuild")
         obj = await self.finished_image(name)
         saved = await saved_generations(self.store, name)
+        if rebuild and run in saved:
+            await check_bytes_quota(self, "build one again")
+            try:
+                self.write_json(await build_again(self.store, obj, run, self.username))
+            except Conflict:
+                raise FieldError(409, f"image {name} changed meanwhile; look at it again and retry")
+            return
         removed = (saved.get(run) or {}).get("removed")
         if removed:
-            raise FieldError(409, f"cannot go back to run {run}: its image was removed on {removed['at'][:10]} "
-                                  f"({removed['reason']}); its packages and lock are still listed", "run")
+            raise FieldError(409, f"cannot go back to run {run} at once: its image was removed on "
+                                  f"{removed['at'][:10]} ({removed['reason']}); its commit, base and lock are "
+                                  f'kept: send {{"run": {run}, "rebuild": true}} to build it again', "run")
         if run in saved and not await self.still_stored(saved[run]["image"]):
             raise FieldError(409, f"cannot go back to run {run}: its image is no longer stored", "run")
         if run not in saved:

@@ -202,11 +202,12 @@ export class CnbiApi {
     return this.json(`images/${encodeURIComponent(name)}/generations`);
   }
 
-  /** Make run `run`'s kept build current again, without a build. */
-  rollback(name: string, run: number): Promise<ICustomNBImage> {
+  /** Make run `run`'s kept build current again, without a build; with `rebuild`, build it
+   * again from its commit, base and lock (its image was removed by retention). */
+  rollback(name: string, run: number, rebuild = false): Promise<ICustomNBImage> {
     return this.json(`images/${encodeURIComponent(name)}/rollback`, {
       method: 'POST',
-      body: JSON.stringify({ run }),
+      body: JSON.stringify(rebuild ? { run, rebuild } : { run }),
       headers: { 'Content-Type': 'application/json' }
     });
   }

@@ -88,10 +88,10 @@ export interface ICustomNBImage {
 /** What started a rebuild (status.triggers): a person, a push webhook, or a base image's tag
  * that moved to another digest. */
 export interface ITrigger {
-  kind: 'rebuild' | 'webhook' | 'baseImage' | 'schedule' | 'rollback';
+  kind: 'rebuild' | 'webhook' | 'baseImage' | 'schedule' | 'rollback' | 'restore';
   /** The run it started. */
   run?: number;
-  /** rollback: the run whose build was made current again. */
+  /** rollback: the run whose build was made current again; restore: the run built again. */
   toRun?: number;
   /** schedule: daily, weekly or monthly. */
   schedule?: string;
@@ -553,6 +553,8 @@ export function triggerLabel(trigger: ITrigger): string {
     }
   } else if (trigger.kind === 'rollback') {
     parts.push(`Run ${trigger.toRun ?? '?'}’s build made current again by ${trigger.by ?? 'someone'}`);
+  } else if (trigger.kind === 'restore') {
+    parts.push(`Run ${trigger.toRun ?? '?'}’s build built again from its lock by ${trigger.by ?? 'someone'}`);
   } else if (trigger.kind === 'schedule') {
     const schedule = trigger.schedule ?? 'scheduled';
     parts.push(`${schedule.charAt(0).toUpperCase()}${schedule.slice(1)} rebuild`);

@@ -278,9 +278,29 @@ test('a private repository builds with a token stored from the form, and goes ba
   await expect(badge).toHaveAttribute('data-phase', 'Ready');
   await expect(detail.getByTestId('cnbi-triggers')).toContainText('Run 1’s build made current again');
 
+  // the hub's spawn form lists the kept build under the image (a new named server: nothing
+  // starts until the form is sent)
+  const env = hubEnv();
+  const spawnPage = await page.context().newPage();
+  try {
+    await spawnPage.goto(`hub/spawn/${encodeURIComponent(env.user)}/pick-a-build`);
+    const choice = spawnPage.locator('#cnbi-image-select');
+    await expect(choice).toBeVisible({ timeout: 60_000 });
+    const options = await choice.locator('option').allTextContents();
+    const current = options.findIndex(o => o.endsWith(`(${name})`));
+    expect(current, options.join(' | ')).toBeGreaterThanOrEqual(0);
+    expect(options[current + 1]).toMatch(/ — earlier build, run 2 of .* UTC \(/);
+    await choice.selectOption({ index: current + 1 });
+    for (const scheme of ['light', 'dark'] as const) {
+      await spawnPage.emulateMedia({ colorScheme: scheme });
+      await screenshot(spawnPage, `spawn-form-kept-build-${scheme}`);
+    }
+  } finally {
+    await spawnPage.close();
+  }
+
   // an admin's retention pass (keep no earlier build) removes run 2's image: the detail still
   // lists it, says why, and offers neither a start nor a rollback on it
-  const env = hubEnv();
   const { context, page: adminPage } = await userLab(browser, env.admin);
   try {
     const [code, report] = await adminPage.evaluate(
@@ -310,6 +330,14 @@ test('a private repository builds with a token stored from the form, and goes ba
   await expect(removed.getByTestId('cnbi-make-current')).toHaveCount(0);
   await expect(removed.getByTestId('cnbi-start-build')).toHaveCount(0);
   await screenshotBothThemes(page, again, 'panel-generation-removed');
+  // its commit, base and lock are kept: the owner builds it again
+  await removed.getByTestId('cnbi-build-again').click();
+  const againBadge = again.getByTestId('cnbi-detail').getByTestId('cnbi-phase-badge');
+  await expect(again.getByTestId('cnbi-detail').getByTestId('cnbi-run')).toHaveText(/Run 4/, {
+    timeout: BUILD_TIMEOUT_MS
+  });
+  await expect(againBadge).toHaveAttribute('data-phase', 'Ready', { timeout: BUILD_TIMEOUT_MS });
+  await expect(again.getByTestId('cnbi-triggers')).toContainText('Run 2’s build built again from its lock');
 
   // the API lists the credential by name and host only; the log says which one was used
   const listed = await page.request.get(userPath('cnbi/api/credentials'));

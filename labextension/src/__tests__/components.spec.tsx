@@ -591,6 +591,15 @@ describe('ImageBuilder panel', () => {
     );
     expect(within(items[2]).queryByTestId('cnbi-make-current')).toBeNull();
     expect(within(items[2]).queryByTestId('cnbi-start-build')).toBeNull();
+    expect(within(items[1]).queryByTestId('cnbi-build-again')).toBeNull();
+    // its commit, base and lock are kept: the owner builds it again
+    fireEvent.click(within(items[2]).getByTestId('cnbi-build-again'));
+    await waitFor(() => expect(service.images[0].status?.phase).toBe('Pending'));
+    const again = service.requests.find(r => r.method === 'POST' && r.url.split('?')[0].endsWith('/rollback'))!;
+    expect(JSON.parse(again.body)).toEqual({ run: 1, rebuild: true });
+    expect((await within(detail).findByTestId('cnbi-triggers')).textContent).toContain(
+      'Run 1’s build built again from its lock by alice'
+    );
     view.unmount();
   });
 

@@ -325,7 +325,22 @@ export class TestCnbiService {
         return this.json(res, 200, { items: this.generations[parts[1]] ?? [] });
       }
       if (sub === 'rollback' && method === 'POST') {
-        const { run } = JSON.parse(body) as { run: number };
+        const { run, rebuild } = JSON.parse(body) as { run: number; rebuild?: boolean };
+        if (rebuild) {
+          const next = (obj.status?.run ?? 1) + 1;
+          const again: ICustomNBImage = {
+            ...obj,
+            metadata: { ...obj.metadata, resourceVersion: this.nextVersion(obj) },
+            status: {
+              ...obj.status,
+              phase: 'Pending',
+              run: next,
+              triggers: [...(obj.status?.triggers ?? []), { kind: 'restore', by: 'alice', toRun: run, run: next }]
+            }
+          };
+          this.replace(obj, again);
+          return this.json(res, 200, again);
+        }
         const kept = (this.generations[parts[1]] ?? []).find(g => g.run === run && !g.current);
         if (!kept) {
           return this.json(res, 422, { message: `cannot go back to run ${run}`, field: 'run' });

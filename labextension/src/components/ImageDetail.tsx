@@ -247,11 +247,11 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
     };
   }, [api, name, runNumber, phase === 'Ready']);
 
-  const makeCurrent = async (run: number) => {
+  const makeCurrent = async (run: number, rebuild = false) => {
     setBusy(true);
     setError(null);
     try {
-      onUpdate(await api.rollback(name, run));
+      onUpdate(await api.rollback(name, run, rebuild));
     } catch (e) {
       setError(withoutFieldPrefix((e as CnbiApiError).message));
     } finally {
@@ -523,6 +523,18 @@ export function ImageDetail(props: IImageDetailProps): JSX.Element {
                       onClick={() => actions.openUrl(spawnUrl(hubPrefix, name, currentUser, namedServers, g.run))}
                     >
                       Start a server on it
+                    </button>
+                  )}
+                  {g.removed && changeable && (
+                    <button
+                      type="button"
+                      className="jp-Button jp-mod-styled cnbi-small-button"
+                      data-testid="cnbi-build-again"
+                      disabled={busy || running}
+                      title={`Build run ${g.run} again: its commit, its base image by digest and its lock, as it was`}
+                      onClick={() => void makeCurrent(g.run, true)}
+                    >
+                      Build it again
                     </button>
                   )}
                   {!g.current && !g.removed && changeable && (
