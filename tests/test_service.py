@@ -403,6 +403,51 @@ async def test_openapi_document_is_valid_and_covers_every_route(hub):
     assert registered == documented, registered ^ documented
 
 
+def _registered_routes() -> list[str]:
+    """Every route the service registers, as a path under the service with sample parameters."""
+    from cnbi_hub.service.app import CNBIService
+
+    app = CNBIService()
+    app.service_prefix = "/services/cnbi/"
+    app.hub_auth = type("Auth", (), {"login_url": "/hub/login"})()
+    paths = []
+    for rule in app.make_tornado_app().default_router.rules[0].target.rules:
+        pattern = rule.matcher.regex.pattern.rstrip("$").replace("/services/cnbi/", "", 1)
+        pattern = pattern.replace("(?P<name>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)", "someones-image")
+        pattern = pattern.replace("(?P<provider>[a-z]+)", "github")
+        paths.append("" if pattern in ("/?", "") else pattern)
+    return paths
+
+
+async def test_every_route_and_method_refuses_a_caller_without_hub_credentials(hub, tokens):
+    """A walk over every registered route with every method, without a token or a login (and
+    with a token without the image builder's scope): nothing answers but the health check, the
+    API description, browser pages that send to the hub's login, and webhooks that want a
+    signature; the rest is 403 (or 405 for a method the route does not have)."""
+    public = {("GET", "health"): 200, ("GET", "api/openapi.yaml"): 200}
+    no_scope = hub.token("walk-no-scope", scopes=["access:services!service=cnbi"])
+    routes = _registered_routes()
+    assert len(routes) >= 25 and "api/retention" in routes and "api/webhooks/github" in routes
+    for path in routes:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            for token in (None, no_scope):
+                r = await hub.api(method, path, token, body)
+                where = (method, path, "no token" if token is None else "no scope", r.code, r.body[:200])
+                if (method, path) in public:
+                    assert r.code == public[(method, path)], where
+                elif path.startswith("api/webhooks/") and method == "POST":
+                    assert r.code == 401, where  # unsigned: refused before the body is read
+                elif path == "oauth_callback":
+                    assert r.code in (400, 403, 405), where  # no OAuth state: nothing is set
+                elif r.code == 302:  # a page: the browser goes to the hub's OAuth (its login)
+                    assert method == "GET" and token is None, where
+                    assert r.headers["Location"].startswith("/hub/api/oauth2/authorize?client_id=service-cnbi"), where
+                else:
+                    assert r.code in (403, 405), where
+                    assert b'"items"' not in r.body and b"someones-image" not in r.body, where
+
+
 async def test_an_image_on_another_names_one_you_may_use_and_closes_no_cycle(hub, tokens, clean):
     """`spec.baseImage: cnbi:<name>` stacks an image on another: that one must exist and be
     yours (or shared with you), and the stack must not lead back to the new image."""

@@ -233,7 +233,9 @@ def rebuilt(obj: dict, by: str, now: str | None = None, trigger: dict | None = N
     status["run"] = finished["run"] + 1
     status["runs"] = (list(old.get("runs", [])) + [finished])[-MAX_REMEMBERED_RUNS:]
     # the newest good build: it stays startable while this run works, and after it fails
-    status["rebuildOf"] = old.get("image") or old.get("rebuildOf")
+    previous = old.get("image") or old.get("rebuildOf")
+    if previous:  # none when no run before built one
+        status["rebuildOf"] = previous
     status["rebuildRequestedBy"] = by
     status["rebuildRequestedAt"] = now
     status["triggers"] = (list(old.get("triggers", [])) + [trigger])[-MAX_REMEMBERED_TRIGGERS:]

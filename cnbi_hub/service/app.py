@@ -370,6 +370,7 @@ class CNBIService(Application):
             cnbi_app=self,
             hub_auth=self.hub_auth,
             cookie_secret=os.urandom(32),
+            default_handler_class=handlers.NotFoundHandler,
             login_url=self.hub_auth.login_url,
             log_function=self._log_request,
         )

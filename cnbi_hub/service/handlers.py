@@ -56,6 +56,10 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json")
+        if self._body_still_coming():
+            # tornado closes the connection after this answer (the only way not to read the
+            # rest): say so, or the hub's proxy reuses it and its next request fails with a 503
+            self.set_header("Connection", "close")
         body = {"message": self._reason}
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message:
@@ -67,6 +71,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         if related:
             body["relatedField"] = related
         self.finish(json.dumps(body))
+
+    def _body_still_coming(self) -> bool:
+        """Whether a streamed request body has not all arrived (an answer before it: a refusal)."""
+        future = getattr(self.request, "_body_future", None)
+        return future is not None and not future.done()
 
     def write_json(self, value, status: int = 200) -> None:
         self.set_status(status)
@@ -180,6 +189,9 @@ class BodyLimitMixin:
     max_body_bytes = MAX_BODY_BYTES
 
     def data_received(self, chunk: bytes):
+        if getattr(self, "_chunks", None) is None:
+            # refused before prepare read the limit (a 405, a 403): the body is drained all the same
+            self.prepare_body_limit()
         self._received += len(chunk)
         if self._received <= self.max_body_bytes:
             self._chunks.append(chunk)
@@ -925,6 +937,13 @@ class ImageStreamsHandler(APIHandler):
             self.log.warning("could not list ImageStreams: %s", e)
             raise FieldError(503, f"the cluster did not list its notebook ImageStreams: {e}") from None
         self.write_json({"items": items, "available": available})
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path the service has no route for: a JSON 404 like every other answer of the API."""
+
+    def prepare(self):
+        raise FieldError(404, "the image builder has no such route; see api/openapi.yaml")
 
 
 class OpenAPIHandler(BaseHandler):
