@@ -266,6 +266,8 @@ def check_git_repository(url: str, policy: ValidationPolicy) -> None:
     where = "spec.repository"
     if url != url.strip() or any(c.isspace() for c in url) or url.startswith("-"):
         raise InvalidObject("the repository URL must not contain spaces or start with '-'", where)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in url):
+        raise InvalidObject("the repository URL must not contain control characters", where)
     parts = urlsplit(url)
     if parts.scheme not in policy.allowed_git_schemes:
         allowed = ", ".join(f"{s}://" for s in policy.allowed_git_schemes)

@@ -144,6 +144,14 @@ async def test_hostile_urls_and_refs_never_run_anything(remote, tmp_path):
     # an option-looking ref that slips past nothing still is only a pattern after `--`
     with pytest.raises(GitRefNotFound):
         await ls_remote(remote["url"], "upload-pack=touch")
+    for url, ref in ((f"-c core.sshCommand=touch {canary}", None), (remote["url"], f"-c core.sshCommand=touch {canary}")):
+        with pytest.raises(ValueError):
+            await ls_remote(url, ref)
+    # an admin who allows ssh: a host that is an option is git's own refusal, nothing runs
+    with pytest.raises(GitError):
+        await ls_remote(f"ssh://-oProxyCommand=touch%20{canary}/repo.git")
+    with pytest.raises(ValueError):
+        await shallow_clone(f"ext::sh -c touch% {canary}", "a" * 40, tmp_path / "ext")
     assert not canary.exists()
 
 
