@@ -134,3 +134,33 @@ async def test_replace_keeps_status_and_bumps_generation_on_spec_change(db_url):
     assert written["metadata"]["generation"] == 2
     with pytest.raises(Conflict):
         await store.replace(current)  # current carries the old resourceVersion
+
+
+async def test_a_users_list_is_theirs_and_what_is_shared_with_them_in_this_namespace_only(db_url):
+    """Listing looks images up by owner, shared flag and group (indexed: benchmarks/load.py);
+    another namespace's images never show, whatever they are shared with."""
+    here, there = SQLImageStore(db_url, namespace="here"), SQLImageStore(db_url, namespace="there")
+    await here.create(new_object("mine"))
+    await here.create(new_object("bobs", owner="bob"))
+    everyone = new_object("for-all", owner="bob")
+    everyone["metadata"]["annotations"][model.ANNOTATION_SHARED] = "true"
+    await here.create(everyone)
+    team = new_object("for-team", owner="carol")
+    team["metadata"]["annotations"] = model.with_shared_groups(team["metadata"]["annotations"], ["team"])
+    await here.create(team)
+    for store in (there,):  # the same in another namespace: never listed here
+        await store.create(new_object("mine-there"))
+        shared_there = new_object("team-there", owner="carol")
+        shared_there["metadata"]["annotations"] = model.with_shared_groups(
+            shared_there["metadata"]["annotations"], ["team"])
+        await store.create(shared_there)
+
+    def names(objs):
+        return [model.name_of(o) for o in objs]
+
+    assert names(await here.list(owner="alice")) == ["mine"]
+    assert names(await here.list(owner="alice", include_shared=True)) == ["mine", "for-all"]
+    assert names(await here.list(owner="alice", include_shared=True, groups=["team"])) == ["mine", "for-all", "for-team"]
+    assert names(await here.list(owner="alice", include_shared=True, groups=["team"], phase="Ready")) == []
+    assert names(await there.list(owner="alice", include_shared=True, groups=["team"])) == ["mine-there", "team-there"]
+    assert names(await here.list()) == ["mine", "bobs", "for-all", "for-team"]
