@@ -456,6 +456,30 @@ async def test_service_killed_during_building_resumes_to_ready(hub, builder_toke
     assert "Restarted" in json.dumps(obj["status"]["conditions"]) or "==> Pending" in logs
 
 
+@pytest.mark.parametrize("phase,extra", [("Prepare", "six"), ("Resolving", "attrs")])
+async def test_service_killed_in_an_earlier_phase_resumes_to_ready(hub, builder_token, service_proc, phase, extra):
+    """SIGKILL at the first sight of the phase (polled every 50 ms; a phase that passed
+    quicker than that is caught in the one after it, which is said)."""
+    name = await create(hub, builder_token, {"buildType": "PackageList", "baseImage": USER_BASE,
+                                             "packageVersions": ["tabulate==0.9.0", "humanize", extra]})
+    order = ["Pending", "Prepare", "Resolving", "Building"]
+    deadline = time.monotonic() + 300
+    while True:
+        seen = model.phase_of((await hub.api("GET", f"api/images/{name}", builder_token)).json())
+        assert seen not in model.TERMINAL_PHASES, f"finished before it could be killed in {phase}"
+        if seen in order and order.index(seen) >= order.index(phase):
+            break
+        assert time.monotonic() < deadline, seen
+        await asyncio.sleep(0.05)
+    old_pid = service_proc.proc.pid
+    os.kill(old_pid, signal.SIGKILL)
+    print(f"killed in {seen} (aimed at {phase})")
+    obj = await wait_for_restart_and(hub, builder_token, name, service_proc, old_pid)
+    assert model.phase_of(obj) == "Ready", explain(obj)
+    packages = {p["name"] for p in obj["status"]["packages"]}
+    assert {"tabulate", "humanize", extra} <= packages
+
+
 async def wait_for_restart_and(hub, token, name, service_proc, old_pid, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
