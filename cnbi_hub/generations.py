@@ -28,6 +28,10 @@ RECORD_FIELDS = ("image", "completionTime", "specHash", "gitCommit", "baseImageD
 MAX_CHANGES_NAMED = 30
 #: how many records of builds whose image retention removed are kept (their packages and lock)
 MAX_REMOVED_RECORDS = 20
+#: the `generations` artifact stays under this many characters (a ConfigMap holds 1 MiB; one cut
+#: short would not parse, and all history would be lost): the oldest records go first, removed
+#: ones before stored ones
+MAX_SAVED_CHARS = 600 * 1024
 
 
 def saved_generation(status: dict, lock_text: str | None, now: str | None = None) -> dict | None:
@@ -67,6 +71,9 @@ def with_saved(saved: dict[int, dict], record: dict | None) -> dict[int, dict]:
     removed = sorted((run for run, r in merged.items() if r.get("removed")), reverse=True)
     for run in removed[MAX_REMOVED_RECORDS:]:
         del merged[run]
+    by_age = sorted(merged, key=lambda run: (not merged[run].get("removed"), run))
+    while len(merged) > 1 and len(dump_saved(merged)) > MAX_SAVED_CHARS:
+        del merged[by_age.pop(0)]
     return {run: merged[run] for run in sorted(merged)}
 
 

@@ -40,8 +40,9 @@ class Removal:
     reference: str  # the kept build's image
     reason: str
     bytes: int = 0
-    #: whether the image itself is deleted: False when something else still names it (the
-    #: record is marked removed; the image stays for what names it)
+    #: whether the image itself is deleted (several records of one image: each says so; the
+    #: edge deletes it once); False for an image this service did not build: only the record
+    #: is marked
     delete_image: bool = True
 
 
@@ -50,6 +51,8 @@ class Plan:
     removals: list[Removal] = field(default_factory=list)
     #: kept builds the policy would remove but a running server uses: (name, run, reference)
     in_use: list[tuple[str, int, str]] = field(default_factory=list)
+    #: kept builds the policy would remove whose image something else names: left for later
+    shared: list[tuple[str, int, str]] = field(default_factory=list)
 
 
 def digest_of(reference: str | None) -> str:
@@ -97,25 +100,30 @@ def plan(images: list[tuple[dict, dict[int, dict]]], in_use: set[str], policy: P
     """What to remove: `images` is each CustomNBImage with its saved generations ({run: record});
     `in_use` the digests running servers use; `built_here(obj, record)` whether a kept build's
     image is one this service built (only those are deleted from storage). With `only_owner`,
-    only that user's kept builds are considered (every image still protects what it names)."""
+    only that user's kept builds are considered (every image still protects what it names).
+
+    A kept build whose image something else still names (another image's current or kept
+    build: identical inputs share one image) is not removed now, and not marked: a later pass,
+    once nothing names it, deletes it (`Plan.shared`)."""
     result = Plan()
     chosen: dict[tuple[str, int], str] = {}
-    candidates: list[tuple[dict, int, dict]] = []
+    candidates: list[tuple[dict, int, dict]] = []  # every stored kept build: they all protect
     for obj, saved in images:
-        if only_owner is not None and model.creator_of(obj) != only_owner:
-            saved = {}  # not considered; what it names is protected below all the same
+        considered = only_owner is None or model.creator_of(obj) == only_owner
         stored = sorted(run for run, r in saved.items() if not r.get("removed") and r.get("image"))
         for index, run in enumerate(reversed(stored)):
             candidates.append((obj, run, saved[run]))
+            if not considered:
+                continue
             if index >= policy.keep:
                 chosen[(model.name_of(obj), run)] = beyond_keep_reason(policy.keep)
             elif policy.drop_unused_days > 0 and now - last_used(saved[run]) > policy.drop_unused_days * DAY:
                 chosen[(model.name_of(obj), run)] = f"no server started on it for {policy.drop_unused_days:g} days"
 
     if policy.max_bytes_per_user > 0:
-        _over_quota(images, candidates, chosen, policy.max_bytes_per_user, in_use)
+        _over_quota(images, candidates, chosen, policy.max_bytes_per_user, in_use, only_owner)
 
-    # what stays named by something: every current run, every kept build not removed now
+    # what stays named by something: every current run, every kept build not chosen now
     named: set[str] = set()
     for obj, _ in images:
         named |= current_references(obj)
@@ -130,22 +138,17 @@ def plan(images: list[tuple[dict, dict[int, dict]]], in_use: set[str], policy: P
         if digest in in_use:
             result.in_use.append((model.name_of(obj), run, reference))
             continue
+        ours = bool(digest) and built_here(obj, record)
+        if ours and digest in named:
+            result.shared.append((model.name_of(obj), run, reference))
+            continue
         result.removals.append(Removal(
             name=model.name_of(obj), owner=model.creator_of(obj), run=run, reference=reference, reason=reason,
-            bytes=int(record.get("imageSize") or 0),
-            delete_image=bool(digest) and digest not in named and built_here(obj, record)))
-    # one deletion per image, however many records name it
-    deleting: set[str] = set()
-    for index, removal in enumerate(result.removals):
-        digest = digest_of(removal.reference)
-        if removal.delete_image and digest in deleting:
-            result.removals[index] = Removal(**{**removal.__dict__, "delete_image": False})
-        elif removal.delete_image:
-            deleting.add(digest)
+            bytes=int(record.get("imageSize") or 0), delete_image=ours))
     return result
 
 
-def _over_quota(images, candidates, chosen, limit: int, in_use: set[str]) -> None:
+def _over_quota(images, candidates, chosen, limit: int, in_use: set[str], only_owner: str | None) -> None:
     """Mark, per owner over `limit`, the least recently used kept builds for removal until the
     owner's bytes (current builds and kept ones that keep their image) are within it."""
     used: dict[str, int] = {}
@@ -160,6 +163,8 @@ def _over_quota(images, candidates, chosen, limit: int, in_use: set[str]) -> Non
     oldest_first = sorted(candidates, key=lambda c: (last_used(c[2]), c[1]))
     for obj, run, record in oldest_first:
         owner, key = model.creator_of(obj), (model.name_of(obj), run)
+        if only_owner is not None and owner != only_owner:
+            continue
         if used.get(owner, 0) <= limit or key in chosen or digest_of(record.get("image")) in in_use:
             continue
         chosen[key] = f"its owner's images took {used[owner] / 1e9:.1f} GB, over this hub's {limit / 1e9:.1f} GB"

@@ -146,15 +146,19 @@ def image_profile(obj: dict, *, slug_prefix: str, for_user: str | None = None, e
         "slug": f"{slug_prefix}{name}",
         "kubespawner_override": image_kubespawner_override(obj, extra_override),
     }
+    pinned_run = (obj.get("status") or {}).get("pinnedRun")
+    if pinned_run is not None and all(g["run"] != pinned_run for g in kept):
+        # pinned to a build the (cached) listing does not show yet: KubeSpawner must find it
+        kept = ({"run": pinned_run, "image": obj["status"]["image"]}, *kept)
     if kept:
-        current = (obj.get("status") or {}).get("pinnedRun") is None
+        current = pinned_run is None
         choices = {BUILD_CHOICE_CURRENT: {"display_name": "The current build", "default": current}}
         for generation in kept:
             pinned = pinned_to(obj, generation)
             choices[str(generation["run"])] = {
                 "display_name": html.escape(kept_build_label(generation) + ", an earlier build"),
                 "kubespawner_override": image_kubespawner_override(pinned, extra_override),
-                **({"default": True} if not current and obj["status"]["pinnedRun"] == generation["run"] else {}),
+                **({"default": True} if pinned_run == generation["run"] else {}),
             }
         profile["profile_options"] = {USER_OPTION_BUILD: {"display_name": "Build", "choices": choices}}
     return profile
@@ -498,6 +502,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         """The image `user_options` names (`cnbi_image`), pinned to the kept build `cnbi_build`
         names if it names one; None without `cnbi_image`. An HTTP error the user can act on when
         the image is not theirs to start or no such build is kept."""
+        spawner.cnbi_pinned_image = None  # the hub reuses spawner objects: no pin from an earlier start
         name = first_value((user_options or {}).get(USER_OPTION))
         if not name:
             return None
@@ -607,6 +612,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         Runs before KubeSpawner.start, which applies the profile (load_user_options).
         """
         user_options = dict(user_options or {})
+        spawner.cnbi_pinned_image = None  # the hub reuses spawner objects: no pin from an earlier start
         if first_value(user_options.get(USER_OPTION_BUILD)) == BUILD_CHOICE_CURRENT:
             del user_options[USER_OPTION_BUILD]
         if not first_value(user_options.get(USER_OPTION)) and (named := self.image_named_by_profile(user_options)):
@@ -614,6 +620,9 @@ class CNBISpawnerHooks(SingletonConfigurable):
         obj = await self.chosen_build(spawner, user_options)
         if obj is None:
             return
+        pinned = (obj.get("status") or {}).get("pinnedRun")
+        if pinned is not None:  # as the profile's "Build" option names it (REST may send a number)
+            user_options[USER_OPTION_BUILD] = str(pinned)
         spawner.user_options = {**user_options, **self.profile_options_for(model.name_of(obj))}
         await self.record_start(spawner, obj)
 
@@ -657,6 +666,7 @@ class CNBISpawnerHooks(SingletonConfigurable):
         """Spawner.apply_user_options: refresh the listing allowed_images reads, map `cnbi_image`
         to its allowed_images key, and name the chosen cnbi image in the server's environment."""
         user_options = dict(user_options or {})
+        spawner.cnbi_pinned_image = None  # the hub reuses spawner objects: no pin from an earlier start
         listing = await self.images_for(spawner.user.name, groups_of(spawner.user))
         name = first_value(user_options.get(USER_OPTION))
         if name:

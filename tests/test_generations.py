@@ -45,6 +45,17 @@ def test_saved_generations_keep_every_stored_build_and_the_newest_removed_record
     assert sorted(kept) == [*range(40 - generations.MAX_REMOVED_RECORDS, 40), 40]
 
 
+def test_the_saved_builds_stay_small_enough_to_store_whole():
+    lock = "x" * 100_000  # a large lock: records of such builds would outgrow a ConfigMap
+    saved = {run: {"run": run, "image": f"i{run}", "lock": lock, **({"removed": {"at": "t", "reason": "r"}}
+                                                                    if run < 5 else {})} for run in range(1, 12)}
+    kept = generations.with_saved(saved, None)
+    assert len(generations.dump_saved(kept)) <= generations.MAX_SAVED_CHARS
+    # the removed records go first, oldest first; then the oldest stored ones
+    assert sorted(kept) == [6, 7, 8, 9, 10, 11]
+    assert generations.parse_saved(generations.dump_saved(kept)) == kept
+
+
 def test_a_start_on_a_kept_build_is_recorded_on_that_build_only():
     saved = {1: {"run": 1, "image": "r/x@sha256:aa"}, 2: {"run": 2, "image": "r/x@sha256:bb"}}
     started = generations.with_start(saved, "other/name@sha256:aa", "2026-11-24T10:00:00Z")
@@ -103,7 +114,9 @@ def test_a_rollback_or_a_build_again_holds_the_image_on_that_build_until_its_nex
     again = {**rebuilt({**obj, "status": back}, "alice"), "restoring": generations.restoring(record)}
     assert again["restoring"] == {"run": 1, "gitCommit": "c" * 40, "resolvedBaseImage": "b@sha256:1",
                                   "lockHash": "sha256:aa"}
-    assert held_on_earlier_build(again)
+    assert held_on_earlier_build({**again, "phase": "Ready"})
+    # a build again that failed holds nothing: the image is still on the build it had
+    assert not held_on_earlier_build({**again, "phase": "Failed"})
     # the next rebuild (a person's, a push's) lets it follow its base and schedule again
     assert not held_on_earlier_build(rebuilt({**obj, "status": {**again, "phase": "Ready"}}, "bob"))
 

@@ -1,13 +1,17 @@
 """Load on the real service and engine (bounded, 127.0.0.1 only): 100 image requests from 20 users
-at once. Each is accepted or refused with a clear status, none is lost, the engine never works on
-more images than its build slots, and every accepted image ends Ready or Failed."""
+at once (each accepted or refused with a clear status, none lost, never more in work than the
+build slots, every accepted image Ready or Failed); 200 clients on event streams while images
+are built (each sees every phase change of its image; the service's memory measured)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from pathlib import Path
 
 import pytest
+from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from cnbi_hub import model
 
@@ -65,3 +69,85 @@ async def test_a_hundred_requests_at_once_are_each_answered_none_lost_and_slots_
         for token in tokens:
             for obj in (await hub.api("GET", "api/images", token)).json()["items"]:
                 await hub.api("DELETE", f"api/images/{model.name_of(obj)}", token)
+
+
+STREAM_CLIENTS = 200
+STREAM_IMAGES = 10  # 2 users x 5 (the session hub's max_images_per_user)
+
+
+def service_rss_kb(service_proc) -> int:
+    for line in Path(f"/proc/{service_proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+class PhaseWatcher:
+    """One event-stream client: the phases its image goes through, as the stream tells them."""
+
+    def __init__(self):
+        self.phases: list[str] = []
+        self.buffer = ""
+        self.done = asyncio.Event()
+
+    def received(self, chunk: bytes) -> None:
+        self.buffer += chunk.decode()
+        while "\n\n" in self.buffer:
+            message, self.buffer = self.buffer.split("\n\n", 1)
+            fields = dict(line.split(": ", 1) for line in message.splitlines() if ": " in line)
+            if fields.get("event") != "object":
+                continue
+            phase = model.phase_of(json.loads(fields["data"]))
+            if not self.phases or self.phases[-1] != phase:
+                self.phases.append(phase)
+            if phase in model.TERMINAL_PHASES:
+                self.done.set()
+
+
+@pytest.mark.podman
+async def test_two_hundred_event_streams_each_see_every_phase_change_and_memory_stays_bounded(
+        hub, notebook_base_images, service_proc):
+    tokens = [hub.token(f"streams-{i}") for i in range(2)]
+    client = AsyncHTTPClient(force_instance=True, max_clients=STREAM_CLIENTS + 10)
+    sources = [notebook_base_images["user"], notebook_base_images["root"]]
+    before = service_rss_kb(service_proc)
+    names, fetches, watchers = [], [], []
+    try:
+        for i in range(STREAM_IMAGES):
+            token = tokens[i % 2]
+            r = await hub.api("POST", "api/images", token, import_of(sources[i % 2], i))
+            assert r.code == 201, r.body
+            names.append((token, r.json()["metadata"]["name"]))
+        for k in range(STREAM_CLIENTS):
+            token, name = names[k % STREAM_IMAGES]
+            watcher = PhaseWatcher()
+            watchers.append((name, watcher))
+            request = HTTPRequest(hub.service_url + f"api/images/{name}/events",
+                                  headers={"Authorization": f"token {token}"}, request_timeout=900,
+                                  streaming_callback=watcher.received)
+            fetches.append(asyncio.ensure_future(client.fetch(request, raise_error=False)))
+        peak = before
+        deadline = time.monotonic() + 900
+        while not all(w.done.is_set() for _, w in watchers):
+            peak = max(peak, service_rss_kb(service_proc))
+            assert time.monotonic() < deadline, sum(w.done.is_set() for _, w in watchers)
+            await asyncio.sleep(0.2)
+        peak = max(peak, service_rss_kb(service_proc))
+        # every client saw every phase change its image went through after it connected
+        for name, watcher in watchers:
+            token = next(t for t, n in names if n == name)
+            status = (await hub.api("GET", f"api/images/{name}", token)).json()["status"]
+            went = list(status["phaseTimes"])  # in the order the run entered them
+            assert watcher.phases[-1] == "Ready", (name, watcher.phases)
+            assert watcher.phases == went[went.index(watcher.phases[0]):], (name, watcher.phases, went)
+        connected_with_work = sum(len(w.phases) > 1 for _, w in watchers)
+        print(f"service memory: {before / 1024:.0f} MB before, {peak / 1024:.0f} MB at most with "
+              f"{STREAM_CLIENTS} streams ({connected_with_work} saw at least one change)")
+        assert connected_with_work > 0
+        assert peak - before < 150 * 1024, (before, peak)  # the streams hold no more than this
+    finally:
+        for fetch in fetches:
+            fetch.cancel()
+        client.close()
+        for token, name in names:
+            await hub.api("DELETE", f"api/images/{name}", token)

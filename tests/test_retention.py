@@ -73,14 +73,18 @@ def test_unused_for_d_days_counts_from_the_last_start_or_when_it_stopped_being_c
                                            built_here))) == {("x", 1)}
 
 
-def test_an_image_another_build_names_stays_and_only_the_record_is_marked():
+def shared_runs(plan) -> set:
+    return {(name, run) for name, run, _ in plan.shared}
+
+
+def test_an_image_another_build_names_stays_and_its_record_waits_for_a_later_pass():
     # y reused x's first build (identical input) and still runs on it
     x = image("x", "x2")
     y = image("y", "x1", owner="bob")
     y["status"]["image"] = f"{REPO}/x@{digest('x1')}"
     saved_x = {1: kept("x", 1, "x1", days_ago=1)}
     plan = retention.plan([(x, saved_x), (y, {})], set(), Policy(keep=0), NOW, built_here)
-    assert removed_runs(plan) == {("x", 1): False}
+    assert removed_runs(plan) == {} and shared_runs(plan) == {("x", 1)}
     # a child of a stack stands on it (its resolvedBaseImage), or a run layers on it, or it is
     # the build a rebuild in work replaces: the same
     for key, value, phase in (("resolvedBaseImage", f"{REPO}/x@{digest('x1')}", "Ready"),
@@ -88,8 +92,8 @@ def test_an_image_another_build_names_stays_and_only_the_record_is_marked():
                               ("rebuildOf", f"{REPO}/x@{digest('x1')}", "Building"),
                               ("rebuildOf", f"{REPO}/x@{digest('x1')}", "Failed")):
         z = image("z", "z1", **{key: value, "phase": phase})
-        assert removed_runs(retention.plan([(x, saved_x), (z, {})], set(), Policy(keep=0), NOW, built_here)) == {
-            ("x", 1): False}, key
+        plan = retention.plan([(x, saved_x), (z, {})], set(), Policy(keep=0), NOW, built_here)
+        assert removed_runs(plan) == {} and shared_runs(plan) == {("x", 1)}, key
     # once a run is Ready, the build it replaced and the one it layered on are not needed by it
     for key, value in (("rebuildOf", f"{REPO}/x@{digest('x1')}"),
                        ("layeredOn", {"name": "x", "image": f"{REPO}/x@{digest('x1')}"})):
@@ -98,13 +102,26 @@ def test_an_image_another_build_names_stays_and_only_the_record_is_marked():
             ("x", 1): True}, key
 
 
-def test_two_records_of_one_image_delete_it_once_and_a_kept_record_keeps_it():
+def test_another_owners_kept_build_protects_its_image_in_a_pass_for_one_user():
+    # alice's x and bob's y both keep the same build (y reused x's); a pass for alice only
+    x, y = image("x", "x2"), image("y", "y2", owner="bob")
+    saved_x = {1: kept("x", 1, "x1", days_ago=1)}
+    saved_y = {1: {**kept("y", 1, "x1", days_ago=1), "image": f"{REPO}/x@{digest('x1')}", "reusedFrom": "x"}}
+    plan = retention.plan([(x, saved_x), (y, saved_y)], set(), Policy(keep=0), NOW, built_here, only_owner="alice")
+    assert removed_runs(plan) == {} and shared_runs(plan) == {("x", 1)}
+    # for everyone: both records go, and the image with them
+    plan = retention.plan([(x, saved_x), (y, saved_y)], set(), Policy(keep=0), NOW, built_here)
+    assert removed_runs(plan) == {("x", 1): True, ("y", 1): True}
+
+
+def test_two_records_of_one_image_both_go_and_a_kept_record_keeps_it():
     x = image("x", "x3")
     same = {1: kept("x", 1, "x1", days_ago=9), 2: kept("x", 2, "x1", days_ago=8)}
     plan = retention.plan([(x, same)], set(), Policy(keep=0), NOW, built_here)
-    assert sorted(removed_runs(plan).values()) == [False, True]
+    assert removed_runs(plan) == {("x", 1): True, ("x", 2): True}  # the edge deletes the image once
     # keep 1: run 2 stays and names the image run 1 also names
-    assert removed_runs(retention.plan([(x, same)], set(), Policy(keep=1), NOW, built_here)) == {("x", 1): False}
+    plan = retention.plan([(x, same)], set(), Policy(keep=1), NOW, built_here)
+    assert removed_runs(plan) == {} and shared_runs(plan) == {("x", 1)}
 
 
 def test_imports_and_other_repositories_are_never_deleted_only_marked():

@@ -312,6 +312,17 @@ async def test_kubespawner_pins_a_kept_build_with_cnbi_build(hub, three_images, 
     assert spawner.user_options["cnbi_started"] == old
     recorded = (await service_store.get(name))["status"]
     assert recorded["lastStartedImage"] == old and recorded["lastStartedAt"]
+    # REST may send the run as a number; the same spawner object, used again without a pin
+    # (the hub keeps one per server), starts the current build
+    again = make_kubespawner("kalice", make_hooks(hub, layout=layout))
+    again.user_options = {"cnbi_image": name, "cnbi_build": 1}
+    await again._run_apply_user_options(again.user_options)
+    await again.load_user_options()
+    assert again.image == old
+    again.user_options = {"cnbi_image": name}
+    await again._run_apply_user_options(again.user_options)
+    await again.load_user_options()
+    assert again.image == shared_img["status"]["image"] == again.user_options["cnbi_started"]
     # without the pin, the same spawner class starts the current build
     plain = make_kubespawner("kalice", make_hooks(hub, layout=layout))
     plain.user_options = {"cnbi_image": name}

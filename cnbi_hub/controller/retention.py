@@ -26,11 +26,11 @@ InUse = Callable[[], Awaitable[set[str]]]
 async def retention_pass(store, phases, policy: retention.Policy, images_in_use: InUse | None,
                          now: float | None = None, dry_run: bool = False, only_owner: str | None = None) -> dict:
     """One pass (over `only_owner`'s images only, if given); returns what it did (or, with
-    `dry_run`, would do): removed builds, builds kept because a server uses them, deletions
-    that failed (tried again next pass)."""
+    `dry_run`, would do): removed builds, builds kept because a server uses them or another
+    build names their image, deletions that failed (tried again next pass)."""
     now = time.time() if now is None else now
     report = {"at": model.now_iso(), "dryRun": dry_run, "policy": policy.__dict__, "removed": [], "inUse": [],
-              "failed": []}
+              "shared": [], "failed": []}
     if only_owner is not None:
         report["user"] = only_owner
     if images_in_use is None:
@@ -45,39 +45,72 @@ async def retention_pass(store, phases, policy: retention.Policy, images_in_use:
     images = []
     for obj in await store.list():
         images.append((obj, await saved_generations(store, model.name_of(obj))))
+    uids = {model.name_of(obj): obj["metadata"]["uid"] for obj, _ in images}
     plan = retention.plan(images, in_use, policy, now, phases.built_here, only_owner=only_owner)
     report["inUse"] = [{"name": name, "run": run, "image": ref} for name, run, ref in plan.in_use]
-    done: dict[str, dict[int, str]] = {}
+    report["shared"] = [{"name": name, "run": run, "image": ref} for name, run, ref in plan.shared]
+    # the records of one image together: it is deleted once, and they are marked only if it was
+    by_image: dict[str, list[retention.Removal]] = {}
     for removal in plan.removals:
-        entry = {"name": removal.name, "owner": removal.owner, "run": removal.run, "image": removal.reference,
-                 "reason": removal.reason, "bytes": removal.bytes, "imageDeleted": removal.delete_image}
-        if not dry_run and removal.delete_image:
-            why_kept = await phases.delete_built_image(removal.reference)
+        by_image.setdefault(removal.reference.rpartition("@")[2] or removal.reference, []).append(removal)
+    done: dict[str, dict[int, str]] = {}
+    for removals in by_image.values():
+        entries = [{"name": r.name, "owner": r.owner, "run": r.run, "image": r.reference, "reason": r.reason,
+                    "bytes": r.bytes, "imageDeleted": r.delete_image} for r in removals]
+        if not dry_run and removals[0].delete_image:
+            why_kept = await _delete_if_still_unused(store, phases, images_in_use, removals)
             if why_kept:
-                report["failed"].append({**entry, "error": why_kept})
-                log.warning("retention: could not delete %s (%s run %d): %s", removal.reference, removal.name,
-                            removal.run, why_kept)
+                report["failed"] += [{**entry, "error": why_kept} for entry in entries]
+                log.warning("retention: kept %s: %s", removals[0].reference, why_kept)
                 continue
-        report["removed"].append(entry)
-        done.setdefault(removal.name, {})[removal.run] = removal.reason
+        for entry in entries[1:]:
+            entry["imageDeleted"] = False  # the first record's deletion takes it
+        report["removed"] += entries
+        for removal in removals:
+            done.setdefault(removal.name, {})[removal.run] = removal.reason
     if not dry_run:
         for name, runs in done.items():
-            await _mark_removed(store, name, runs, report["at"])
+            await _mark_removed(store, name, uids[name], runs, report["at"])
             log.info("retention: %s: removed the image of run%s %s", name, "s" if len(runs) > 1 else "",
                      ", ".join(map(str, sorted(runs))))
     report["bytesFreed"] = sum(e["bytes"] for e in report["removed"] if e["imageDeleted"])
     return report
 
 
-async def _mark_removed(store, name: str, runs: dict[int, str], at: str) -> None:
-    # read again just before the write: a rebuild may have saved a build since the pass began
+async def _delete_if_still_unused(store, phases, images_in_use: InUse, removals: list) -> str | None:
+    """Delete one image after looking again (the plan is a moment old; deletions take time):
+    its images and their kept builds as they are now, and who runs what now. None when it is
+    gone; else why it stays."""
+    digest = removals[0].reference.rpartition("@")[2]
+    try:
+        if digest in await images_in_use():
+            return "a server started on it since the pass began"
+        for obj in await store.list():
+            if digest in retention.current_references(obj):
+                return f"it is {model.name_of(obj)}'s current build now"
+            mine = {(r.name, r.run) for r in removals}
+            for run, record in (await saved_generations(store, model.name_of(obj))).items():
+                if ((model.name_of(obj), run) not in mine and not record.get("removed")
+                        and retention.digest_of(record.get("image")) == digest):
+                    return f"{model.name_of(obj)}'s kept run {run} names it now"
+        return await phases.delete_built_image(removals[0].reference)
+    except Exception as e:  # podman or the registry away: kept, tried again next pass
+        log.exception("retention: deleting %s failed", removals[0].reference)
+        return f"{type(e).__name__}: {e}"
+
+
+async def _mark_removed(store, name: str, uid: str, runs: dict[int, str], at: str) -> None:
+    # read again just before the write: a rebuild may have saved a build since the pass began;
+    # an image deleted and made again under the same name is another image: left alone
     try:
         obj = await store.get(name)
+        if obj["metadata"]["uid"] != uid:
+            return
         saved = await saved_generations(store, name)
     except NotFound:
         return
     await store.put_artifact(name, "generations", generations.dump_saved(generations.with_removed(saved, runs, at)),
-                             uid=obj["metadata"]["uid"])
+                             uid=uid)
 
 
 def policy_of(runner, overrides: dict | None = None) -> retention.Policy:

@@ -141,7 +141,8 @@ class EmbeddedRunner(LoggingConfigurable):
         #: what running servers use, for retention (set by the service or the operator)
         self.images_in_use: InUse | None = None
         self.last_retention: dict | None = None
-        self._retention_lock = asyncio.Lock()
+        #: held by a retention pass; whoever makes a kept build current holds it too (embedded)
+        self.retention_lock = asyncio.Lock()
         self._retention_task: asyncio.Task | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -380,7 +381,7 @@ class EmbeddedRunner(LoggingConfigurable):
         """One retention pass (controller/retention.py), with an admin's one-off `overrides` of
         the policy, over one user's images if `only_owner`; the report of the last real one is
         kept (`GET api/retention`)."""
-        async with self._retention_lock:
+        async with self.retention_lock:
             report = await retention_pass(self.store, self.phases, policy_of(self, overrides), self.images_in_use,
                                           dry_run=dry_run, only_owner=only_owner)
         if not dry_run:

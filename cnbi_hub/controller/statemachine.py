@@ -262,7 +262,8 @@ def held_on_earlier_build(status: dict) -> bool:
     """Whether the current run made an earlier build current again (a rollback, or a kept build
     built again from its lock): the owner chose that build, so base-image updates and schedules
     leave the image on it; their next rebuild, or a push, moves it on."""
-    return bool(status.get("rolledBackFrom") or status.get("restoring"))
+    return bool(status.get("rolledBackFrom")
+                or (status.get("restoring") and status.get("phase") == PHASE_READY))  # a failed one holds nothing
 
 
 def schedule_due(obj: dict, now: float) -> bool:

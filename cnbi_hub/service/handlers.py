@@ -22,7 +22,7 @@ from tornado.iostream import StreamClosedError
 
 from .. import credentials, generations, model, stacks, webhooks
 from ..hubconfig import SCOPE_ADMIN, SCOPE_IMAGES
-from ..controller.registry import ImageUnauthorized, RegistryError, RegistryUnreachable
+from ..controller.registry import ImageNotFound, ImageUnauthorized, RegistryError, RegistryUnreachable
 from ..imageref import parse_image_reference
 from ..controller.buildlog import appended_lines
 from ..controller.rebuild import (
@@ -164,11 +164,15 @@ class APIHandler(BaseHandler):
             raise FieldError(409, f"image {name} is still {model.phase_of(obj)}; wait for it to finish or cancel it")
         return obj
 
-    async def still_stored(self, reference: str) -> bool:
-        """Whether a kept build's image is still where it was stored (503 when that cannot be
-        asked now): a build is never made current on an image that is gone."""
+    async def still_stored(self, reference: str, obj: dict) -> bool:
+        """Whether a kept build's image is still where it was stored, asked with the image's own
+        pull secret (503 when that cannot be asked now): a build is never made current on an
+        image that is gone."""
         try:
-            return (await self.cnbi.image_access.check(reference))["exists"]
+            await self.cnbi.image_access.pin(reference, obj)
+            return True
+        except ImageNotFound:
+            return False
         except (RegistryError, LookupError) as e:
             raise FieldError(503, f"cannot see whether {reference} is still stored: {e}")
 
@@ -708,17 +712,22 @@ class RollbackHandler(BodyLimitMixin, APIHandler):
             raise FieldError(409, f"cannot go back to run {run} at once: its image was removed on "
                                   f"{removed['at'][:10]} ({removed['reason']}); its commit, base and lock are "
                                   f'kept: send {{"run": {run}, "rebuild": true}} to build it again', "run")
-        if run in saved and not await self.still_stored(saved[run]["image"]):
-            raise FieldError(409, f"cannot go back to run {run}: its image is no longer stored", "run")
         if run not in saved:
             current = (obj.get("status") or {}).get("run", 1)
             why = ("it is the current build" if run == current and model.phase_of(obj) == model.PHASE_READY
                    else f"no build of run {run} is kept; kept: {', '.join(map(str, sorted(saved))) or 'none'}")
             raise FieldError(422, f"cannot go back to run {run}: {why}", "run")
-        try:
-            written = await roll_back(self.store, obj, run, self.username)
-        except Conflict:
-            raise FieldError(409, f"image {name} changed meanwhile; look at it again and retry")
+        # no retention pass deletes it between the look and the write (embedded mode; the
+        # operator's passes look again before each deletion)
+        async with self.cnbi.runner.retention_lock:
+            if not await self.still_stored(saved[run]["image"], obj):
+                raise FieldError(409, f"cannot go back to run {run}: its image is no longer stored", "run")
+            try:
+                written = await roll_back(self.store, obj, run, self.username)
+            except KeyError:  # retention removed it meanwhile
+                raise FieldError(409, f"cannot go back to run {run}: its image was just removed", "run")
+            except Conflict:
+                raise FieldError(409, f"image {name} changed meanwhile; look at it again and retry")
         self.write_json(written)
 
 

@@ -202,15 +202,23 @@ class PodmanBuilder(Builder):
         # podman removes an untagged image only by its ID (by `name@digest` it answers "tag not
         # known"), and by ID only while one name at most has it and no container uses it: the
         # last is the guard we want, so no --force ever
-        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{join .RepoTags \" \"}}", reference)
-        if code != 0 or not out.split():
-            return None
+        code, out, err = await self._run("image", "inspect", "--format", "{{.Id}} {{join .RepoTags \" \"}}",
+                                         reference)
+        if code != 0:
+            if "image not known" in (err or out):
+                return None  # gone already (or never here)
+            return f"podman could not inspect it: {_last_lines(err or out, 2)}"
         image_id, *names = out.split()
-        for name in names:
-            if name.startswith(own_prefix):
-                await self._run("untag", image_id, name)
+        foreign = [name for name in names if not name.startswith(own_prefix)]
+        if foreign:
+            return f"it has names this service did not give it ({', '.join(foreign)})"
+        # our names but one go first (podman refuses an ID with several); put back if podman keeps it
+        for name in names[1:]:
+            await self._run("untag", image_id, name)
         code, out, err = await self._run("rmi", "--", image_id)
         if code != 0 and await self.stored_image(image_id) is not None:
+            for name in names[1:]:
+                await self._run("tag", image_id, name)
             return f"podman keeps it: {_last_lines(err or out, 2)}"
         return None
 
