@@ -133,13 +133,18 @@ async def test_two_hundred_event_streams_each_see_every_phase_change_and_memory_
             assert time.monotonic() < deadline, sum(w.done.is_set() for _, w in watchers)
             await asyncio.sleep(0.2)
         peak = max(peak, service_rss_kb(service_proc))
-        # every client saw every phase change its image went through after it connected
-        for name, watcher in watchers:
-            token = next(t for t, n in names if n == name)
-            status = (await hub.api("GET", f"api/images/{name}", token)).json()["status"]
-            went = list(status["phaseTimes"])  # in the order the run entered them
-            assert watcher.phases[-1] == "Ready", (name, watcher.phases)
-            assert watcher.phases == went[went.index(watcher.phases[0]):], (name, watcher.phases, went)
+        # every client saw every phase change its image went through after it connected: the
+        # same as the other 19 on that image (the longest sequence any of them saw, from where
+        # it joined), and that sequence is the run's own (`phaseTimes` also names phases a
+        # reused import passes within one write: it may name more)
+        for token, name in names:
+            seen = [w.phases for n, w in watchers if n == name]
+            longest = max(seen, key=len)
+            went = list((await hub.api("GET", f"api/images/{name}", token)).json()["status"]["phaseTimes"])
+            assert longest[-1] == "Ready", (name, longest, went)
+            assert [p for p in went if p in longest] == longest, (name, longest, went)
+            for phases in seen:
+                assert phases == longest[longest.index(phases[0]):], (name, phases, longest)
         connected_with_work = sum(len(w.phases) > 1 for _, w in watchers)
         print(f"service memory: {before / 1024:.0f} MB before, {peak / 1024:.0f} MB at most with "
               f"{STREAM_CLIENTS} streams ({connected_with_work} saw at least one change)")
