@@ -17,11 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jupyterhub.tests.mocking import MockHub  # noqa: E402
-from jupyterhub.tests.utils import public_url  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient  # noqa: E402
 
-from tests.hubfixtures import HubHandle, hub_config  # noqa: E402
+from tests.hubfixtures import start_quiet_hub, stop_hub  # noqa: E402
 
 USERS = 50
 IMAGES_PER_USER = 20
@@ -44,14 +42,7 @@ async def timed(fetch, n):
 
 async def main(requests: int) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
-        config = hub_config(data_dir, max_images_per_user=IMAGES_PER_USER)
-        MockHub.clear_instance()
-        app = MockHub.instance(config=config)
-        app.log.setLevel("WARNING")
-        await app.initialize([])
-        await app.start()
-        hub = HubHandle(app=app, url=public_url(app))
-        await hub.wait_for_service()
+        hub = await start_quiet_hub(data_dir, max_images_per_user=IMAGES_PER_USER)
         try:
             tokens = [hub.token(f"user{i}") for i in range(USERS)]
             seed_start = time.perf_counter()
@@ -77,8 +68,7 @@ async def main(requests: int) -> None:
             listing = await timed(lambda: client.fetch(list_url, headers=headers), requests)
             single = await timed(lambda: client.fetch(get_url, headers=headers), requests)
         finally:
-            await app.stop()
-            MockHub.clear_instance()
+            await stop_hub(hub)
 
     base_p99 = percentile(baseline, 99)
     print(f"requests per route: {requests}")

@@ -29,14 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jupyterhub.tests.mocking import MockHub  # noqa: E402
-from jupyterhub.tests.utils import public_url  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest  # noqa: E402
 
 from cnbi_hub import model  # noqa: E402
 from cnbi_hub.store.sqlite import ImageRow, SQLImageStore  # noqa: E402
-from tests.hubfixtures import HubHandle, hub_config  # noqa: E402
+from tests.hubfixtures import start_quiet_hub, stop_hub  # noqa: E402
 
 PER_OWNER = 20
 SEED_BATCH = 5000
@@ -75,23 +73,6 @@ def seed(data_dir: str, count: int) -> float:
     return time.perf_counter() - start
 
 
-async def start_hub(data_dir: str) -> tuple[MockHub, HubHandle]:
-    config = hub_config(data_dir, max_images_per_user=1000, reconcile=False)
-    MockHub.clear_instance()
-    app = MockHub.instance(config=config)
-    app.log.setLevel("WARNING")
-    await app.initialize([])
-    await app.start()
-    hub = HubHandle(app=app, url=public_url(app))
-    await hub.wait_for_service(timeout=300)
-    return app, hub
-
-
-async def stop_hub(app: MockHub) -> None:
-    await app.stop()
-    MockHub.clear_instance()
-
-
 async def timed(request: HTTPRequest) -> tuple[float, int]:
     start = time.perf_counter()
     response = await AsyncHTTPClient().fetch(request, raise_error=False)
@@ -119,7 +100,7 @@ async def concurrency(users: int, creates: int, clients: int) -> None:
     AsyncHTTPClient.configure(None, max_clients=max(creates, clients) + 10)
     with tempfile.TemporaryDirectory() as data_dir:
         seconds = seed(data_dir, 1000)
-        app, hub = await start_hub(data_dir)
+        hub = await start_quiet_hub(data_dir, wait_seconds=300, max_images_per_user=1000, reconcile=False)
         try:
             tokens = [hub.token(f"load{i}") for i in range(users)]
             for token in tokens:  # warm the service's token cache, as a running hub has it
@@ -144,7 +125,7 @@ async def concurrency(users: int, creates: int, clients: int) -> None:
             listing, list_codes, listing_wall = await at_once(list_requests)
             assert set(hub_codes) == {200} and set(list_codes) == {200}, (set(hub_codes), set(list_codes))
         finally:
-            await stop_hub(app)
+            await stop_hub(hub)
     base = percentile(baseline, 99)
     print(f"\n1. {creates} creates from {users} users at once, then {clients} lists at once "
           f"({1000} images seeded in {seconds:.1f} s)")
@@ -159,7 +140,7 @@ async def growth_at(size: int, requests: int) -> str:
     """One row of the growth table: a hub on a store of `size` images."""
     with tempfile.TemporaryDirectory() as data_dir:
         seconds = seed(data_dir, size)
-        app, hub = await start_hub(data_dir)
+        hub = await start_quiet_hub(data_dir, wait_seconds=300, max_images_per_user=1000, reconcile=False)
         try:
             token = hub.token("owner3")  # owns seed-60 .. seed-79
             for _ in range(20):  # warm up connections and the token cache
@@ -176,7 +157,7 @@ async def growth_at(size: int, requests: int) -> str:
             r = await AsyncHTTPClient().fetch(get(hub.service_url + "api/images", token))
             assert len(json.loads(r.body)["items"]) == PER_OWNER
         finally:
-            await stop_hub(app)
+            await stop_hub(hub)
     return json.dumps({"size": size, "seed": seconds, "p50": percentile(listing, 50),
                        "p99": percentile(listing, 99), "hub": percentile(baseline, 99)})
 

@@ -112,6 +112,24 @@ def hub_config(data_dir, **service_config) -> Config:
     return c
 
 
+async def start_quiet_hub(data_dir, wait_seconds: float = 60, **service_config) -> HubHandle:
+    """A MockHub with the cnbi service outside pytest (the benchmarks), its own log quiet;
+    stop it with `stop_hub`. One per process: JupyterHub's app is a singleton."""
+    MockHub.clear_instance()
+    app = MockHub.instance(config=hub_config(data_dir, **service_config))
+    app.log.setLevel("WARNING")
+    await app.initialize([])
+    await app.start()
+    handle = HubHandle(app=app, url=public_url(app))
+    await handle.wait_for_service(timeout=wait_seconds)
+    return handle
+
+
+async def stop_hub(handle: HubHandle) -> None:
+    await handle.app.stop()
+    MockHub.clear_instance()
+
+
 QUOTA_BYTES = 20_000_000_000
 
 # the session hub's webhook secrets (tests sign deliveries with them)
