@@ -5,28 +5,38 @@ host network, overlay storage) through `podman_environ()`, and an argv list: ima
 reaching here were parsed by `imageref`, and no user string is ever part of a shell line.
 Podman keeps its layer cache and the uv cache mount between builds, which is what makes
 rebuilds fast.
+
+Everything that runs a user's code (a build, an inspection of an imported image, an acceptance
+check) runs in a sandbox (`sandbox.py`): its own network namespace with no way to this
+machine's loopback, and one cgroup holding the memory, CPU and process limits for all its steps.
+The image's size and the disk's free space are watched while it builds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import uv
-from traitlets import Bool, Float, Unicode
+from jupyterhub.traitlets import ByteSpecification
+from traitlets import Bool, Enum, Float, Int, Unicode
 
 from ...containers import podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
+from .sandbox import BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, format_bytes
 
 __all__ = ["BuildError", "ImageMissing", "PodmanBuilder"]
 
@@ -78,13 +88,92 @@ class PodmanBuilder(Builder):
 
     check_timeout = Float(120.0, help="Seconds one acceptance check inside an image may take.").tag(config=True)
 
+    build_network = Enum(
+        ["isolated", "host"], "isolated",
+        help="""The network a build, an inspection or a check runs on.
+        "isolated": a network namespace of its own (slirp4netns) that reaches the internet —
+        package indexes, git hosts — but nothing listening on this machine's 127.0.0.1: not the
+        hub, this service, the registry or another build.
+        "host": this machine's network, loopback included. Only for a package index that
+        listens on this machine itself; any build can then reach every local service.""",
+    ).tag(config=True)
+
+    build_memory_limit = ByteSpecification(
+        "4G", help="""Memory one build may use, all its steps together (and one inspection or check).
+        A build that needs more ends Failed naming this limit. Suffixes K, M, G, T; 0: no limit.""",
+    ).tag(config=True)
+
+    build_cpu_limit = Float(
+        2.0, help="CPUs one build may keep busy (1.5 = one and a half); it is slowed, not stopped. 0: no limit.",
+    ).tag(config=True)
+
+    build_pids_limit = Int(
+        4096, help="""Processes one build may have at once (a fork bomb stops there). 0: no limit.
+        Needs cgroup v1 controllers (what podman's cgroupfs manager uses); without them only
+        the memory and CPU limits hold, per step.""",
+    ).tag(config=True)
+
+    max_image_size = ByteSpecification(
+        "20G", help="""Largest image a build may make, its base included. Checked as each step
+        finishes: the build stops at the first step that goes over, and ends Failed naming it. 0: no limit.""",
+    ).tag(config=True)
+
+    min_free_disk = ByteSpecification(
+        "2G", help="""Free space to leave on the disk holding podman's storage. A build is not
+        started below it, and a running build is stopped when the disk falls below it (checked
+        every `disk_check_interval` seconds). 0: not checked.""",
+    ).tag(config=True)
+
+    disk_check_interval = Float(2.0, help="Seconds between two looks at the disk's free space while a build runs.").tag(config=True)
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._inspections: dict[str, BaseImageInfo] = {}
+        self._graph_root: str | None = None
 
     @property
     def env(self) -> dict:
-        return podman_environ()
+        # podman needs none of the service's own secrets (its API token, webhook secrets)
+        return {key: value for key, value in podman_environ().items() if not _is_secret_name(key)}
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(memory_bytes=self.build_memory_limit or None, cpus=self.build_cpu_limit or None,
+                      pids=self.build_pids_limit or None)
+
+    @contextlib.asynccontextmanager
+    async def sandbox(self):
+        """The network and cgroup for one podman call running user code; yields its podman args."""
+        sandbox = _Sandbox()
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                if self.build_network == "isolated":
+                    network = await stack.enter_async_context(IsolatedNetwork())
+                    sandbox.args.append(network.podman_arg)
+                else:
+                    sandbox.args.append("--network=host")
+                limits = self.limits
+                if BuildCgroup.available():
+                    cgroup = BuildCgroup(limits)
+                    stack.callback(cgroup.remove)
+                    stack.push_async_callback(self._stop_leftovers, cgroup)
+                    cgroup.create()
+                    sandbox.cgroup = cgroup
+                    sandbox.args.append(f"--cgroup-parent={cgroup.podman_parent}")
+                else:
+                    # no cgroup of our own: podman's per-step limits (nothing bounds processes)
+                    if limits.memory_bytes:
+                        sandbox.args += [f"--memory={limits.memory_bytes}", f"--memory-swap={limits.memory_bytes}"]
+                    if limits.cpus:
+                        sandbox.args += ["--cpu-period=100000", f"--cpu-quota={int(limits.cpus * 100000)}"]
+            except (SandboxError, OSError) as e:
+                raise BuildError(f"could not set up the sandbox a build runs in: {e}") from e
+            yield sandbox
+
+    async def _stop_leftovers(self, cgroup: BuildCgroup) -> None:
+        stopped = await cgroup.stop_remaining()
+        if stopped:
+            self.log.warning("stopped %d processes left running in %s after it ended", stopped, cgroup.relative)
 
     async def _run(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:
         """Run podman; with `log`, stream its combined output line by line."""
@@ -293,26 +382,113 @@ class PodmanBuilder(Builder):
 
     async def build_context(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
         """Build `plan` in `context_dir`, tag it `plan.target`; returns the image's digest."""
-        args = ["build", "--network=host", "--layers", "--pull=never", "-f",
-                str(context_dir / plan.containerfile_path), "-t", plan.target]
-        for secret_id, path in secret_files.items():
-            args.append(f"--secret=id={secret_id},src={path}")
-        for key, value in plan.build_args.items():
-            args.append(f"--build-arg={key}={value}")
-        if plan.containerfile is None:
-            for key, value in plan.labels.items():
-                args.append(f"--label={key}={value}")
-        args.append(str(context_dir))
-        try:
-            code, tail, _ = await self._run(*args, timeout=self.build_timeout, log=log)
-        except asyncio.TimeoutError:
-            raise BuildError(f"the build took longer than {self.build_timeout:.0f} s and was stopped")
-        if code != 0:
-            raise BuildError(f"podman build failed (exit {code}):\n{_last_lines(tail, 15)}")
+        await self._check_free_disk("before the build started")
+        async with self.sandbox() as sandbox:
+            args = ["build", *sandbox.args, "--layers", "--pull=never", "-f",
+                    str(context_dir / plan.containerfile_path), "-t", plan.target]
+            for secret_id, path in secret_files.items():
+                args.append(f"--secret=id={secret_id},src={path}")
+            for key, value in plan.build_args.items():
+                args.append(f"--build-arg={key}={value}")
+            if plan.containerfile is None:
+                for key, value in plan.labels.items():
+                    args.append(f"--label={key}={value}")
+            args.append(str(context_dir))
+            try:
+                code, tail = await self._watched_build(args, log)
+            except asyncio.TimeoutError:
+                raise BuildError(f"the build took longer than {self.build_timeout:.0f} s (its time limit) and was stopped")
+            except _LimitReached as e:
+                raise BuildError(str(e))
+            usage = sandbox.usage()
+            if code != 0:
+                raise BuildError(self._failure_message(code, tail, usage))
+            await _call(log, _usage_line(usage))
         digest = await self.local_digest(plan.target)
         if not digest:
             raise BuildError(f"the build finished but {plan.target} is not in local storage")
+        size = await self.image_size(plan.target)
+        if self.max_image_size and size and size > self.max_image_size:
+            await self.remove_image(plan.target)
+            raise BuildError(self._size_message(size))
         return digest
+
+    async def _watched_build(self, args: list[str], log: LogFn) -> tuple[int, str]:
+        """Run `podman build`, stopping it at the first finished step whose image is over
+        `max_image_size`, or when the disk falls below `min_free_disk`."""
+        async def log_and_measure(line: str) -> None:
+            await _call(log, line)
+            step = _STEP_DONE.match(line)
+            if step and self.max_image_size:
+                size = await self.image_size(step.group(1))
+                if size and size > self.max_image_size:
+                    raise _LimitReached(self._size_message(size, after_step=True))
+
+        build = asyncio.ensure_future(self._run(*args, timeout=self.build_timeout, log=log_and_measure))
+        watch = asyncio.ensure_future(self._watch_free_disk())
+        try:
+            await asyncio.wait({build, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() and not build.done():
+                build.cancel()  # stops podman's process group (see _run)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await build
+                watch.result()  # raises the limit reached
+            code, tail, _ = build.result()
+            return code, tail
+        finally:
+            for task in (build, watch):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await task
+
+    async def _watch_free_disk(self) -> None:
+        if not self.min_free_disk:
+            await asyncio.Event().wait()  # nothing to watch: wait to be cancelled
+        while True:
+            await asyncio.sleep(self.disk_check_interval)
+            await self._check_free_disk("while the build ran; it was stopped")
+
+    async def _check_free_disk(self, when: str) -> None:
+        if not self.min_free_disk:
+            return
+        root = await self.graph_root()
+        free = await asyncio.to_thread(lambda: shutil.disk_usage(root).free)
+        if free < self.min_free_disk:
+            raise _LimitReached(
+                f"the disk holding the image storage ({root}) had {format_bytes(free)} free {when}: "
+                f"builds leave at least {format_bytes(self.min_free_disk)} free (the disk limit). "
+                "An administrator can make room (old images, retention) or change PodmanBuilder.min_free_disk.")
+
+    async def graph_root(self) -> str:
+        """Where podman keeps images (storage.conf's graphroot)."""
+        if self._graph_root is None:
+            code, out, err = await self._run("info", "--format", "{{.Store.GraphRoot}}")
+            if code != 0 or not out.strip():
+                raise BuildError(f"podman info failed: {_last_lines(err or out)}")
+            self._graph_root = out.strip()
+        return self._graph_root
+
+    def _size_message(self, size: int, after_step: bool = False) -> str:
+        where = "after a step finished; the build was stopped there" if after_step else "when the build finished"
+        return (f"the image was {format_bytes(size)} {where}: over the image size limit of "
+                f"{format_bytes(self.max_image_size)} (its base included)")
+
+    def _failure_message(self, code: int, tail: str, usage: Usage) -> str:
+        output = _last_lines(tail, 15)
+        killed = "exit status 137" in tail or "Killed" in tail
+        # the page cache alone can take memory to its limit: blame the limit only for a kill
+        if usage.memory_limit_hit and killed:
+            return (f"the build reached its memory limit of {format_bytes(self.build_memory_limit)} and a step was "
+                    f"stopped when it needed more (podman exit {code}):\n{output}")
+        if usage.pids_limit_hit:
+            return (f"the build reached its limit of {self.build_pids_limit} processes at once "
+                    f"(podman exit {code}):\n{output}")
+        if killed and self.build_memory_limit and not usage.memory_peak_bytes:
+            # per-step limits only (no cgroup of ours to read): SIGKILL is the likely OOM kill
+            return (f"a build step was killed (exit status 137), most likely over the memory limit of "
+                    f"{format_bytes(self.build_memory_limit)}:\n{output}")
+        return f"podman build failed (exit {code}):\n{output}"
 
     async def run_check(self, image: str, check: Check) -> tuple[int, str, str]:
         """Run one acceptance check inside `image` as the image's own user."""
@@ -323,17 +499,55 @@ class PodmanBuilder(Builder):
             return 124, "", f"the check took longer than {self.check_timeout:.0f} s"
 
     async def _run_container(self, *args: str, timeout: float) -> tuple[int, str, str]:
-        """`podman run --rm` on the host network, removing the container if we stop waiting:
-        killing the podman client (timeout, DELETE) would leave the container itself behind."""
+        """`podman run --rm` in a sandbox, removing the container if we stop waiting: killing
+        the podman client (timeout, DELETE) would leave the container itself behind."""
         name = f"cnbi-run-{secrets.token_hex(6)}"
-        try:
-            return await self._run("run", "--rm", f"--name={name}", "--network=host", *args, timeout=timeout)
-        except BaseException:
-            await asyncio.shield(self.remove_container(name))
-            raise
+        async with self.sandbox() as sandbox:
+            try:
+                return await self._run("run", "--rm", f"--name={name}", *sandbox.args, *args, timeout=timeout)
+            except BaseException:
+                await asyncio.shield(self.remove_container(name))
+                raise
 
     async def remove_container(self, name: str) -> None:
         await self._run("rm", "--force", "--time=0", "--ignore", name)
+
+
+# podman build's line for a finished step: "--> 1f18fd1ec6f" or "--> Using cache 1f18fd1ec6f..."
+_STEP_DONE = re.compile(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$")
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^JUPYTERHUB_|^CNBI_", re.IGNORECASE)
+
+
+def _is_secret_name(name: str) -> bool:
+    return bool(_SECRET_NAME.search(name))
+
+
+class _LimitReached(Exception):
+    """A build went over a limit watched from outside (image size, free disk)."""
+
+
+@dataclass
+class _Sandbox:
+    args: list[str] = field(default_factory=list)
+    cgroup: BuildCgroup | None = None
+
+    def usage(self) -> Usage:
+        return self.cgroup.usage() if self.cgroup else Usage()
+
+
+def _usage_line(usage: Usage) -> str:
+    parts = []
+    if usage.cpu_seconds is not None:
+        parts.append(f"{usage.cpu_seconds:.1f} s of CPU")
+    if usage.memory_peak_bytes:
+        parts.append(f"at most {format_bytes(usage.memory_peak_bytes)} of memory")
+    return f"the build used {', '.join(parts)}" if parts else "the build finished"
+
+
+async def _call(log: LogFn, line: str) -> None:
+    result = log(line)
+    if asyncio.iscoroutine(result):
+        await result
 
 
 def _stop_when_parent_dies() -> None:
