@@ -24,7 +24,7 @@ from .containers import podman_environ
 
 BUILDER_REPOSITORY = "localhost/cnbi/builder"
 DEFAULT_FROM = "localhost/cnbi/debian:bookworm"
-PACKAGES = ("buildah", "git", "uidmap", "fuse-overlayfs", "ca-certificates")
+PACKAGES = ("buildah", "git", "uidmap", "fuse-overlayfs", "ca-certificates", "slirp4netns", "util-linux")
 
 
 class BuilderImageError(RuntimeError):

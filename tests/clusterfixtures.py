@@ -89,7 +89,9 @@ class Operator:
     def start(self) -> "Operator":
         config = {
             "push_registry": self.registry["push"], "max_concurrent_builds": 4,
-            "TektonBuilder": {"builder_image": self.registry["builder"], "poll_interval": 0.5},
+            # the registry is on the node's 127.0.0.1: build pods on the node's network (the build
+            # itself still gets a network namespace of its own)
+            "TektonBuilder": {"builder_image": self.registry["builder"], "poll_interval": 0.5, "host_network": True},
             "PhaseWork": {"ca_bundle": CA_BUNDLE if os.path.exists(CA_BUNDLE) else ""},
         }
         for key, value in self.overrides.items():

@@ -383,3 +383,22 @@ def test_every_run_line_is_valid_shell():
         script = " ".join(words)
         proc = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
         assert proc.returncode == 0, (script, proc.stderr)
+
+
+def test_images_named_by_lists_what_the_from_lines_pull():
+    from cnbi_hub.controller.buildplan import images_named_by
+
+    text = (
+        "ARG BASE=registry.example/notebook:1\n"
+        "FROM --platform=linux/amd64 $BASE AS builder\n"
+        "RUN make\n"
+        "FROM scratch AS empty\n"
+        "FROM builder\n"
+        "FROM \\\n  registry.example/python:3.11\n"
+        "COPY --from=builder /a /a\n"
+        "FROM registry.example/notebook:1\n"
+    )
+    assert images_named_by(text) == ["registry.example/notebook:1", "registry.example/python:3.11"]
+    assert images_named_by(text, {"BASE": "other.example/base@sha256:" + "a" * 64}) == [
+        "other.example/base@sha256:" + "a" * 64, "registry.example/python:3.11", "registry.example/notebook:1"]
+    assert images_named_by("# no FROM at all\nRUN true\n") == []

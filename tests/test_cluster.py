@@ -498,3 +498,83 @@ async def test_a_private_repository_builds_in_tekton_with_its_owners_sealed_cred
     layers, holding = _build_layers_holding(obj["status"]["image"], cluster_registry["base"], token.encode(),
                                             podman_env, tmp_path)
     assert layers >= 1 and holding == []
+
+
+async def test_a_hostile_build_in_tekton_reaches_nothing_and_finds_no_credential(
+        kube_node, cluster_store, cluster_namespace, cluster_registry, local_registry, make_git_repo, tmp_path):
+    """The embedded probe (tests/test_hostile_builds.py), as a repository's Containerfile built
+    by a real PipelineRun: its build step must not reach the node's loopback (apiserver, registry,
+    a canary), find the registry credentials (a dockerconfig Secret holding a canary), a
+    ServiceAccount token, or leave buildah's chroot. The task's pods carry no token, and the
+    pod that runs the image's checks is off the node's network."""
+    import secrets as random
+    import threading
+    from http.server import ThreadingHTTPServer
+    from urllib.parse import urlparse
+
+    from tests.test_hostile_builds import PROBE, PROBE_MARK, _Canary
+
+    canary_auth = f"cnbi-canary-registry-{random.token_hex(8)}"
+    config_json = json.dumps({"auths": {"canary.invalid": {"auth": base64.b64encode(
+        f"robot:{canary_auth}".encode()).decode()}}})
+    kube_node.kubectl("create", "secret", "generic", "cnbi-push-creds", "-n", cluster_namespace,
+                      "--type=kubernetes.io/dockerconfigjson", f"--from-literal=.dockerconfigjson={config_json}")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Canary)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _Canary.hits = 0
+    abstract_name = f"cnbi-canary-{random.token_hex(4)}"
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind("\0" + abstract_name)
+    abstract.listen(5)
+    api = urlparse(kube_node.url)
+    registry_host, registry_port = local_registry.host.rsplit(":", 1)
+    targets = {
+        "tcp": {"apiserver": ["127.0.0.1", api.port], "registry": [registry_host, int(registry_port)],
+                "canary": ["127.0.0.1", server.server_port]},
+        "http": {"registry_catalog": f"http://{local_registry.host}/v2/_catalog",
+                 "canary": f"http://127.0.0.1:{server.server_port}/"},
+        "abstract": abstract_name,
+        "canaries": [canary_auth[::-1]],
+    }
+    repo = make_git_repo(f"cluster-hostile-{random.token_hex(3)}", {
+        "probe.py": PROBE, "targets.json": json.dumps(targets),
+        "Containerfile": (f"FROM {cluster_registry['base']}\nUSER root\nCOPY probe.py targets.json /probe/\n"
+                          "RUN python3 /probe/probe.py\nUSER jovyan\n"),
+    })
+    operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
+                        overrides={"allowed_git_schemes": ["https", "git"],
+                                   "TektonBuilder": {"dockerconfig_secret": "cnbi-push-creds"}}).start()
+    try:
+        body = {"metadata": {"name": "hostile"},
+                "spec": {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main"}}
+        policy = model.ValidationPolicy(allowed_git_schemes=("https", "git"))
+        await cluster_store.create(model.validate_new_object(body, creator="mallory", policy=policy))
+        obj = await wait_for_phase(cluster_store, "hostile", model.TERMINAL_PHASES)
+    finally:
+        operator.stop()
+        server.shutdown()
+        abstract.close()
+    assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
+    log = await cluster_store.get_artifact("hostile", "log")
+    found = json.loads(next(line for line in log.splitlines() if PROBE_MARK in line).split(PROBE_MARK, 1)[1])
+    print("the probe found:", json.dumps(found, indent=1))
+
+    assert all(result.startswith("refused") for result in found["tcp"].values()), found["tcp"]
+    assert all(str(result).startswith("failed") for result in found["http"].values()), found["http"]
+    assert _Canary.hits == 0 and found["abstract"].startswith("refused"), found["abstract"]
+    assert found["escape"].startswith("refused"), found  # CAP_SYS_CHROOT is dropped for RUN steps
+    assert found["outside_markers"] == [], found
+    assert found["canaries"] == [] and found["env_secrets"] == [], found
+    assert canary_auth not in log
+
+    pods = json.loads(kube_node.kubectl("get", "pods", "-n", cluster_namespace, "-l",
+                                        "tekton.dev/pipelineRun=cnbi-hostile-g1-r1", "-o", "json").stdout)["items"]
+    by_task = {p["metadata"]["labels"]["tekton.dev/pipelineTask"]: p["spec"] for p in pods}
+    assert set(by_task) == {"build", "validate"}
+    assert all(spec.get("automountServiceAccountToken") is False for spec in by_task.values())
+    assert by_task["build"].get("hostNetwork") is True and not by_task["validate"].get("hostNetwork")
+    build_steps = {c["name"]: c for c in by_task["build"]["containers"]}
+    mounts = {name: [m["mountPath"] for m in c.get("volumeMounts", [])] for name, c in build_steps.items()}
+    assert any("dockerconfig" in m for m in mounts["step-pull"]) and any("dockerconfig" in m for m in mounts["step-push"])
+    assert not any("dockerconfig" in m for m in mounts["step-build"]), mounts["step-build"]
+    assert build_steps["step-build"]["resources"]["limits"]["memory"] == "4Gi"

@@ -33,6 +33,7 @@ from cnbi_hub.controller.builders.sandbox import BuildCgroup
 from cnbi_hub.controller.imageaccess import ImageAccess
 from cnbi_hub.controller.phases import PhaseWork
 from cnbi_hub.controller.runner import EmbeddedRunner
+from cnbi_hub.controller.statemachine import failure_of
 from cnbi_hub.model import ValidationPolicy
 from cnbi_hub.store.sqlite import SQLImageStore
 from tests.hubfixtures import CA_BUNDLE
@@ -170,7 +171,8 @@ async def build_repo(tmp_path, builder, repo, name, timeout_s=600):
 
 
 def failure_message(obj) -> str:
-    return " | ".join(c.get("message", "") for c in obj["status"].get("conditions", []) if c.get("status") == "False")
+    condition = failure_of(obj["status"])
+    return condition.get("message", "") if condition else ""
 
 
 class _Canary(BaseHTTPRequestHandler):
@@ -284,6 +286,7 @@ async def test_a_hostile_build_reaches_nothing_on_this_machine_and_finds_no_secr
     obj, lines = await build_repo(tmp_path, builder, repo, "hostile")
     assert model.phase_of(obj) == "Ready", failure_message(obj)
     found = json.loads(next(line for line in lines if line.startswith(PROBE_MARK))[len(PROBE_MARK):])
+    print("the probe found:", json.dumps(found, indent=1))
 
     assert all(result.startswith("refused") for result in found["tcp"].values()), found["tcp"]
     assert all(str(result).startswith("failed") for result in found["http"].values()), found["http"]
@@ -429,3 +432,21 @@ async def test_a_build_over_its_time_limit_fails_naming_it(tmp_path, limited_bui
     assert model.phase_of(obj) == "Failed"
     assert "longer than 20 s (its time limit)" in failure_message(obj), failure_message(obj)
     assert not _processes_with("sleep 300")
+
+
+def test_build_cgroups_a_killed_service_left_are_swept_and_recent_ones_kept(tmp_path):
+    from cnbi_hub.controller.builders.sandbox import sweep_stale_cgroups
+
+    for hierarchy in ("memory", "pids"):
+        for build, age in (("stale", 7200), ("recent", 10)):
+            path = tmp_path / hierarchy / "cnbi" / build / "build"
+            path.mkdir(parents=True)
+            then = time.time() - age
+            os.utime(path.parent, (then, then))
+    busy = tmp_path / "memory" / "cnbi" / "busy"
+    (busy / "build").mkdir(parents=True)
+    (busy / "build" / "cgroup.procs").write_text("1\n")  # a directory rmdir refuses, as a cgroup in use
+    os.utime(busy, (time.time() - 7200,) * 2)
+    assert sweep_stale_cgroups(cgroup_root=str(tmp_path)) == 2
+    assert sorted(p.name for p in (tmp_path / "memory" / "cnbi").iterdir()) == ["busy", "recent"]
+    assert [p.name for p in (tmp_path / "pids" / "cnbi").iterdir()] == ["recent"]

@@ -522,3 +522,27 @@ async def test_a_user_over_the_bytes_quota_can_neither_build_nor_rebuild_until_t
     r = await hub.api("POST", "api/images", token, package_list("toolz==0.12.1"))
     assert r.code == 201, r.body
     assert (await hub.api("DELETE", f"api/images/{r.json()['metadata']['name']}", token)).code == 204
+
+
+async def test_the_api_waits_out_another_process_holding_the_database_lock(hub, tokens, clean):
+    """Another process (a backup, sqlite3 on the command line) holds the write lock: a create
+    waits for it, while the service keeps answering; nothing is lost."""
+    import sqlite3
+
+    other = sqlite3.connect(hub.data_dir / "cnbi.sqlite", timeout=30, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        create = asyncio.ensure_future(hub.api("POST", "api/images", tokens["alice"],
+                                               package_list("six", display="made while locked")))
+        await asyncio.sleep(1.5)
+        assert not create.done()
+        assert (await hub.api("GET", "health", timeout=5)).code == 200
+        assert (await hub.api("GET", "api/images", tokens["alice"], timeout=5)).code == 200  # reads go on
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    r = await create
+    assert r.code == 201, r.body
+    listed = (await hub.api("GET", "api/images", tokens["alice"])).json()["items"]
+    assert [model.display_name_of(o) for o in listed if model.name_of(o) == r.json()["metadata"]["name"]] == [
+        "made while locked"]

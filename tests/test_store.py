@@ -164,3 +164,59 @@ async def test_a_users_list_is_theirs_and_what_is_shared_with_them_in_this_names
     assert names(await here.list(owner="alice", include_shared=True, groups=["team"], phase="Ready")) == []
     assert names(await there.list(owner="alice", include_shared=True, groups=["team"])) == ["mine-there", "team-there"]
     assert names(await here.list()) == ["mine", "bobs", "for-all", "for-team"]
+
+
+def _hold_the_write_lock(db_url):
+    """Another process's transaction holding SQLite's write lock (BEGIN IMMEDIATE)."""
+    import sqlite3
+
+    other = sqlite3.connect(db_url.removeprefix("sqlite:///"), timeout=0, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+async def test_a_write_waits_out_another_writers_lock_and_the_event_loop_runs_on(db_url):
+    store = SQLImageStore(db_url)
+    await store.create(new_object("before"))
+    other = _hold_the_write_lock(db_url)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    try:
+        write = asyncio.create_task(store.create(new_object("during")))
+        await asyncio.sleep(1.0)
+        assert not write.done()  # it waits for the lock...
+        assert ticks >= 5, ticks  # ...between tries, not inside the event loop (a 10 s busy wait gave 0)
+        assert model.name_of(await store.get("before")) == "before"  # reads go on (WAL)
+        other.execute("ROLLBACK")
+        created = await asyncio.wait_for(write, 10)
+    finally:
+        ticking.cancel()
+        other.close()
+    assert model.name_of(await store.get("during")) == model.name_of(created) == "during"
+
+
+async def test_a_lock_held_too_long_is_a_503_store_busy_and_nothing_is_half_written(db_url):
+    from cnbi_hub.store.base import StoreBusy
+
+    store = SQLImageStore(db_url, lock_timeout=0.5)
+    obj = await store.create(new_object("kept"))
+    other = _hold_the_write_lock(db_url)
+    try:
+        with pytest.raises(StoreBusy) as refused:
+            await store.create(new_object("refused"))
+        assert refused.value.status_code == 503 and "locked by another process" in refused.value.message
+        with pytest.raises(StoreBusy):
+            await store.update_status("kept", {"phase": "Failed"}, obj["metadata"]["resourceVersion"])
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [model.name_of(o) for o in await store.list()] == ["kept"]
+    assert (await store.get("kept"))["status"] == obj["status"]
+    await store.create(new_object("refused"))  # the lock gone, the same write goes through

@@ -380,3 +380,29 @@ def plan_build(obj: dict, obs: BuildObservations) -> BuildPlan:
         repo_dir=repo_dir,
         secrets=secrets,
     )
+
+
+def images_named_by(containerfile: str, build_args: dict[str, str] | None = None) -> list[str]:
+    """The images a Containerfile's FROM lines pull (ARG defaults and build args expanded;
+    earlier stages and `scratch` left out), in order, each once.
+
+    Cluster builds pull these before the build, in a step that holds the registry credentials,
+    and build with `--pull=never` in a step that holds none.
+    """
+    import io
+
+    from dockerfile_parse import DockerfileParser
+
+    parser = DockerfileParser(fileobj=io.BytesIO(containerfile.encode()), build_args=dict(build_args or {}))
+    stages = set()
+    for instruction in parser.structure:
+        if instruction["instruction"] == "FROM":
+            words = instruction["value"].split()
+            if len(words) >= 3 and words[-2].lower() == "as":
+                stages.add(words[-1].lower())
+    images = []
+    for image in parser.parent_images:
+        if image and image.lower() != "scratch" and image.lower() not in stages and image not in images:
+            images.append(image)
+    return images
+

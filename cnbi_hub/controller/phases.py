@@ -101,6 +101,12 @@ class PhaseWork(LoggingConfigurable):
 
     resolve_timeout = Float(300.0, help="Seconds a resolution may take.").tag(config=True)
 
+    index_timeout = Float(
+        30.0, help="""Seconds the resolver waits for one answer from a package index before it
+        gives up on that request (uv tries three times); a silent index fails the image in
+        Resolving with "operation timed out" and the URL.""",
+    ).tag(config=True)
+
     store = Instance(object, allow_none=True)
     builder = Instance(Builder, allow_none=True)
     access = Instance(ImageAccess, allow_none=True)
@@ -442,7 +448,7 @@ class PhaseWork(LoggingConfigurable):
         constraints = constraints_from_pip_list(info.packages)
         settings = IndexSettings(
             index_url=self.index_url or None, extra_index_urls=tuple(self.extra_index_urls),
-            ca_bundle=self.ca_bundle or None,
+            ca_bundle=self.ca_bundle or None, http_timeout=self.index_timeout or None,
         )
         key = (tuple(requirements), info.python_full_version, tuple(constraints), settings)
         hit = self._lock_cache.get(key)

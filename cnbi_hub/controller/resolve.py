@@ -72,6 +72,8 @@ class IndexSettings:
     extra_index_urls: tuple[str, ...] = ()
     #: a PEM bundle used to verify the index's TLS certificate (corporate proxies, mirrors)
     ca_bundle: str | None = None
+    #: seconds uv waits for one answer from the index (uv's UV_HTTP_TIMEOUT); None: uv's own
+    http_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,8 @@ def _uv_env(settings: IndexSettings) -> dict[str, str]:
     env["NO_COLOR"] = "1"
     if settings.ca_bundle:
         env["SSL_CERT_FILE"] = settings.ca_bundle
+    if settings.http_timeout:
+        env["UV_HTTP_TIMEOUT"] = str(max(1, int(settings.http_timeout)))
     return env
 
 

@@ -35,7 +35,7 @@ from ..controller.rebuild import (
 )
 from ..controller.retention import policy_of
 from ..controller.statemachine import cancelled
-from ..store.base import AlreadyExists, Conflict, NotFound, modify_status
+from ..store.base import AlreadyExists, Conflict, NotFound, StoreBusy, modify_status
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -54,14 +54,26 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
     def set_default_headers(self):
         self.set_header("Cache-Control", "no-store")
 
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, StoreBusy):
+            self.log.warning("%s %s: %s", self.request.method, self.request.path, value.message)
+            return
+        super().log_exception(typ, value, tb)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json")
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, StoreBusy):
+            # another process holds the database: nothing was written; the client may try again
+            self.set_status(503)
+            self.set_header("Retry-After", "5")
+            self.finish(json.dumps({"message": exc.message}))
+            return
         if self._body_still_coming():
             # tornado closes the connection after this answer (the only way not to read the
             # rest): say so, or the hub's proxy reuses it and its next request fails with a 503
             self.set_header("Connection", "close")
         body = {"message": self._reason}
-        exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, web.HTTPError) and exc.log_message:
             body["message"] = exc.log_message % exc.args if exc.args else exc.log_message
         field = getattr(exc, "field", None)

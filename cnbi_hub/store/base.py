@@ -33,6 +33,12 @@ class AlreadyExists(StoreError):
     status_code = 409
 
 
+class StoreBusy(StoreError):
+    """The store could not be written (or read) in time: another process holds its lock."""
+
+    status_code = 503
+
+
 class Conflict(StoreError):
     """The object changed since it was read (stale resourceVersion)."""
 

@@ -8,7 +8,9 @@ processes sharing the database too. Postgres works through the same `db_url`.
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import functools
 import json
 import uuid
 
@@ -27,11 +29,15 @@ from sqlalchemy import (
     union,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .. import model
-from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, Subscription, WatchEvent
+from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreBusy, Subscription, WatchEvent
+
+# SQLite waits this long for another writer's lock inside one call, blocking the event loop:
+# keep it short and wait longer between tries instead (`SQLImageStore.lock_timeout`)
+BUSY_TIMEOUT_MS = 50
 
 
 class Base(DeclarativeBase):
@@ -88,18 +94,50 @@ class CredentialRow(Base):
 def _sqlite_pragmas(dbapi_connection, _record):
     cursor = dbapi_connection.cursor()
     # WAL lets readers (the API) go on while the reconciler writes; the busy timeout makes a
-    # second process wait for the write lock instead of failing at once.
+    # second process wait a moment for the write lock instead of failing at once.
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cursor.close()
+
+
+def _locked(error: OperationalError) -> bool:
+    text = str(error.orig if error.orig is not None else error).lower()
+    return "database is locked" in text or "database is busy" in text or "database table is locked" in text
+
+
+def _waits_out_locks(method):
+    """Retry a store call while another process holds the database's lock, sleeping between
+    tries (the event loop goes on: the health check, the event streams, other images), up to
+    `lock_timeout`; then StoreBusy (503). Each call is one transaction: a retry repeats it whole."""
+
+    @functools.wraps(method)
+    async def waiting(self, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        delay = 0.02
+        while True:
+            try:
+                return await method(self, *args, **kwargs)
+            except OperationalError as e:
+                if not _locked(e):
+                    raise
+                if loop.time() >= deadline:
+                    raise StoreBusy(f"the image database has been locked by another process for more than "
+                                    f"{self.lock_timeout:g} s; nothing was changed: try again") from e
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    return waiting
 
 
 class SQLImageStore:
     """ImageStore on SQLAlchemy. Calls are synchronous underneath: SQLite answers in well under
-    a millisecond for this workload, as JupyterHub's own database does in its event loop."""
+    a millisecond for this workload, as JupyterHub's own database does in its event loop. A
+    lock held by another process is waited out between tries, never inside the event loop."""
 
-    def __init__(self, db_url: str, namespace: str = "default", echo: bool = False):
+    def __init__(self, db_url: str, namespace: str = "default", echo: bool = False, lock_timeout: float = 30.0):
         self.namespace = namespace
+        self.lock_timeout = lock_timeout
         self.engine = create_engine(db_url, echo=echo)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
@@ -128,10 +166,12 @@ class SQLImageStore:
             raise NotFound(f"image {name} not found", "metadata.name")
         return row
 
+    @_waits_out_locks
     async def get(self, name: str) -> dict:
         with Session(self.engine) as session:
             return self._object(self._row(session, name))
 
+    @_waits_out_locks
     async def list(
         self,
         *,
@@ -168,6 +208,7 @@ class SQLImageStore:
             found = [o for o in found if (o.get("status") or {}).get("specHash") == spec_hash]
         return found[:limit] if limit else found
 
+    @_waits_out_locks
     async def count(self, owner: str) -> int:
         with Session(self.engine) as session:
             return session.scalar(
@@ -187,6 +228,7 @@ class SQLImageStore:
             "body": json.dumps(body, separators=(",", ":")),
         }
 
+    @_waits_out_locks
     async def create(self, obj: dict) -> dict:
         obj = copy.deepcopy(obj)
         meta = obj["metadata"]
@@ -249,6 +291,7 @@ class SQLImageStore:
         for group in model.shared_groups_of(obj):
             session.add(SharedGroupRow(image_id=image_id, group=group))
 
+    @_waits_out_locks
     async def replace(self, obj: dict) -> dict:
         """Write metadata and spec (never status, as with a status subresource)."""
         name = obj["metadata"]["name"]
@@ -267,6 +310,7 @@ class SQLImageStore:
         self._changes.publish(WatchEvent("MODIFIED", written))
         return written
 
+    @_waits_out_locks
     async def update_status(self, name: str, status: dict, resource_version: str | None = None) -> dict:
         def mutate(current: dict) -> dict:
             current["status"] = copy.deepcopy(status)
@@ -276,6 +320,7 @@ class SQLImageStore:
         self._changes.publish(WatchEvent("MODIFIED", written))
         return written
 
+    @_waits_out_locks
     async def delete(self, name: str) -> None:
         with Session(self.engine) as session:
             row = self._row(session, name)
@@ -291,6 +336,7 @@ class SQLImageStore:
 
     # --- artifacts -------------------------------------------------------------------------
 
+    @_waits_out_locks
     async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
         with Session(self.engine) as session:
             stored_uid = self._row(session, name).uid
@@ -300,6 +346,7 @@ class SQLImageStore:
             session.merge(ArtifactRow(uid=uid, kind=kind, text=text))
             session.commit()
 
+    @_waits_out_locks
     async def get_artifact(self, name: str, kind: str) -> str | None:
         with Session(self.engine) as session:
             uid = self._row(session, name).uid
@@ -308,23 +355,27 @@ class SQLImageStore:
 
     # --- git credentials (sealed; see cnbi_hub.credentials) ---------------------------------
 
+    @_waits_out_locks
     async def put_credential(self, record: dict) -> None:
         with Session(self.engine) as session:
             session.merge(CredentialRow(namespace=self.namespace, owner=record["owner"], name=record["name"],
                                         body=json.dumps(record)))
             session.commit()
 
+    @_waits_out_locks
     async def get_credential(self, owner: str, name: str) -> dict | None:
         with Session(self.engine) as session:
             row = session.get(CredentialRow, (self.namespace, owner, name))
             return json.loads(row.body) if row else None
 
+    @_waits_out_locks
     async def list_credentials(self, owner: str) -> list[dict]:
         with Session(self.engine) as session:
             rows = session.scalars(select(CredentialRow).where(
                 CredentialRow.namespace == self.namespace, CredentialRow.owner == owner).order_by(CredentialRow.name))
             return [json.loads(row.body) for row in rows]
 
+    @_waits_out_locks
     async def delete_credential(self, owner: str, name: str) -> bool:
         with Session(self.engine) as session:
             gone = session.execute(delete(CredentialRow).where(

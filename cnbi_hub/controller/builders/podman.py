@@ -36,7 +36,7 @@ from ...containers import podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
-from .sandbox import BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, format_bytes
+from .sandbox import BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, format_bytes, sweep_stale_cgroups
 
 __all__ = ["BuildError", "ImageMissing", "PodmanBuilder"]
 
@@ -130,6 +130,7 @@ class PodmanBuilder(Builder):
         super().__init__(**kwargs)
         self._inspections: dict[str, BaseImageInfo] = {}
         self._graph_root: str | None = None
+        self._swept = False  # the build cgroups a killed service left: removed once, at the first build
 
     @property
     def env(self) -> dict:
@@ -154,6 +155,9 @@ class PodmanBuilder(Builder):
                     sandbox.args.append("--network=host")
                 limits = self.limits
                 if BuildCgroup.available():
+                    if not self._swept:
+                        self._swept = True
+                        await asyncio.to_thread(sweep_stale_cgroups)
                     cgroup = BuildCgroup(limits)
                     stack.callback(cgroup.remove)
                     stack.push_async_callback(self._stop_leftovers, cgroup)
@@ -382,7 +386,10 @@ class PodmanBuilder(Builder):
 
     async def build_context(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
         """Build `plan` in `context_dir`, tag it `plan.target`; returns the image's digest."""
-        await self._check_free_disk("before the build started")
+        try:
+            await self._check_free_disk("before the build started")
+        except _LimitReached as e:
+            raise BuildError(str(e))
         async with self.sandbox() as sandbox:
             args = ["build", *sandbox.args, "--layers", "--pull=never", "-f",
                     str(context_dir / plan.containerfile_path), "-t", plan.target]

@@ -302,6 +302,32 @@ class BuildCgroup:
                     pass
 
 
+def sweep_stale_cgroups(older_than_s: float = 3600.0, cgroup_root: str = CGROUP_ROOT) -> int:
+    """Remove build cgroups a killed service left behind (empty, and older than an hour, so a
+    build another service is setting up right now is never touched); how many went."""
+    import time
+
+    removed = 0
+    now = time.time()
+    for hierarchy in Path(cgroup_root).iterdir():
+        parent = hierarchy / CGROUP_PREFIX
+        if not parent.is_dir():
+            continue
+        for build in parent.iterdir():
+            try:
+                if not build.is_dir() or now - build.stat().st_mtime < older_than_s:
+                    continue
+            except OSError:
+                continue
+            for directory, _subdirs, _files in sorted(os.walk(build), key=lambda entry: -len(entry[0])):
+                try:
+                    os.rmdir(directory)  # refused while anything runs in it
+                    removed += directory == str(build)
+                except OSError:
+                    pass
+    return removed
+
+
 def format_bytes(count: int) -> str:
     for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if count >= size:
@@ -310,4 +336,5 @@ def format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-__all__ = ["BuildCgroup", "IsolatedNetwork", "Limits", "SandboxError", "Usage", "cgroup_v1_mounts", "format_bytes"]
+__all__ = ["BuildCgroup", "IsolatedNetwork", "Limits", "SandboxError", "Usage", "cgroup_v1_mounts", "format_bytes",
+           "sweep_stale_cgroups"]

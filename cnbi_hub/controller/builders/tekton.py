@@ -28,7 +28,7 @@ from traitlets import Bool, Float, Unicode, default
 from ... import model
 from ...credentials import GitCredential
 from ...kubeclient import api_client, api_message
-from ..buildplan import BuildPlan
+from ..buildplan import BuildPlan, images_named_by
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, LogFn, PullAccess, StoredImage
 from .podman import _FIND_PYTHON, _INSPECT_PROGRAM
@@ -51,6 +51,11 @@ for check in json.load(open(sys.argv[1])):
         result = {"name": check["name"], "code": 124, "stdout": "", "stderr": "the check took too long"}
     print("CNBI-CHECK " + json.dumps(result), flush=True)
 """
+
+
+# Pods that run a user's code (a build, an image's checks, an inspection) get no ServiceAccount
+# token: nothing they run has business with the apiserver.
+_USER_CODE_POD = {"automountServiceAccountToken": False}
 
 
 class PipelineRunFailed(BuildError):
@@ -107,7 +112,27 @@ class TektonBuilder(Builder):
     ).tag(config=True)
 
     dockerconfig_secret = Unicode(
-        "", help="A kubernetes.io/dockerconfigjson Secret bound as the builds' `dockerconfig` workspace."
+        "", help="""A kubernetes.io/dockerconfigjson Secret bound as the builds' `dockerconfig`
+        workspace: mounted only in the steps that pull and push, never in the one that runs the
+        user's Containerfile.""",
+    ).tag(config=True)
+
+    host_network = Bool(
+        False, help="""Run the build task's pod on the node's network (hostNetwork), for a
+        registry reached at the node's 127.0.0.1 (a one-node test cluster). The user's build
+        still runs in a network namespace of its own that cannot reach the node's loopback.
+        Validation and inspection pods, which run the user's image itself, never do.""",
+    ).tag(config=True)
+
+    build_memory_limit = Unicode(
+        "4Gi", help="Memory the build step may use (a Kubernetes quantity); over it the step is OOM-killed.",
+    ).tag(config=True)
+
+    build_cpu_limit = Unicode("2", help="CPUs the build step may use (a Kubernetes quantity); it is slowed, not stopped.").tag(config=True)
+
+    build_disk_limit = Unicode(
+        "20Gi", help="""Ephemeral storage the build task's pod may fill (its image storage and
+        context are emptyDirs); over it the kubelet evicts the pod. Empty: no limit.""",
     ).tag(config=True)
 
     def __init__(self, **kwargs):
@@ -140,7 +165,7 @@ class TektonBuilder(Builder):
         spec = {"taskSpec": {"steps": [{
             "name": "inspect", "image": reference,
             "command": ["sh", "-c", "id -un 2>/dev/null || id -u; " + _FIND_PYTHON, _INSPECT_PROGRAM],
-        }]}, "podTemplate": {"hostNetwork": True}}
+        }]}, "podTemplate": _USER_CODE_POD}
         run = await self._run_to_end("taskruns", name, spec, labels={LABEL_BUILD: "inspect"})
         status, reason, message = succeeded_condition(run)
         if status != "True":
@@ -175,6 +200,9 @@ class TektonBuilder(Builder):
         if plan.containerfile is None and plan.labels:
             data["labels"] = "".join(f"{k}={v}\n" for k, v in plan.labels.items())
         data.update(_check_files(checks))
+        pulls = self._images_to_pull(plan, checkout)
+        if pulls is not None:
+            data["pull-images"] = "".join(f"{image}\n" for image in pulls)
         await self._apply_configmap(name, data, obj)
         tls_verify = "false" if self._plain_http(plan.target) else "true"
         params = [{"name": "image", "value": plan.target}, {"name": "builder-image", "value": self.builder_image},
@@ -191,11 +219,14 @@ class TektonBuilder(Builder):
                 params.append({"name": "git-credential-secret", "value": f"{name}-git"})
         workspaces = [{"name": "plan", "configMap": {"name": name}}]
         if self.dockerconfig_secret:
-            workspaces.append({"name": "dockerconfig", "secret": {"secretName": self.dockerconfig_secret}})
+            # a kubernetes.io/dockerconfigjson Secret keeps it as .dockerconfigjson; buildah reads config.json
+            workspaces.append({"name": "dockerconfig", "secret": {
+                "secretName": self.dockerconfig_secret, "items": [{"key": ".dockerconfigjson", "path": "config.json"}]}})
         spec = {
             "pipelineRef": {"name": pipeline}, "params": params, "workspaces": workspaces,
             "timeouts": {"pipeline": f"{int(self.build_timeout)}s"},
-            "taskRunTemplate": {"podTemplate": {"hostNetwork": True}},
+            "taskRunTemplate": {"podTemplate": _USER_CODE_POD},
+            "taskRunSpecs": [self._build_task_spec()],
         }
         log(f"PipelineRun {name} ({pipeline})")
         # the build step's log reaches the user as it is written, not when the run ends
@@ -219,7 +250,14 @@ class TektonBuilder(Builder):
         else:  # the pod ended before it could be followed: read what it left
             build_output = await self._relay_logs(run, "build", log)
         if state != "True":
-            # Tekton's message counts tasks; what the user can act on is the step's own words
+            # Tekton's message counts tasks; what the user can act on is the step's own words:
+            # the build step's, or those of the step before it that failed (fetch, pull)
+            failed_step = await self._failed_step(run, "build")
+            if failed_step not in (None, "build"):
+                log(f"the {failed_step} step failed:")
+                build_output = await self._step_log(await self._task_run_of(run, "build"), failed_step)
+                for line in build_output.splitlines()[-200:]:
+                    log(line)
             tail = "\n".join([line for line in build_output.splitlines() if line.strip()][-15:])
             raise PipelineRunFailed(reason or "Failed", f"{message}\n{tail}" if tail else message)
         results = {r["name"]: r["value"] for r in (run.get("status") or {}).get("results", [])}
@@ -273,7 +311,7 @@ class TektonBuilder(Builder):
         await self._apply_configmap(name, _check_files(checks), obj)
         spec = {"pipelineRef": {"name": "cnbi-import"}, "params": [{"name": "image", "value": image}],
                 "workspaces": [{"name": "plan", "configMap": {"name": name}}],
-                "taskRunTemplate": {"podTemplate": {"hostNetwork": True}}}
+                "taskRunTemplate": {"podTemplate": _USER_CODE_POD}}
         run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
                                      labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)})
         state, reason, message = succeeded_condition(run)
@@ -290,6 +328,31 @@ class TektonBuilder(Builder):
         return results
 
     # --- Tekton objects -----------------------------------------------------------------------
+
+    def _build_task_spec(self) -> dict:
+        """The build task's pod and its build step's limits (Tekton's taskRunSpecs, beta)."""
+        limits = {"memory": self.build_memory_limit, "cpu": self.build_cpu_limit}
+        pod = dict(_USER_CODE_POD)
+        if self.host_network:
+            pod["hostNetwork"] = True
+        task = {"pipelineTaskName": "build", "podTemplate": pod,
+                "stepSpecs": [{"name": "build", "computeResources": {
+                    "requests": {"cpu": "250m", "memory": "512Mi"}, "limits": limits}}]}
+        if self.build_disk_limit:
+            task["stepSpecs"][0]["computeResources"]["limits"]["ephemeral-storage"] = self.build_disk_limit
+        return task
+
+    def _images_to_pull(self, plan: BuildPlan, checkout: Path | None) -> list[str] | None:
+        """What the Containerfile's FROM lines name: the pull step fetches them, with the
+        registry credentials, before the build step runs without any."""
+        text = plan.containerfile
+        if text is None:
+            path = (checkout / plan.containerfile_path) if checkout is not None else None
+            if path is None or not path.is_file():
+                self.log.warning("no checkout of %s here: its images are not pulled ahead", plan.target)
+                return None
+            text = path.read_text(errors="replace")
+        return images_named_by(text, plan.build_args)
 
     def _plain_http(self, reference: str) -> bool:
         host = reference.split("/", 1)[0]
@@ -369,6 +432,15 @@ class TektonBuilder(Builder):
                 return await api.get_namespaced_custom_object(
                     TEKTON_GROUP, TEKTON_VERSION, self.namespace, "taskruns", ref["name"])
         return {}
+
+    async def _failed_step(self, pipeline_run: dict, task: str) -> str | None:
+        """The first step of the task's run that ended with a non-zero exit code."""
+        task_run = await self._task_run_of(pipeline_run, task)
+        for step in (task_run.get("status") or {}).get("steps", []):
+            terminated = step.get("terminated") or {}
+            if terminated.get("exitCode", 0) != 0 and terminated.get("reason") != "TaskRunCancelled":
+                return step.get("name")
+        return None
 
     async def _step_log(self, task_run: dict, step: str) -> str:
         pod = (task_run.get("status") or {}).get("podName")
