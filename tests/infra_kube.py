@@ -29,10 +29,12 @@ added with :meth:`KubeCluster.serviceaccount_identity` (a real ServiceAccount to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
+import signal
 import ssl
 import subprocess
 import time
@@ -239,6 +241,40 @@ class KubeCluster:
             details = self.describe(resource, namespace)
             raise KubeError(f"{error}; last: {last[0] if last else None}\n{details}") from None
 
+    def restart_apiserver(self, down_seconds: float = 3.0, timeout: float = 60) -> None:
+        """Stop kube-apiserver (SIGTERM, as an upgrade or a crash does) and start it again with
+        the same command line after `down_seconds`; etcd keeps every object. The harness's pid
+        file names the new process, so scripts/kube-down stops it as before."""
+        pidfile = self.rundir / "pids" / "apiserver.pid"
+        pid = int(pidfile.read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        # SIGTERM, as an upgrade does; its graceful shutdown can outlast a minute of open
+        # watches, so after 10 s it goes as a crash does (SIGKILL)
+        for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, timeout)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while _state(pid) not in ("Z", "X", None) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _state(pid) in ("Z", "X", None):
+                break
+        else:
+            raise KubeError(f"kube-apiserver (pid {pid}) did not stop")
+        time.sleep(down_seconds)
+        with open(self.rundir / "log" / "apiserver.log", "ab") as log:
+            proc = subprocess.Popen([a.decode() for a in argv], stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=self.rundir, start_new_session=True)
+        stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        pidfile.write_text(f"{proc.pid} {stat[19]}\n")
+
+        def ready():
+            try:
+                return self.request("GET", "/readyz", timeout=5) == (200, "ok")
+            except OSError:
+                return False
+
+        self.wait_for(ready, "kube-apiserver /readyz after its restart", timeout=timeout)
+
     def describe(self, resource: str, namespace: str | None = None) -> str:
         """``kubectl describe`` output, for failure messages."""
         ns = ["-n", namespace] if namespace else []
@@ -383,4 +419,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if KUBE_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kube)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 

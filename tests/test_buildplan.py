@@ -402,3 +402,6 @@ def test_images_named_by_lists_what_the_from_lines_pull():
     assert images_named_by(text, {"BASE": "other.example/base@sha256:" + "a" * 64}) == [
         "other.example/base@sha256:" + "a" * 64, "registry.example/python:3.11", "registry.example/notebook:1"]
     assert images_named_by("# no FROM at all\nRUN true\n") == []
+    multi = ("FROM registry.example/a:1 AS build\nFROM registry.example/b:2\n"
+             "COPY --from=build /x /x\nCOPY --from=0 /y /y\nCOPY --chown=1000 --from=ghcr.example/uv:0.4 /uv /bin/uv\n")
+    assert images_named_by(multi) == ["registry.example/a:1", "registry.example/b:2", "ghcr.example/uv:0.4"]

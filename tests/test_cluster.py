@@ -564,6 +564,7 @@ async def test_a_hostile_build_in_tekton_reaches_nothing_and_finds_no_credential
     assert _Canary.hits == 0 and found["abstract"].startswith("refused"), found["abstract"]
     assert found["escape"].startswith("refused"), found  # CAP_SYS_CHROOT is dropped for RUN steps
     assert found["outside_markers"] == [], found
+    assert found["devices_opened"] == [], found  # the build step's /dev is its own, not the node's
     assert found["canaries"] == [] and found["env_secrets"] == [], found
     assert canary_auth not in log
 

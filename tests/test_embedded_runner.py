@@ -14,6 +14,7 @@ from cnbi_hub.controller.builders.podman import PodmanBuilder
 from cnbi_hub.controller.imageaccess import ImageAccess
 from cnbi_hub.controller.phases import PhaseWork
 from cnbi_hub.controller.runner import EmbeddedRunner
+from cnbi_hub.controller.statemachine import failure_of
 from cnbi_hub.spawner import image_reference
 from cnbi_hub.store.sqlite import SQLImageStore
 from tests.hubfixtures import CA_BUNDLE
@@ -386,3 +387,45 @@ async def test_a_stack_is_built_and_rebuilt_in_order_and_a_failed_base_leaves_th
         [note] = notes[name]
         assert note["status"] == "False" and note["reason"] == "BaseImageFailed"
         assert note["message"].startswith("stack-a failed (") and "keeps its current build" in note["message"]
+
+
+class StoreAwayOnPhaseWrites(SQLImageStore):
+    """The SQLite store, away (ConnectionError) for the next `away` status writes that move an
+    image into a working phase, as a store behind a restarting apiserver is."""
+
+    away = 0
+
+    async def update_status(self, name, status, resource_version=None):
+        if self.away and status.get("phase") in ("Prepare", "Resolving", "Building"):
+            self.away -= 1
+            raise ConnectionError("the store is away (a test)")
+        return await super().update_status(name, status, resource_version)
+
+
+async def test_an_image_whose_work_broke_off_on_the_store_starts_again_and_is_never_stuck(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    base = push_notebook_base(notebook_base_images, f"{local_registry.host}/cnbi/notebook-base:py311-user", podman_env)
+    store = StoreAwayOnPhaseWrites(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+    runner.max_unexpected_failures = 3
+    await runner.start()
+    try:
+        store.away = 2  # twice: each time the work breaks off, it starts again (after 2 s, 4 s)
+        await store.create(model.validate_new_object(
+            {"metadata": {"name": "comes-back"}, "spec": {"buildType": "ImageImport", "fromImage": base}},
+            creator="importer"))
+        back = await drive_to_end(store, "comes-back", timeout_s=120)
+        assert store.away == 0 and model.phase_of(back) == "Ready", back["status"]
+
+        store.away = 100  # for good: after 3 in a row it ends Failed, naming the error
+        other = push_notebook_base(notebook_base_images, f"{local_registry.host}/cnbi/other-base:1", podman_env)
+        await store.create(model.validate_new_object(
+            {"metadata": {"name": "gives-up"}, "spec": {"buildType": "ImageImport", "fromImage": other}},
+            creator="importer"))
+        ended = await drive_to_end(store, "gives-up", timeout_s=120)
+    finally:
+        await runner.stop()
+    assert model.phase_of(ended) == "Failed", ended["status"]
+    failure = failure_of(ended["status"])
+    assert failure["reason"] == "EngineError" and "3 times in a row" in failure["message"], failure
+    assert "ConnectionError: the store is away" in failure["message"]

@@ -145,3 +145,35 @@ async def test_a_silent_package_index_fails_in_resolving_naming_the_timeout(tmp_
     message = failure(obj)
     assert "timed out" in message and f"127.0.0.1:{silent.port}" in message, message
     assert silent.held, "the resolver never reached the silent index"
+
+
+async def test_the_build_process_killed_mid_build_fails_naming_it(tmp_path, make_git_repo, notebook_base_images):
+    """Someone (the OOM killer, an admin) kills `podman build` itself while a step runs."""
+    import os
+    import signal
+
+    marker = f"cnbi-fault-{os.getpid()}-{id(tmp_path)}"
+    repo = make_git_repo(f"killed-build-{id(tmp_path)}", {"Containerfile": (
+        f"FROM {USER_BASE}\nLABEL cnbi.test.run={marker}\nRUN sleep 120\n")})
+
+    async def kill_podman_build():
+        for _ in range(600):
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+                except OSError:
+                    continue
+                if argv[0].endswith(b"podman") and b"build" in argv and any(b"killed-build" in a for a in argv):
+                    await asyncio.sleep(3)  # into the RUN step
+                    os.kill(int(pid), signal.SIGKILL)  # the podman build this test's engine started
+                    return int(pid)
+            await asyncio.sleep(0.2)
+
+    killer = asyncio.ensure_future(kill_podman_build())
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main"},
+                      "killed-build")
+    assert await killer, "the podman build was never seen"
+    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building"
+    assert "killed by SIGKILL from outside" in failure(obj), failure(obj)

@@ -70,6 +70,18 @@ try:
     found["proc1_root"] = sorted(os.listdir("/proc/1/root"))[:40]
 except OSError as e:
     found["proc1_root"] = "refused: " + type(e).__name__
+# the machine's disks and loop devices, as a privileged container's /dev would hold them
+found["devices_opened"] = []
+for name in sorted(os.listdir("/dev")):
+    path = os.path.join("/dev", name)
+    try:
+        import stat
+        if stat.S_ISBLK(os.stat(path).st_mode):
+            with open(path, "rb") as device:
+                device.read(16)
+            found["devices_opened"].append(path)
+    except OSError:
+        pass
 found["outside_markers"] = [p for p in ("/tekton", "/workspace", "/var/run/secrets/kubernetes.io",
                                         "/proc/1/root/tekton", "/proc/1/root/workspace",
                                         "/proc/1/root/var/run/secrets/kubernetes.io", "/var/lib/containers/storage")
@@ -297,6 +309,7 @@ async def test_a_hostile_build_reaches_nothing_on_this_machine_and_finds_no_secr
     assert found["env_secrets"] == [], found["env_secrets"]
     assert found["pid1"] != "/sbin/init" and "jupyterhub" not in found["pid1"], found["pid1"]
     assert found["outside_markers"] == [], found  # a chroot leads back to the container's own root
+    assert found["devices_opened"] == [], found
     # nothing it started runs on: not in the build's steps, not after it
     assert not _processes_with("sleep 31337") and not _processes_with("sleep 31338")
     # no secret in the log, nor anywhere in the image it made

@@ -400,8 +400,19 @@ def images_named_by(containerfile: str, build_args: dict[str, str] | None = None
             words = instruction["value"].split()
             if len(words) >= 3 and words[-2].lower() == "as":
                 stages.add(words[-1].lower())
+    named = list(parser.parent_images)
+    for instruction in parser.structure:
+        # `COPY --from=<image>` (uv's own image, say) pulls an image too, unless it names a stage
+        if instruction["instruction"] in ("COPY", "ADD"):
+            for word in instruction["value"].split():
+                if not word.startswith("--"):
+                    break
+                if word.startswith("--from="):
+                    source = word[len("--from="):]
+                    if source and not source.isdigit() and source.lower() not in stages:
+                        named.append(source)
     images = []
-    for image in parser.parent_images:
+    for image in named:
         if image and image.lower() != "scratch" and image.lower() not in stages and image not in images:
             images.append(image)
     return images

@@ -53,6 +53,11 @@ class EmbeddedRunner(LoggingConfigurable):
         2, help="How many images are prepared/resolved/built at once; the rest wait in Pending with a queue position."
     ).tag(config=True)
 
+    max_unexpected_failures = Integer(
+        5, help="""Unexpected errors in a row (the store or apiserver away, a bug) after which an
+        image ends Failed instead of starting again; each try waits longer (2, 4, 8... s).""",
+    ).tag(config=True)
+
     queue_positions_shown = Integer(
         50,
         help="""How many waiting images are told their place in the queue (`status.queuePosition`);
@@ -138,6 +143,7 @@ class EmbeddedRunner(LoggingConfigurable):
         self._stack_parents: dict[str, str | None] = {}
         self._finished: dict[str, tuple[str, str | None]] = {}
         self._following: set[asyncio.Task] = set()
+        self._unexpected_failures: dict[str, int] = {}  # uid -> unexpected errors in a row
         #: what running servers use, for retention (set by the service or the operator)
         self.images_in_use: InUse | None = None
         self.last_retention: dict | None = None
@@ -599,13 +605,16 @@ class EmbeddedRunner(LoggingConfigurable):
         self._logs.setdefault(uid, BuildLog())
         flusher = asyncio.create_task(self._flush_log_periodically(name, uid))
         cancelled = False
+        broke: Exception | None = None
         back_to_pending = None
         try:
             back_to_pending = await self._drive_phases(name, uid)
+            self._unexpected_failures.pop(uid, None)
         except asyncio.CancelledError:
             cancelled = True  # DELETE or cancel of the image, or the service stopping
             raise
-        except Exception:
+        except Exception as e:
+            broke = e  # the store away (the apiserver restarting), or a bug: it starts again below
             self.log.exception("reconciling image %s failed unexpectedly", name)
         finally:
             flusher.cancel()
@@ -613,10 +622,54 @@ class EmbeddedRunner(LoggingConfigurable):
             self._pending.pop(uid, None)  # it left Pending; the feed re-adds it if it goes back
             if back_to_pending is not None:
                 self._note(back_to_pending)  # it waits: in case the feed brought that before this
-            await self._save_log(name, uid)
-            self._logs.pop(uid, None)
-            await self.phases.cleanup(uid, cancelled and not self._stopping)
+            try:
+                await self._save_log(name, uid)
+                self._logs.pop(uid, None)
+            except Exception:  # kept for the next try, which appends to it and saves it then
+                self.log.warning("could not save the log of %s now", name)
+            try:
+                await self.phases.cleanup(uid, cancelled and not self._stopping)
+            except Exception:
+                self.log.exception("could not clean up after %s", name)
+            if broke is not None and not self._stopping:
+                self._start_again_later(name, uid, broke)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
+
+    def _start_again_later(self, name: str, uid: str, error: Exception) -> None:
+        task = asyncio.create_task(self._start_again(name, uid, error))
+        self._following.add(task)
+        task.add_done_callback(self._following.discard)
+
+    async def _start_again(self, name: str, uid: str, error: Exception) -> None:
+        """An image whose work broke off with an unexpected error (not a failed phase: those
+        are outcomes) goes back to Pending to run again, as after a restart of the engine,
+        once the store answers; after `max_unexpected_failures` in a row it ends Failed."""
+        failures = self._unexpected_failures[uid] = self._unexpected_failures.get(uid, 0) + 1
+        delay = min(2.0 ** failures, 60.0)
+        while not self._stopping:
+            await asyncio.sleep(delay)
+            try:
+                obj = await self.store.get(name)
+                if obj["metadata"]["uid"] != uid or model.phase_of(obj) in model.TERMINAL_PHASES:
+                    return
+                if failures >= self.max_unexpected_failures:
+                    message = (f"the engine failed {failures} times in a row on this image "
+                               f"({type(error).__name__}: {error}); an administrator can see more in its log")
+                    status = advance(obj, Outcome(False, "EngineError", message))
+                    await self._write_status(name, uid, status, expected_phase=model.phase_of(obj))
+                    self._unexpected_failures.pop(uid, None)
+                    return
+                self.log.info("image %s starts again after an unexpected error (%d in a row)", name, failures)
+                restarted = restart(obj)
+                if await self._write_status(name, uid, restarted, expected_phase=model.phase_of(obj)):
+                    self._note({**obj, "status": restarted})
+                    await self.schedule()
+                return
+            except NotFound:
+                return
+            except Exception as e:  # still away: wait longer
+                self.log.warning("image %s waits for the store to start again: %s", name, e)
+                delay = min(delay * 2, 60.0)
 
     async def _drive_phases(self, name: str, uid: str) -> dict | None:
         """Run the image's phases until it finishes; the object as written when a phase sent it
@@ -712,7 +765,10 @@ class EmbeddedRunner(LoggingConfigurable):
     async def _flush_log_periodically(self, name: str, uid: str) -> None:
         while True:
             await asyncio.sleep(2)
-            await self._save_log(name, uid)
+            try:
+                await self._save_log(name, uid)
+            except Exception as e:  # the store away for a moment: the next flush writes it all
+                self.log.warning("could not save the log of %s now: %s", name, e)
 
 
 # a failed run that a new build of the image below may mend (not one that failed on its own)

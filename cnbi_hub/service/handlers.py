@@ -63,16 +63,16 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         self.set_header("Content-Type", "application/json")
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if self._body_still_coming():
+            # tornado closes the connection after this answer (the only way not to read the
+            # rest): say so, or the hub's proxy reuses it and its next request fails with a 503
+            self.set_header("Connection", "close")
         if isinstance(exc, StoreBusy):
             # another process holds the database: nothing was written; the client may try again
             self.set_status(503)
             self.set_header("Retry-After", "5")
             self.finish(json.dumps({"message": exc.message}))
             return
-        if self._body_still_coming():
-            # tornado closes the connection after this answer (the only way not to read the
-            # rest): say so, or the hub's proxy reuses it and its next request fails with a 503
-            self.set_header("Connection", "close")
         body = {"message": self._reason}
         if isinstance(exc, web.HTTPError) and exc.log_message:
             body["message"] = exc.log_message % exc.args if exc.args else exc.log_message

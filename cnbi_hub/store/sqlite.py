@@ -245,10 +245,12 @@ class SQLImageStore:
             try:
                 session.flush()
                 self._set_groups(session, row.id, obj)
+                # read before the commit: after it, a reload could meet a lock, and the retry of
+                # a create that did land would answer "already exists"
+                created = self._object(row)
                 session.commit()
             except IntegrityError:
                 raise AlreadyExists(f"an image named {meta['name']} already exists", "metadata.name")
-            created = self._object(row)
         self._changes.publish(WatchEvent("ADDED", created))
         return created
 

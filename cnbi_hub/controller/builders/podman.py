@@ -150,6 +150,7 @@ class PodmanBuilder(Builder):
             try:
                 if self.build_network == "isolated":
                     network = await stack.enter_async_context(IsolatedNetwork())
+                    sandbox.network = network
                     sandbox.args.append(network.podman_arg)
                 else:
                     sandbox.args.append("--network=host")
@@ -157,7 +158,10 @@ class PodmanBuilder(Builder):
                 if BuildCgroup.available():
                     if not self._swept:
                         self._swept = True
-                        await asyncio.to_thread(sweep_stale_cgroups)
+                        try:
+                            await asyncio.to_thread(sweep_stale_cgroups)
+                        except OSError as e:  # housekeeping: never a reason to refuse a build
+                            self.log.warning("could not sweep stale build cgroups: %s", e)
                     cgroup = BuildCgroup(limits)
                     stack.callback(cgroup.remove)
                     stack.push_async_callback(self._stop_leftovers, cgroup)
@@ -402,14 +406,19 @@ class PodmanBuilder(Builder):
                     args.append(f"--label={key}={value}")
             args.append(str(context_dir))
             try:
-                code, tail = await self._watched_build(args, log)
+                code, tail = await self._watched_build(args, log, sandbox)
             except asyncio.TimeoutError:
                 raise BuildError(f"the build took longer than {self.build_timeout:.0f} s (its time limit) and was stopped")
             except _LimitReached as e:
                 raise BuildError(str(e))
+            if sandbox.network is not None and not sandbox.network.alive:
+                # its namespace is named by the holder's pid: gone, that pid could name another
+                await self.remove_image(plan.target)
+                raise BuildError("the build's network namespace went away while it ran; build it again")
             usage = sandbox.usage()
             if code != 0:
-                raise BuildError(self._failure_message(code, tail, usage))
+                raise BuildError(self._failure_message(
+                    code, tail, usage, pids_limited=sandbox.cgroup is not None and bool(self.build_pids_limit)))
             await _call(log, _usage_line(usage))
         digest = await self.local_digest(plan.target)
         if not digest:
@@ -420,34 +429,46 @@ class PodmanBuilder(Builder):
             raise BuildError(self._size_message(size))
         return digest
 
-    async def _watched_build(self, args: list[str], log: LogFn) -> tuple[int, str]:
+    async def _watched_build(self, args: list[str], log: LogFn, sandbox: "_Sandbox") -> tuple[int, str]:
         """Run `podman build`, stopping it at the first finished step whose image is over
         `max_image_size`, or when the disk falls below `min_free_disk`."""
+        over_limit: list[str] = []
+
         async def log_and_measure(line: str) -> None:
             await _call(log, line)
-            step = _STEP_DONE.match(line)
+            step = _STEP_DONE.search(line)  # anywhere: output without a newline runs into it
             if step and self.max_image_size:
-                size = await self.image_size(step.group(1))
+                try:
+                    size = await self.image_size(step.group(1))
+                except asyncio.TimeoutError:
+                    size = None  # not the build's time limit: the final size check still holds
                 if size and size > self.max_image_size:
+                    over_limit.append(step.group(1))
                     raise _LimitReached(self._size_message(size, after_step=True))
 
         build = asyncio.ensure_future(self._run(*args, timeout=self.build_timeout, log=log_and_measure))
         watch = asyncio.ensure_future(self._watch_free_disk())
         try:
             await asyncio.wait({build, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done() and not build.done():
+            if watch.done() and not build.done() and watch.exception() is not None:
+                if sandbox.cgroup is not None:
+                    await sandbox.cgroup.stop_remaining()  # the writer stops now, not after podman's grace
                 build.cancel()  # stops podman's process group (see _run)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await build
+                await asyncio.gather(build, return_exceptions=True)
                 watch.result()  # raises the limit reached
             code, tail, _ = build.result()
             return code, tail
+        except _LimitReached:
+            if sandbox.cgroup is not None:
+                await sandbox.cgroup.stop_remaining()
+            for image_id in over_limit:  # the step over the limit was committed: it goes
+                await self._run("rmi", "--ignore", "--", image_id)
+            raise
         finally:
             for task in (build, watch):
                 if not task.done():
                     task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await task
+            await asyncio.gather(build, watch, return_exceptions=True)
 
     async def _watch_free_disk(self) -> None:
         if not self.min_free_disk:
@@ -481,20 +502,27 @@ class PodmanBuilder(Builder):
         return (f"the image was {format_bytes(size)} {where}: over the image size limit of "
                 f"{format_bytes(self.max_image_size)} (its base included)")
 
-    def _failure_message(self, code: int, tail: str, usage: Usage) -> str:
+    def _failure_message(self, code: int, tail: str, usage: Usage, pids_limited: bool = False) -> str:
         output = _last_lines(tail, 15)
         killed = "exit status 137" in tail or "Killed" in tail
         # the page cache alone can take memory to its limit: blame the limit only for a kill
         if usage.memory_limit_hit and killed:
             return (f"the build reached its memory limit of {format_bytes(self.build_memory_limit)} and a step was "
                     f"stopped when it needed more (podman exit {code}):\n{output}")
-        if usage.pids_limit_hit:
+        # where the kernel keeps no count of refused forks (the counters sit in podman's step
+        # cgroup, gone by now), the shell's own words tell
+        forks_refused = any("fork" in line.lower() and any(words in line.lower() for words in (
+            "cannot", "can't", "resource temporarily unavailable", "retry")) for line in tail.splitlines())
+        if usage.pids_limit_hit or (forks_refused and pids_limited):
             return (f"the build reached its limit of {self.build_pids_limit} processes at once "
                     f"(podman exit {code}):\n{output}")
         if killed and self.build_memory_limit and not usage.memory_peak_bytes:
             # per-step limits only (no cgroup of ours to read): SIGKILL is the likely OOM kill
             return (f"a build step was killed (exit status 137), most likely over the memory limit of "
                     f"{format_bytes(self.build_memory_limit)}:\n{output}")
+        if code < 0:  # podman itself was killed (not by us: a stop or a limit raised above)
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+            return f"the build process (podman build) was killed by {name} from outside:\n{output}"
         return f"podman build failed (exit {code}):\n{output}"
 
     async def run_check(self, image: str, check: Check) -> tuple[int, str, str]:
@@ -521,7 +549,7 @@ class PodmanBuilder(Builder):
 
 
 # podman build's line for a finished step: "--> 1f18fd1ec6f" or "--> Using cache 1f18fd1ec6f..."
-_STEP_DONE = re.compile(r"^--> (?:Using cache )?([0-9a-f]{11,64})\s*$")
+_STEP_DONE = re.compile(r"--> (?:Using cache )?([0-9a-f]{11,64})\s*$")
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^JUPYTERHUB_|^CNBI_", re.IGNORECASE)
 
 
@@ -537,6 +565,7 @@ class _LimitReached(Exception):
 class _Sandbox:
     args: list[str] = field(default_factory=list)
     cgroup: BuildCgroup | None = None
+    network: IsolatedNetwork | None = None
 
     def usage(self) -> Usage:
         return self.cgroup.usage() if self.cgroup else Usage()

@@ -26,6 +26,7 @@ import ctypes
 import os
 import secrets
 import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,7 @@ class IsolatedNetwork:
         self.unshare = unshare
         self._holder: asyncio.subprocess.Process | None = None
         self._slirp: asyncio.subprocess.Process | None = None
+        self._slirp_log = None
 
     @property
     def path(self) -> str:
@@ -107,44 +109,58 @@ class IsolatedNetwork:
                 raise SandboxError("the build's network namespace was not created in time")
             await asyncio.sleep(0.01)
         ready_read, ready_write = os.pipe()
+        # its messages go to a file: a pipe nobody reads would stall it once full
+        self._slirp_log = tempfile.TemporaryFile()
         try:
             try:
                 self._slirp = await asyncio.create_subprocess_exec(
+                    # it parses every packet a build sends: its own mount namespace, no
+                    # capabilities but binding, a seccomp filter
                     self.slirp4netns, "--configure", f"--mtu={SLIRP_MTU}", "--disable-host-loopback",
+                    "--enable-sandbox", "--enable-seccomp",
                     f"--cidr={SANDBOX_CIDR}", f"--ready-fd={ready_write}", str(self._holder.pid), "tap0",
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE, pass_fds=(ready_write,), preexec_fn=_stop_when_parent_dies)
+                    stderr=self._slirp_log, pass_fds=(ready_write,), preexec_fn=_stop_when_parent_dies)
             except OSError as e:
                 raise SandboxError(f"could not start {self.slirp4netns}: {e}") from e
             os.close(ready_write)
             ready_write = -1
+            # "1" once the namespace is configured; b"" if slirp4netns died first
+            readable = loop.create_future()
+            loop.add_reader(ready_read, lambda: readable.done() or readable.set_result(None))
             try:
-                # "1" once the namespace is configured; b"" if slirp4netns died first
-                ready = await asyncio.wait_for(asyncio.to_thread(os.read, ready_read, 1), SETUP_TIMEOUT)
+                await asyncio.wait_for(readable, SETUP_TIMEOUT)
+                ready = os.read(ready_read, 1)
             except asyncio.TimeoutError:
                 ready = b""
+            finally:
+                loop.remove_reader(ready_read)
             if ready != b"1":
-                detail = ""
-                if self._slirp.returncode is not None or ready == b"":
-                    try:
-                        detail = (await asyncio.wait_for(self._slirp.stderr.read(2000), 1)).decode(errors="replace")
-                    except asyncio.TimeoutError:
-                        pass
-                raise SandboxError(f"slirp4netns did not set up the build's network: {detail.strip() or 'no answer'}")
+                self._slirp_log.seek(0)
+                detail = self._slirp_log.read(2000).decode(errors="replace").strip()
+                raise SandboxError(f"slirp4netns did not set up the build's network: {detail or 'no answer'}")
         finally:
             os.close(ready_read)
             if ready_write >= 0:
                 os.close(ready_write)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the namespace's holder still runs (its pid still names this namespace)."""
+        return self._holder is not None and self._holder.returncode is None
+
     async def close(self) -> None:
-        for proc in (self._slirp, self._holder):
-            if proc is None or proc.returncode is not None:
-                continue
+        running = [p for p in (self._slirp, self._holder) if p is not None and p.returncode is None]
+        for proc in running:  # both first: a second cancel while waiting must not leave one behind
             try:
                 proc.kill()
             except ProcessLookupError:
                 pass
-            await proc.wait()
+        if running:
+            await asyncio.shield(asyncio.gather(*(p.wait() for p in running), return_exceptions=True))
+        if self._slirp_log is not None:
+            self._slirp_log.close()
+            self._slirp_log = None
 
 
 @dataclass(frozen=True)
@@ -208,9 +224,9 @@ class BuildCgroup:
         return self.mounts[controller] / self.relative
 
     def create(self) -> None:
+        self.created = True  # before the first mkdir: whatever was made is removed again
         for controller in self.NEEDED:
             self._dir(controller).mkdir(parents=True, exist_ok=True)
-        self.created = True
         limits = self.limits
         if limits.memory_bytes:
             # swap counted with memory where the kernel allows it, so a limit is a limit
