@@ -15,6 +15,7 @@ from cnbi_hub.controller.imageaccess import ImageAccess
 from cnbi_hub.controller.phases import PhaseWork
 from cnbi_hub.controller.runner import EmbeddedRunner
 from cnbi_hub.controller.statemachine import failure_of
+from cnbi_hub.model import ValidationPolicy
 from cnbi_hub.spawner import image_reference
 from cnbi_hub.store.sqlite import SQLImageStore
 from tests.hubfixtures import CA_BUNDLE
@@ -22,12 +23,43 @@ from tests.hubfixtures import CA_BUNDLE
 pytestmark = pytest.mark.podman
 
 
-def embedded_engine(store, *, publish=lambda event: None, pull_secrets_dir="", **phase_options) -> EmbeddedRunner:
+def embedded_engine(store, *, publish=lambda event: None, pull_secrets_dir="", builder=None,
+                    **phase_options) -> EmbeddedRunner:
     """What the service assembles in embedded mode: podman builder, image access, phase work, runner."""
-    builder = PodmanBuilder()
+    builder = builder or PodmanBuilder()
     access = ImageAccess(builder=builder, pull_secrets_dir=pull_secrets_dir)
     phases = PhaseWork(store=store, builder=builder, access=access, **phase_options)
     return EmbeddedRunner(store=store, phases=phases, publish=publish)
+
+
+async def one_image_through_an_engine(tmp_path, spec: dict, name: str, *, builder=None, creator="tester", timeout_s=600,
+                     **phase_options) -> tuple[dict, list[str]]:
+    """One image through a fresh engine of its own (git:// allowed) until Ready or Failed;
+    returns the object and its build log's lines. Never stuck: a timeout fails the test."""
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi-{name}.sqlite")
+    events = []
+    phase_options = {"work_dir": str(tmp_path / "work"), "ca_bundle": CA_BUNDLE,
+                     "allowed_git_schemes": ["git", "https"], **phase_options}
+    runner = embedded_engine(store, publish=events.append, builder=builder, **phase_options)
+    await runner.start()
+    try:
+        await store.create(model.validate_new_object(
+            {"metadata": {"name": name}, "spec": spec}, creator=creator,
+            policy=ValidationPolicy(allowed_git_schemes=("git", "https"))))
+        current = await drive_to_end(store, name, timeout_s=timeout_s)
+    finally:
+        await runner.stop()
+    condition = failure_of(current["status"]) or {}
+    print(f"{name}: {model.phase_of(current)} in {current['status'].get('failedPhase')}: {condition.get('message')}")
+    lines = [e[1]["line"] for e in events if e[0] == "log" and e[1]["metadata"]["name"] == name]
+    return current, lines
+
+
+def failure_message(obj) -> str:
+    """The message of the condition that says why the image failed (as the panel shows it)."""
+    condition = failure_of(obj["status"])
+    assert condition is not None, obj["status"]
+    return condition.get("message", "")
 
 
 async def test_ready_image_is_pushed_with_its_digest(tmp_path, local_registry, notebook_base_images, podman_env):

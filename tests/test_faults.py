@@ -15,25 +15,12 @@ import threading
 import pytest
 
 from cnbi_hub import model
-from cnbi_hub.controller.builders.podman import PodmanBuilder
-from cnbi_hub.controller.imageaccess import ImageAccess
-from cnbi_hub.controller.phases import PhaseWork
-from cnbi_hub.controller.runner import EmbeddedRunner
-from cnbi_hub.controller.statemachine import failure_of
-from cnbi_hub.model import ValidationPolicy
-from cnbi_hub.store.sqlite import SQLImageStore
-from tests.hubfixtures import CA_BUNDLE
+from tests.infra_registry import free_port
+from tests.test_embedded_runner import failure_message, one_image_through_an_engine
 
 pytestmark = pytest.mark.podman
 
 USER_BASE = "localhost/cnbi/notebook-base:py311-user"
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SilentServer:
@@ -63,73 +50,44 @@ class SilentServer:
             conn.close()
 
 
-async def drive(tmp_path, spec: dict, name: str, timeout_s: float = 600, **phase_options) -> dict:
-    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi-{name}.sqlite")
-    builder = PodmanBuilder()
-    phases = PhaseWork(store=store, builder=builder, access=ImageAccess(builder=builder),
-                       work_dir=str(tmp_path / "work"), ca_bundle=CA_BUNDLE,
-                       allowed_git_schemes=["git", "https"], **phase_options)
-    runner = EmbeddedRunner(store=store, phases=phases)
-    await runner.start()
-    try:
-        obj = model.validate_new_object({"metadata": {"name": name}, "spec": spec}, creator="faulty",
-                                        policy=ValidationPolicy(allowed_git_schemes=("git", "https")))
-        await store.create(obj)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            current = await store.get(name)
-            if model.phase_of(current) in model.TERMINAL_PHASES:
-                condition = failure_of(current["status"]) or {}
-                print(f"{name}: {model.phase_of(current)} in {current['status'].get('failedPhase')}: "
-                      f"{condition.get('message')}")
-                return current
-            await asyncio.sleep(0.5)
-        pytest.fail(f"{name} is stuck: {current.get('status')}")
-    finally:
-        await runner.stop()
-
-
-def failure(obj) -> str:
-    """The message of the condition that says why the image failed (as the panel shows it)."""
-    condition = failure_of(obj["status"])
-    assert condition is not None, obj["status"]
-    return condition.get("message", "")
+async def drive(tmp_path, spec: dict, name: str, **phase_options) -> dict:
+    obj, _lines = await one_image_through_an_engine(tmp_path, spec, name, creator="faulty", **phase_options)
+    return obj
 
 
 async def test_the_registry_down_in_prepare_fails_there_naming_it(tmp_path):
-    port = closed_port()
+    port = free_port()
     obj = await drive(tmp_path, {"buildType": "ImageImport", "fromImage": f"127.0.0.1:{port}/team/notebook:1"},
                       "import-registry-down")
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Prepare"
-    assert f"127.0.0.1:{port}" in failure(obj), failure(obj)
+    assert f"127.0.0.1:{port}" in failure_message(obj), failure_message(obj)
 
 
 async def test_the_registry_down_during_the_push_fails_in_building_naming_it(tmp_path, notebook_base_images):
-    port = closed_port()
+    port = free_port()
     obj = await drive(tmp_path, {"buildType": "PackageList", "baseImage": USER_BASE,
                                  "packageVersions": ["tabulate==0.9.0"]},
                       "push-registry-down", push_registry=f"127.0.0.1:{port}/pushed")
-    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building", failure(obj)
-    assert "could not push" in failure(obj) and f"127.0.0.1:{port}" in failure(obj), failure(obj)
+    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building", failure_message(obj)
+    assert "could not push" in failure_message(obj) and f"127.0.0.1:{port}" in failure_message(obj), failure_message(obj)
 
 
 async def test_the_git_remote_unreachable_fails_in_prepare_naming_it(tmp_path):
-    port = closed_port()
+    port = free_port()
     url = f"git://127.0.0.1:{port}/nowhere.git"
     obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": url, "baseImage": USER_BASE},
                       "git-remote-down")
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Prepare"
-    assert url in failure(obj) or f"127.0.0.1:{port}" in failure(obj), failure(obj)
+    assert url in failure_message(obj) or f"127.0.0.1:{port}" in failure_message(obj), failure_message(obj)
 
 
 async def test_the_package_index_down_fails_in_resolving_naming_it(tmp_path, notebook_base_images):
-    port = closed_port()
+    port = free_port()
     obj = await drive(tmp_path, {"buildType": "PackageList", "baseImage": USER_BASE,
                                  "packageVersions": ["a-package-nobody-has-cached==1.0"]},
                       "index-down", index_url=f"http://127.0.0.1:{port}/simple")
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Resolving"
-    message = failure(obj)
+    message = failure_message(obj)
     assert f"127.0.0.1:{port}" in message and "Connection refused" in message, message
 
 
@@ -142,7 +100,7 @@ async def test_a_silent_package_index_fails_in_resolving_naming_the_timeout(tmp_
     finally:
         silent.close()
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Resolving"
-    message = failure(obj)
+    message = failure_message(obj)
     assert "timed out" in message and f"127.0.0.1:{silent.port}" in message, message
     assert silent.held, "the resolver never reached the silent index"
 
@@ -176,4 +134,4 @@ async def test_the_build_process_killed_mid_build_fails_naming_it(tmp_path, make
                       "killed-build")
     assert await killer, "the podman build was never seen"
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building"
-    assert "killed by SIGKILL from outside" in failure(obj), failure(obj)
+    assert "killed by SIGKILL from outside" in failure_message(obj), failure_message(obj)

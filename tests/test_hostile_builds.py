@@ -12,7 +12,6 @@ build that goes over them and must end Failed naming the limit.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import secrets
@@ -30,14 +29,9 @@ import pytest
 from cnbi_hub import model
 from cnbi_hub.controller.builders.podman import PodmanBuilder
 from cnbi_hub.controller.builders.sandbox import BuildCgroup
-from cnbi_hub.controller.imageaccess import ImageAccess
-from cnbi_hub.controller.phases import PhaseWork
-from cnbi_hub.controller.runner import EmbeddedRunner
-from cnbi_hub.controller.statemachine import failure_of
-from cnbi_hub.model import ValidationPolicy
-from cnbi_hub.store.sqlite import SQLImageStore
-from tests.hubfixtures import CA_BUNDLE
 from tests.infra_podman import podman
+from tests.infra_registry import free_port
+from tests.test_embedded_runner import failure_message, one_image_through_an_engine
 
 pytestmark = pytest.mark.podman
 
@@ -150,41 +144,10 @@ print("CNBI-PROBE " + json.dumps(found), flush=True)
 '''
 
 
-def engine(store, builder, events, tmp_path) -> EmbeddedRunner:
-    access = ImageAccess(builder=builder)
-    phases = PhaseWork(store=store, builder=builder, access=access, work_dir=str(tmp_path / "work"),
-                       ca_bundle=CA_BUNDLE, allowed_git_schemes=["git", "https"])
-    return EmbeddedRunner(store=store, phases=phases, publish=events.append)
-
-
 async def build_repo(tmp_path, builder, repo, name, timeout_s=600):
     """Drive one GitRepository image to Ready/Failed; returns (object, its build log lines)."""
-    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi-{name}.sqlite")
-    events = []
-    runner = engine(store, builder, events, tmp_path)
-    await runner.start()
-    try:
-        obj = model.validate_new_object(
-            {"metadata": {"name": name}, "spec": {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main"}},
-            creator="mallory", policy=ValidationPolicy(allowed_git_schemes=("git", "https")))
-        await store.create(obj)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            current = await store.get(name)
-            if model.phase_of(current) in model.TERMINAL_PHASES:
-                break
-            await asyncio.sleep(0.5)
-        else:
-            pytest.fail(f"{name} did not finish: {current.get('status')}")
-    finally:
-        await runner.stop()
-    lines = [e[1]["line"] for e in events if e[0] == "log" and e[1]["metadata"]["name"] == name]
-    return current, lines
-
-
-def failure_message(obj) -> str:
-    condition = failure_of(obj["status"])
-    return condition.get("message", "") if condition else ""
+    return await one_image_through_an_engine(tmp_path, {"buildType": "GitRepository", "repository": repo.url, "gitRef": "main"},
+                            name, builder=builder, creator="mallory", timeout_s=timeout_s)
 
 
 class _Canary(BaseHTTPRequestHandler):
@@ -223,7 +186,7 @@ def abstract_socket():
 @pytest.fixture
 def podman_api(podman_env):
     """A real podman API service on this machine's loopback: what a build must never drive."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["podman", "system", "service", "--time=0", f"tcp:127.0.0.1:{port}"],
                             env=podman_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(100):
@@ -235,12 +198,6 @@ def podman_api(podman_env):
     yield port
     proc.terminate()
     proc.wait(timeout=30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def containerfile(*steps: str, user_root: bool = True) -> str:

@@ -19,12 +19,14 @@ container's exit hook (``podman container cleanup --storage-driver overlay``) fa
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
 CONTAINERS_CONF = "containers.conf"
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^JUPYTERHUB_|^CNBI_", re.IGNORECASE)
 STORAGE_CONF = "storage.conf"
 
 
@@ -39,9 +41,13 @@ def config_path(name: str) -> Path:
 def podman_environ(base_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment for podman/buildah/skopeo that selects cnbi_hub's container config.
 
-    ``base_env`` defaults to ``os.environ``; it is copied, never modified.
+    ``base_env`` defaults to ``os.environ``; it is copied, never modified, without the
+    variables that hold secrets (tokens, passwords, ``JUPYTERHUB_*``, ``CNBI_*``).
     """
-    env = dict(os.environ if base_env is None else base_env)
+    # podman needs none of the service's own secrets (its API token, webhook secrets), and a
+    # build or a container it starts must find none of them in its parent's environment
+    env = {key: value for key, value in (os.environ if base_env is None else base_env).items()
+           if not _SECRET_NAME.search(key)}
     env["CONTAINERS_CONF"] = str(config_path(CONTAINERS_CONF))
     env["CONTAINERS_STORAGE_CONF"] = str(config_path(STORAGE_CONF))
     return env

@@ -162,9 +162,7 @@ class EmbeddedRunner(LoggingConfigurable):
             elif model.phase_of(obj) in (PHASE_PREPARE, PHASE_RESOLVING, PHASE_BUILDING):
                 self.log.info("image %s was in %s when the service stopped: starting it again",
                               model.name_of(obj), model.phase_of(obj))
-                restarted = restart(obj)
-                await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restarted)
-                self._note({**obj, "status": restarted})
+                await self._send_back_to_pending(obj)
             if model.phase_of(obj) in model.TERMINAL_PHASES and (obj.get("status") or {}).get("rebuildAfter"):
                 self._start_rebuild_after(obj)
         self._watcher = asyncio.create_task(self._watch(changes))
@@ -635,6 +633,16 @@ class EmbeddedRunner(LoggingConfigurable):
                 self._start_again_later(name, uid, broke)
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.schedule()))
 
+    async def _send_back_to_pending(self, obj: dict, expected_phase: str | None = None) -> bool:
+        """An image whose work was cut off (the engine stopped, or its work broke off) goes back
+        to Pending, keeping what it observed, and waits for a slot; whether it was written."""
+        restarted = restart(obj)
+        if not await self._write_status(model.name_of(obj), obj["metadata"]["uid"], restarted,
+                                        expected_phase=expected_phase):
+            return False
+        self._note({**obj, "status": restarted})
+        return True
+
     def _start_again_later(self, name: str, uid: str, error: Exception) -> None:
         task = asyncio.create_task(self._start_again(name, uid, error))
         self._following.add(task)
@@ -660,9 +668,7 @@ class EmbeddedRunner(LoggingConfigurable):
                     self._unexpected_failures.pop(uid, None)
                     return
                 self.log.info("image %s starts again after an unexpected error (%d in a row)", name, failures)
-                restarted = restart(obj)
-                if await self._write_status(name, uid, restarted, expected_phase=model.phase_of(obj)):
-                    self._note({**obj, "status": restarted})
+                if await self._send_back_to_pending(obj, expected_phase=model.phase_of(obj)):
                     await self.schedule()
                 return
             except NotFound:

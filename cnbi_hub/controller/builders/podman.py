@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -36,7 +35,8 @@ from ...containers import podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
-from .sandbox import BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, format_bytes, sweep_stale_cgroups
+from .sandbox import (BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, die_with_parent, format_bytes,
+                      sweep_stale_cgroups)
 
 __all__ = ["BuildError", "ImageMissing", "PodmanBuilder"]
 
@@ -134,8 +134,7 @@ class PodmanBuilder(Builder):
 
     @property
     def env(self) -> dict:
-        # podman needs none of the service's own secrets (its API token, webhook secrets)
-        return {key: value for key, value in podman_environ().items() if not _is_secret_name(key)}
+        return podman_environ()
 
     @property
     def limits(self) -> Limits:
@@ -193,7 +192,8 @@ class PodmanBuilder(Builder):
             stderr=asyncio.subprocess.STDOUT if log else asyncio.subprocess.PIPE,
             env=self.env,
             start_new_session=True,  # so a cancel can stop podman and everything it started
-            preexec_fn=_stop_when_parent_dies,
+            # in its own session podman would outlive a killed service and build on for nobody
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         try:
             if log:
@@ -203,9 +203,7 @@ class PodmanBuilder(Builder):
                         line = raw.decode(errors="replace").rstrip("\n")
                         lines.append(line)
                         del lines[:-200]  # keep the tail for error messages
-                        result = log(line)
-                        if asyncio.iscoroutine(result):
-                            await result
+                        await _call(log, line)
                 await asyncio.wait_for(pump(), timeout)
                 await proc.wait()
                 return proc.returncode, "\n".join(lines), ""
@@ -390,10 +388,7 @@ class PodmanBuilder(Builder):
 
     async def build_context(self, plan: BuildPlan, context_dir: Path, secret_files: dict, log: LogFn) -> str:
         """Build `plan` in `context_dir`, tag it `plan.target`; returns the image's digest."""
-        try:
-            await self._check_free_disk("before the build started")
-        except _LimitReached as e:
-            raise BuildError(str(e))
+        await self._check_free_disk("before the build started")
         async with self.sandbox() as sandbox:
             args = ["build", *sandbox.args, "--layers", "--pull=never", "-f",
                     str(context_dir / plan.containerfile_path), "-t", plan.target]
@@ -409,16 +404,13 @@ class PodmanBuilder(Builder):
                 code, tail = await self._watched_build(args, log, sandbox)
             except asyncio.TimeoutError:
                 raise BuildError(f"the build took longer than {self.build_timeout:.0f} s (its time limit) and was stopped")
-            except _LimitReached as e:
-                raise BuildError(str(e))
             if sandbox.network is not None and not sandbox.network.alive:
                 # its namespace is named by the holder's pid: gone, that pid could name another
                 await self.remove_image(plan.target)
                 raise BuildError("the build's network namespace went away while it ran; build it again")
             usage = sandbox.usage()
             if code != 0:
-                raise BuildError(self._failure_message(
-                    code, tail, usage, pids_limited=sandbox.cgroup is not None and bool(self.build_pids_limit)))
+                raise BuildError(self._failure_message(code, tail, usage, in_cgroup=sandbox.cgroup is not None))
             await _call(log, _usage_line(usage))
         digest = await self.local_digest(plan.target)
         if not digest:
@@ -502,7 +494,7 @@ class PodmanBuilder(Builder):
         return (f"the image was {format_bytes(size)} {where}: over the image size limit of "
                 f"{format_bytes(self.max_image_size)} (its base included)")
 
-    def _failure_message(self, code: int, tail: str, usage: Usage, pids_limited: bool = False) -> str:
+    def _failure_message(self, code: int, tail: str, usage: Usage, in_cgroup: bool) -> str:
         output = _last_lines(tail, 15)
         killed = "exit status 137" in tail or "Killed" in tail
         # the page cache alone can take memory to its limit: blame the limit only for a kill
@@ -513,10 +505,10 @@ class PodmanBuilder(Builder):
         # cgroup, gone by now), the shell's own words tell
         forks_refused = any("fork" in line.lower() and any(words in line.lower() for words in (
             "cannot", "can't", "resource temporarily unavailable", "retry")) for line in tail.splitlines())
-        if usage.pids_limit_hit or (forks_refused and pids_limited):
+        if usage.pids_limit_hit or (forks_refused and in_cgroup and self.build_pids_limit):
             return (f"the build reached its limit of {self.build_pids_limit} processes at once "
                     f"(podman exit {code}):\n{output}")
-        if killed and self.build_memory_limit and not usage.memory_peak_bytes:
+        if killed and self.build_memory_limit and not in_cgroup:
             # per-step limits only (no cgroup of ours to read): SIGKILL is the likely OOM kill
             return (f"a build step was killed (exit status 137), most likely over the memory limit of "
                     f"{format_bytes(self.build_memory_limit)}:\n{output}")
@@ -550,14 +542,9 @@ class PodmanBuilder(Builder):
 
 # podman build's line for a finished step: "--> 1f18fd1ec6f" or "--> Using cache 1f18fd1ec6f..."
 _STEP_DONE = re.compile(r"--> (?:Using cache )?([0-9a-f]{11,64})\s*$")
-_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^JUPYTERHUB_|^CNBI_", re.IGNORECASE)
 
 
-def _is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
-
-
-class _LimitReached(Exception):
+class _LimitReached(BuildError):
     """A build went over a limit watched from outside (image size, free disk)."""
 
 
@@ -584,15 +571,6 @@ async def _call(log: LogFn, line: str) -> None:
     result = log(line)
     if asyncio.iscoroutine(result):
         await result
-
-
-def _stop_when_parent_dies() -> None:
-    # In its own session podman would outlive a killed service and build on for nobody;
-    # PR_SET_PDEATHSIG (1) asks the kernel to SIGTERM it when the service process dies.
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 async def _stop_group(proc, grace: float = 10.0) -> None:

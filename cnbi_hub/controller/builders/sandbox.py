@@ -27,6 +27,7 @@ import os
 import secrets
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +45,17 @@ class SandboxError(RuntimeError):
     """The isolation a build needs could not be set up (the build does not run)."""
 
 
-def _stop_when_parent_dies() -> None:
-    # PR_SET_PDEATHSIG (1): the namespace holder and slirp4netns go when the service goes
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
+def die_with_parent(sig: int = signal.SIGKILL):
+    """A `preexec_fn` asking the kernel (PR_SET_PDEATHSIG, 1) to send `sig` to the child when
+    the service dies: a killed service leaves nothing it started running for nobody."""
+
+    def ask_the_kernel() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, sig)
+        except (OSError, AttributeError):
+            pass
+
+    return ask_the_kernel
 
 
 class IsolatedNetwork:
@@ -90,7 +96,7 @@ class IsolatedNetwork:
             self._holder = await asyncio.create_subprocess_exec(
                 self.unshare, "--net", "--", "sleep", "infinity",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, preexec_fn=_stop_when_parent_dies)
+                stderr=asyncio.subprocess.DEVNULL, preexec_fn=die_with_parent())
         except OSError as e:
             raise SandboxError(f"could not start a network namespace ({self.unshare}): {e}") from e
         own = os.readlink("/proc/self/ns/net")
@@ -120,7 +126,7 @@ class IsolatedNetwork:
                     "--enable-sandbox", "--enable-seccomp",
                     f"--cidr={SANDBOX_CIDR}", f"--ready-fd={ready_write}", str(self._holder.pid), "tap0",
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=self._slirp_log, pass_fds=(ready_write,), preexec_fn=_stop_when_parent_dies)
+                    stderr=self._slirp_log, pass_fds=(ready_write,), preexec_fn=die_with_parent())
             except OSError as e:
                 raise SandboxError(f"could not start {self.slirp4netns}: {e}") from e
             os.close(ready_write)
@@ -308,21 +314,25 @@ class BuildCgroup:
         if not self.created:
             return
         for hierarchy in Path(cgroup_root).iterdir():
-            top = hierarchy / self.relative
-            if not top.is_dir():
-                continue
-            for directory, _subdirs, _files in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass
+            _remove_tree(hierarchy / self.relative)
+
+
+def _remove_tree(top: Path) -> bool:
+    """rmdir a cgroup directory and those below it, deepest first (a cgroup's files go with its
+    directory; the kernel refuses one that anything still runs in); whether `top` went."""
+    if not top.is_dir():
+        return False
+    for directory, _subdirs, _files in sorted(os.walk(top), key=lambda entry: -len(entry[0])):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+    return not top.exists()
 
 
 def sweep_stale_cgroups(older_than_s: float = 3600.0, cgroup_root: str = CGROUP_ROOT) -> int:
     """Remove build cgroups a killed service left behind (empty, and older than an hour, so a
     build another service is setting up right now is never touched); how many went."""
-    import time
-
     removed = 0
     now = time.time()
     for hierarchy in Path(cgroup_root).iterdir():
@@ -331,16 +341,10 @@ def sweep_stale_cgroups(older_than_s: float = 3600.0, cgroup_root: str = CGROUP_
             continue
         for build in parent.iterdir():
             try:
-                if not build.is_dir() or now - build.stat().st_mtime < older_than_s:
-                    continue
+                stale = build.is_dir() and now - build.stat().st_mtime >= older_than_s
             except OSError:
                 continue
-            for directory, _subdirs, _files in sorted(os.walk(build), key=lambda entry: -len(entry[0])):
-                try:
-                    os.rmdir(directory)  # refused while anything runs in it
-                    removed += directory == str(build)
-                except OSError:
-                    pass
+            removed += stale and _remove_tree(build)
     return removed
 
 
@@ -352,5 +356,5 @@ def format_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
-__all__ = ["BuildCgroup", "IsolatedNetwork", "Limits", "SandboxError", "Usage", "cgroup_v1_mounts", "format_bytes",
-           "sweep_stale_cgroups"]
+__all__ = ["BuildCgroup", "IsolatedNetwork", "Limits", "SandboxError", "Usage", "cgroup_v1_mounts", "die_with_parent",
+           "format_bytes", "sweep_stale_cgroups"]
