@@ -561,7 +561,8 @@ class _Sandbox:
 def _usage_line(usage: Usage) -> str:
     parts = []
     if usage.cpu_seconds is not None:
-        parts.append(f"{usage.cpu_seconds:.1f} s of CPU")
+        # steps podman took from its layer cache run nothing: "0.0 s" would read as broken
+        parts.append(f"{usage.cpu_seconds:.1f} s of CPU" if usage.cpu_seconds >= 0.05 else "next to no CPU")
     if usage.memory_peak_bytes:
         parts.append(f"at most {format_bytes(usage.memory_peak_bytes)} of memory")
     return f"the build used {', '.join(parts)}" if parts else "the build finished"
