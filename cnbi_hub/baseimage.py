@@ -48,7 +48,7 @@ from traitlets import Dict, Set, Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from . import model
-from .containers import podman_environ
+from .containers import podman_environ, run_podman
 from .trust import machine_ca_bundle
 
 DEBIAN_VARIANT = "debian"
@@ -300,17 +300,17 @@ class BaseImageBuilder(LoggingConfigurable):
     # -- podman
 
     def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(argv, env=podman_environ(), **kwargs)
+        if argv[0] == "podman":
+            result = run_podman(argv[1:], **kwargs)
+        else:
+            result = subprocess.run(argv, env=podman_environ(), **kwargs)
         if result.returncode != 0:
             stderr = result.stderr if isinstance(result.stderr, str) else ""
             raise BaseImageError(f"{argv[0]} {argv[1]} failed ({result.returncode}) {stderr}".strip())
         return result
 
     def image_exists(self, reference: str) -> bool:
-        result = subprocess.run(
-            ["podman", "image", "exists", reference], env=podman_environ(), capture_output=True
-        )
-        return result.returncode == 0
+        return run_podman(["image", "exists", reference]).returncode == 0
 
     def _tag(self, source: str, target: str) -> None:
         self._run(["podman", "tag", source, target], capture_output=True, text=True)
@@ -346,7 +346,7 @@ class BaseImageBuilder(LoggingConfigurable):
         ]
         for reference in stale:
             # No --force: an image a container still uses stays; that is not an error here.
-            subprocess.run(["podman", "rmi", reference], env=podman_environ(), capture_output=True)
+            run_podman(["rmi", reference])
 
     def _build_debian(self, plan: ImagePlan) -> None:
         if os.geteuid() != 0:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import uv
 
-from .containers import podman_environ
+from .containers import run_podman
 
 BUILDER_REPOSITORY = "localhost/cnbi/builder"
 DEFAULT_FROM = "localhost/cnbi/debian:bookworm"
@@ -48,7 +48,7 @@ def builder_containerfile(from_image: str) -> str:
 
 
 def _podman(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], env=podman_environ(), capture_output=True, text=True)
+    return run_podman(list(args))
 
 
 def ensure_builder_image(from_image: str = DEFAULT_FROM) -> str:

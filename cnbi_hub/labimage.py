@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .containers import podman_environ
+from .containers import run_podman
 
 LAB_REPOSITORY = "localhost/cnbi/notebook-lab"
 LAB_TAG = "py311"
@@ -64,7 +64,7 @@ def source_key(root: Path, from_digest: str) -> str:
 
 
 def _podman(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["podman", *args], env=podman_environ(), capture_output=True, text=True, **kwargs)
+    return run_podman(list(args), **kwargs)
 
 
 def ensure_lab_image(from_image: str = DEFAULT_FROM) -> str:

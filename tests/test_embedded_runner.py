@@ -33,10 +33,11 @@ def embedded_engine(store, *, publish=lambda event: None, pull_secrets_dir="", b
 
 
 async def one_image_through_an_engine(tmp_path, spec: dict, name: str, *, builder=None, creator="tester", timeout_s=600,
-                     **phase_options) -> tuple[dict, list[str]]:
+                     store_name: str | None = None, **phase_options) -> tuple[dict, list[str]]:
     """One image through a fresh engine of its own (git:// allowed) until Ready or Failed;
-    returns the object and its build log's lines. Never stuck: a timeout fails the test."""
-    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi-{name}.sqlite")
+    returns the object and its build log's lines. Never stuck: a timeout fails the test.
+    The store is the image's own unless `store_name` names an earlier image's."""
+    store = SQLImageStore(f"sqlite:///{tmp_path}/cnbi-{store_name or name}.sqlite")
     events = []
     phase_options = {"work_dir": str(tmp_path / "work"), "ca_bundle": CA_BUNDLE,
                      "allowed_git_schemes": ["git", "https"], **phase_options}

@@ -9,6 +9,7 @@ answers, a disk below its floor.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import socket
 import threading
 
@@ -135,3 +136,57 @@ async def test_the_build_process_killed_mid_build_fails_naming_it(tmp_path, make
     assert await killer, "the podman build was never seen"
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building"
     assert "killed by SIGKILL from outside" in failure_message(obj), failure_message(obj)
+
+
+def left_broken_by_a_killed_commit(tmp_path, image: str | None = None) -> str:
+    """`image` (else a fresh one) left as podman 4 leaves an image it was killed committing:
+    without its "manifest" item. Returns its ID, after checking that podman now fails naming it."""
+    import secrets
+
+    from tests.infra_podman import podman
+
+    if image is None:
+        context = tmp_path / f"broken-{secrets.token_hex(4)}"
+        context.mkdir()
+        (context / "Containerfile").write_text(f"FROM {USER_BASE}\nLABEL cnbi.test.broken={secrets.token_hex(8)}\n")
+        built = podman("build", "--quiet", "--pull=never", str(context))
+        assert built.returncode == 0, built.stderr
+        image = built.stdout.split()[-1]
+    image_id = podman("image", "inspect", "--format", "{{.Id}}", image).stdout.strip()
+    graph_root = podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip()
+    manifest = pathlib.Path(graph_root) / "overlay-images" / image_id / "manifest"
+    assert manifest.is_file(), f"podman keeps an image's manifest elsewhere now: {manifest}"
+    manifest.unlink()  # what podman had not yet written when it was killed
+    listed = podman("images")
+    assert listed.returncode != 0 and image_id in listed.stderr, "the broken image no longer breaks podman"
+    return image_id
+
+
+def test_a_broken_image_podman_left_behind_is_removed_and_base_images_are_found(tmp_path, notebook_base_images):
+    """The fault a CI run met: a terminal killed during a base image's commit, and from then on
+    every `podman images` (the base image check) failed."""
+    from cnbi_hub.baseimage import BaseImageBuilder
+    from tests.infra_podman import podman
+
+    broken = left_broken_by_a_killed_commit(tmp_path)
+    assert BaseImageBuilder().ensure("user") == notebook_base_images["user"]
+    assert podman("images").returncode == 0
+    assert podman("image", "exists", broken).returncode != 0
+
+
+async def test_a_ready_image_podman_left_broken_is_built_again_not_reused(tmp_path, notebook_base_images):
+    spec = {"buildType": "PackageList", "baseImage": USER_BASE, "packageVersions": ["tabulate==0.9.0"]}
+    first = await drive(tmp_path, spec, "broken-first")
+    assert model.phase_of(first) == "Ready", first["status"]
+    image = first["status"]["image"]
+    broken = left_broken_by_a_killed_commit(tmp_path, image)
+
+    # the same input again, in the same store: the first image would be reused, were it whole
+    obj, _lines = await one_image_through_an_engine(tmp_path, spec, "broken-second", creator="faulty",
+                                                   store_name="broken-first")
+    assert model.phase_of(obj) == "Ready", obj["status"]
+    assert "reusedFrom" not in obj["status"], obj["status"]
+    from tests.infra_podman import podman
+    assert podman("images").returncode == 0
+    assert podman("image", "exists", broken).returncode != 0
+    assert podman("image", "exists", obj["status"]["image"]).returncode == 0

@@ -14,10 +14,17 @@ first time it runs. If that first run used no storage.conf, the database says ``
 container's exit hook (``podman container cleanup --storage-driver overlay``) fails with
 "database configuration mismatch", which makes each ``podman run`` hang 20 s before returning.
 :func:`podman_state_mismatch` detects that; ``podman system reset`` (with this environment) cures it.
+
+And one thing podman 4 does not mend itself: killed while it commits an image (a build stopped,
+a service or a terminal killed), it can leave the image without its "manifest" item, and from
+then on every ``podman images`` fails naming it. :func:`run_podman` removes such an image, as the
+message itself advises, and runs the command again (podman 5's ``system check --repair`` does
+the same).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -25,6 +32,8 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
+_log = logging.getLogger(__name__)
+BROKEN_IMAGE = re.compile(r'locating item named "manifest" for image with ID "([0-9a-f]{64})"')
 CONTAINERS_CONF = "containers.conf"
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|^JUPYTERHUB_|^CNBI_", re.IGNORECASE)
 STORAGE_CONF = "storage.conf"
@@ -71,4 +80,34 @@ def podman_state_mismatch(env: Mapping[str, str] | None = None) -> str | None:
     return None
 
 
-__all__ = ["config_path", "podman_environ", "podman_state_mismatch"]
+def broken_image_ids(message: str) -> list[str]:
+    """Pure: the IDs of the images podman's message says are broken (no manifest), in order."""
+    return list(dict.fromkeys(BROKEN_IMAGE.findall(message or "")))
+
+
+def remove_broken_image(image_id: str, env: Mapping[str, str] | None = None) -> str:
+    """Remove one broken image by its ID; returns podman's words (what it untagged and deleted)."""
+    result = subprocess.run(["podman", "rmi", "--force", image_id], capture_output=True, text=True,
+                            env=podman_environ() if env is None else dict(env))
+    # its stderr repeats the breakage as warnings: the lines that say what went are on stdout
+    return " ".join((result.stdout if result.returncode == 0 else result.stderr).split())
+
+
+def run_podman(args: list[str], *, env: Mapping[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(["podman", *args])`` in cnbi_hub's environment, text captured unless told
+    otherwise; when it fails naming broken images, those are removed and it runs once more."""
+    env = podman_environ() if env is None else dict(env)
+    kwargs.setdefault("text", True)
+    if "stdout" not in kwargs and "stderr" not in kwargs:
+        kwargs.setdefault("capture_output", True)
+    result = subprocess.run(["podman", *args], env=env, **kwargs)
+    broken = broken_image_ids(result.stderr) if result.returncode != 0 and isinstance(result.stderr, str) else []
+    if not broken:
+        return result
+    for image_id in broken:
+        _log.warning("removed a broken image podman left behind: %s", remove_broken_image(image_id, env))
+    return subprocess.run(["podman", *args], env=env, **kwargs)
+
+
+__all__ = ["broken_image_ids", "config_path", "podman_environ", "podman_state_mismatch",
+           "remove_broken_image", "run_podman"]

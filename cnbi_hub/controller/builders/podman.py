@@ -31,7 +31,7 @@ import uv
 from jupyterhub.traitlets import ByteSpecification
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from ...containers import podman_environ
+from ...containers import broken_image_ids, podman_environ
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
@@ -183,7 +183,20 @@ class PodmanBuilder(Builder):
             self.log.warning("stopped %d processes left running in %s after it ended", stopped, cgroup.relative)
 
     async def _run(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:
-        """Run podman; with `log`, stream its combined output line by line."""
+        """Run podman; with `log`, stream its combined output line by line. When podman fails
+        naming images it left broken (see cnbi_hub.containers), they go and it runs once more."""
+        code, out, err = await self._run_once(*args, timeout=timeout, log=log)
+        broken = broken_image_ids(err if not log else out) if code != 0 else []
+        if not broken:
+            return code, out, err
+        for image_id in broken:
+            code, removed, err = await self._run_once("rmi", "--force", image_id)
+            self.log.warning("removed a broken image podman left behind: %s", " ".join((removed if code == 0 else err).split()))
+            if log:
+                await _call(log, f"podman had left a broken image behind ({image_id[:12]}); removed it, trying again")
+        return await self._run_once(*args, timeout=timeout, log=log)
+
+    async def _run_once(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
             self.podman,
             *args,
