@@ -69,6 +69,64 @@ async def test_browser_flow_goes_through_hub_oauth(hub):
     assert api.status_code == 200 and api.json() == {"items": []}
 
 
+async def test_cookie_authenticated_writes_need_the_xsrf_token(hub, tokens, clean):
+    """A page on another site can make the browser send the service's cookie, never read it:
+    a write that carries the cookie alone is refused and changes nothing."""
+    session = AsyncSession()
+    session.cookies.update(await hub.app.login_user("alice"))
+    assert (await session.get(hub.service_url)).status_code == 200  # OAuth: the service's own cookie
+    images = hub.service_url + "api/images"
+    forged = await session.post(images, json=package_list("six", name="forged-image"))
+    assert forged.status_code == 403, forged.text
+    assert (await hub.api("GET", "api/images/forged-image", tokens["alice"])).code == 404
+
+    xsrf = next(c.value for c in session.cookies if c.name == "_xsrf" and c.path.startswith("/services/cnbi"))
+    created = await session.post(images, json=package_list("six", name="cookie-image"), headers={"X-XSRFToken": xsrf})
+    assert created.status_code == 201, created.text
+    for method, path, body in (("PATCH", "api/images/cookie-image", {"displayName": "forged"}),
+                               ("DELETE", "api/images/cookie-image", None),
+                               ("POST", "api/images/cookie-image/rebuild", None),
+                               ("PUT", "api/credentials/forged", {"host": "example.org", "token": "t"})):
+        forged = await session.request(method, hub.service_url + path, json=body)
+        assert forged.status_code == 403, (method, path, forged.text)
+        with_token = await session.request(method, hub.service_url + path, json=body, headers={"X-XSRFToken": "not-it"})
+        assert with_token.status_code == 403, (method, path, with_token.text)
+    kept = (await hub.api("GET", "api/images/cookie-image", tokens["alice"])).json()
+    assert model.display_name_of(kept) != "forged"
+    renamed = await session.patch(hub.service_url + "api/images/cookie-image", json={"displayName": "Mine"},
+                                  headers={"X-XSRFToken": xsrf})
+    assert renamed.status_code == 200 and model.display_name_of(renamed.json()) == "Mine", renamed.text
+    assert (await hub.api("GET", "api/credentials", tokens["alice"])).json().get("items", []) == []
+    # reads with the cookie alone are fine: they change nothing and another site cannot see them
+    assert (await session.get(images)).status_code == 200
+
+
+def test_the_request_log_never_holds_a_credential_sent_in_the_url():
+    """A client may send its token as `?token=` (the hub accepts it) and the Lab panel's event
+    stream sends `_xsrf`; the OAuth callback carries `code` and `state`. None reaches the log."""
+    from tornado.httputil import HTTPServerRequest
+
+    from cnbi_hub.service.app import CNBIService
+
+    app = CNBIService()
+    sent = {"/services/cnbi/api/images/x/events?token=cnbi-secret-1&_xsrf=2%7Ccnbi-secret-2&phase=Ready": 403,
+            "/services/cnbi/oauth_callback?code=cnbi-secret-3&state=cnbi-secret-4": 302,
+            "/services/cnbi/api/images?access_token=cnbi-secret-5": 200}
+    import io
+    import logging
+
+    written = io.StringIO()
+    app.log.addHandler(logging.StreamHandler(written))  # the service's log, wherever it goes
+    app.log.setLevel("DEBUG")
+    for uri, status in sent.items():
+        handler = type("Handler", (), {"request": HTTPServerRequest(method="GET", uri=uri),
+                                       "get_status": lambda self, status=status: status})()
+        app._log_request(handler)
+    logged = written.getvalue()
+    assert "cnbi-secret" not in logged, logged
+    assert "events?token=[secret]&_xsrf=[secret]&phase=Ready" in logged and "code=[secret]&state=[secret]" in logged
+
+
 async def test_token_without_scope_is_refused(hub, tokens):
     limited = hub.token("alice", scopes=["access:services!service=cnbi"])
     r = await hub.api("GET", "api/images", limited)
@@ -446,6 +504,39 @@ async def test_every_route_and_method_refuses_a_caller_without_hub_credentials(h
                 else:
                     assert r.code in (403, 405), where
                     assert b'"items"' not in r.body and b"someones-image" not in r.body, where
+
+
+async def test_another_user_reaches_nothing_of_a_private_image_by_any_route(hub, tokens, clean):
+    """A walk over every route that names an image, every method, as bob on alice's private
+    image: 404 (or 405), never a word of hers, and her image, log and credential unchanged."""
+    alice, bob = tokens["alice"], tokens["bob"]
+    r = await hub.api("POST", "api/images", alice, package_list("six", name="alices-private-image",
+                                                                display="alice-marker-display"))
+    assert r.code == 201, r.body
+    assert (await hub.api("PUT", "api/credentials/alices-cred", alice,
+                          {"host": "git.example.org", "token": "alice-marker-token"})).code == 201
+    before = (await hub.api("GET", "api/images/alices-private-image", alice)).json()
+    routes = [path.replace("someones-image", "alices-private-image") for path in _registered_routes()
+              if "someones-image" in path and path.startswith("api/images/")]
+    assert {"api/images/alices-private-image/logs", "api/images/alices-private-image/lock",
+            "api/images/alices-private-image/events", "api/images/alices-private-image/generations"} <= set(routes)
+    for path in routes:
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+            body = {} if method in ("POST", "PUT", "PATCH") else None
+            if path.endswith("/rollback"):
+                body = {"run": 1} if method == "POST" else body
+            answer = await hub.api(method, path, bob, body)
+            where = (method, path, answer.code, answer.body[:200])
+            assert answer.code in (403, 404, 405), where
+            assert b"alice" not in answer.body.replace(b"alices-private-image", b""), where
+    # bob's credentials are his own: alice's name is free for him, and hers stays hers
+    assert (await hub.api("GET", "api/credentials", bob)).json()["items"] == []
+    assert (await hub.api("DELETE", "api/credentials/alices-cred", bob)).code == 404
+    assert [c["name"] for c in (await hub.api("GET", "api/credentials", alice)).json()["items"]] == ["alices-cred"]
+    after = (await hub.api("GET", "api/images/alices-private-image", alice)).json()
+    assert model.display_name_of(after) == "alice-marker-display"
+    assert after["metadata"]["uid"] == before["metadata"]["uid"] and "cancel" not in json.dumps(after["status"]).lower()
+    assert (await hub.api("DELETE", "api/credentials/alices-cred", alice)).code == 204
 
 
 async def test_an_image_on_another_names_one_you_may_use_and_closes_no_cycle(hub, tokens, clean):
