@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 import requests
 
+from cnbi_hub import model
 from cnbi_hub.containers import podman_environ
+from tests.infra_disk import fill_up, small_disk
 from tests.infra_podman import free_port
 
 pytestmark = pytest.mark.podman
@@ -91,7 +94,14 @@ class Output:
         pytest.fail(f"the demo never printed {pattern!r}:\n{''.join(self.lines)[-5000:]}")
 
 
-def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_images):
+@pytest.fixture
+def service_disk(tmp_path):
+    """The demo's service state (`<data dir>/cnbi`) on a 32 MiB disk of its own, to fill."""
+    with small_disk(tmp_path / "demo" / "cnbi", 32) as mount:
+        yield mount
+
+
+def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, service_disk, notebook_base_images):
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
     env = dict(os.environ)
@@ -162,6 +172,32 @@ def test_demo_logs_in_starts_a_server_and_stops_cleanly(tmp_path, notebook_base_
         panel_api = session.get(base + f"user/{USERNAME}/cnbi/api/base-images", timeout=30)
         assert panel_api.status_code == 200, panel_api.text[:300]
         assert panel_api.json()["items"][0]["image"] == "localhost/cnbi/notebook-lab:py311"
+
+        # the service's disk really full (ENOSPC): a write is refused with 507 naming it, nothing
+        # is half-written, everything else answers, and once there is space again writes land
+        service_api = base + "services/cnbi/api/images"
+        xsrf_service = next(c.value for c in admin.cookies if c.name == "_xsrf" and c.path.startswith("/services/cnbi"))
+        before = [model.name_of(o) for o in admin.get(service_api, timeout=30).json()["items"]]
+        with sqlite3.connect(service_disk / "cnbi.sqlite") as db:  # an empty WAL: the next write needs new space
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        filler = fill_up(service_disk)
+        answers = []
+        for i in range(10):  # bounded: a write may still find room in a page the database has
+            answers.append(admin.post(service_api, timeout=30, headers={"X-XSRFToken": xsrf_service}, json={
+                "metadata": {"name": f"while-full-{i}", "annotations": {model.ANNOTATION_DESCRIPTION: "d" * 4096}},
+                "spec": {"buildType": "ImageImport", "fromImage": "127.0.0.1:9/none:1"}}))
+            if answers[-1].status_code != 201:
+                break
+        refused = answers[-1]
+        assert refused.status_code == 507, refused.text[:300]
+        assert "is full" in refused.json()["message"] and str(service_disk) in refused.json()["message"]
+        assert session.get(base + "services/cnbi/health", timeout=30).status_code == 200
+        listed = [model.name_of(o) for o in admin.get(service_api, timeout=30).json()["items"]]
+        assert sorted(listed) == sorted(before + [f"while-full-{i}" for i in range(len(answers) - 1)])
+        filler.unlink()
+        again = admin.post(service_api, timeout=30, headers={"X-XSRFToken": xsrf_service}, json={
+            "metadata": {"name": "after-space"}, "spec": {"buildType": "ImageImport", "fromImage": "127.0.0.1:9/none:1"}})
+        assert again.status_code == 201, again.text[:300]
 
         tree = descendants(demo.pid)
         commands = " ".join(command_of(pid) for pid in tree)

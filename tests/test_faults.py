@@ -138,6 +138,39 @@ async def test_the_build_process_killed_mid_build_fails_naming_it(tmp_path, make
     assert "killed by SIGKILL from outside" in failure_message(obj), failure_message(obj)
 
 
+
+@pytest.fixture
+def small_disk(tmp_path):
+    from tests.infra_disk import small_disk
+
+    with small_disk(tmp_path / "small-disk", 8) as mount:
+        yield mount
+
+
+async def test_the_work_disk_really_full_fails_naming_it_and_the_next_build_goes_on(
+        tmp_path, small_disk, make_git_repo, notebook_base_images):
+    """The service's work directory runs out of space (ENOSPC, not a floor) while a repository
+    is fetched: Failed in Prepare saying so, the space given back, and the next image builds."""
+    import os
+
+    def repository(name: str, megabytes: int):
+        return make_git_repo(f"{name}-{os.getpid()}-{id(tmp_path)}", {
+            "Containerfile": f"FROM {USER_BASE}\nCOPY data.bin /tmp/data.bin\n",
+            "data.bin": os.urandom(megabytes * 1024 * 1024)})  # random: git cannot compress it
+
+    too_big = repository("too-big-for-the-disk", 12)
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": too_big.url, "gitRef": "main"},
+                      "disk-full", work_dir=str(small_disk))
+    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Prepare", obj["status"]
+    condition = next(c for c in obj["status"]["conditions"] if c.get("reason") == "DiskFull")
+    assert "No space left on device" in condition["message"] and str(small_disk) in condition["message"], condition
+    assert os.listdir(small_disk) == [], "the half-fetched checkout was left on the full disk"
+
+    fits = repository("fits-on-the-disk", 3)
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": fits.url, "gitRef": "main"},
+                      "disk-fits", work_dir=str(small_disk))
+    assert model.phase_of(obj) == "Ready", obj["status"]
+
 def left_broken_by_a_killed_commit(tmp_path, image: str | None = None) -> str:
     """`image` (else a fresh one) left as podman 4 leaves an image it was killed committing:
     without its "manifest" item. Returns its ID, after checking that podman now fails naming it."""

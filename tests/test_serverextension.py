@@ -580,3 +580,27 @@ async def test_restart_of_a_server_on_another_image_is_409_and_stops_nothing(sta
     assert r.code == 409 and "Image Builder image" in json.loads(r.body)["message"]
     await asyncio.sleep(0.7)
     assert [q for q in upstream.requests if q["method"] == "DELETE"] == []
+
+
+async def test_cookie_authenticated_writes_need_the_xsrf_token(start_server, upstream):
+    """In a browser the panel's writes carry the server's login cookie: one without the XSRF
+    token (what another site's page can make the browser send) is refused and never forwarded."""
+    import requests
+
+    base = await start_server({"service_url": upstream.url})
+    session = requests.Session()
+    assert (await asyncio.to_thread(session.get, base + "login", timeout=30)).status_code == 200
+    xsrf = session.cookies.get("_xsrf")
+    login = await asyncio.to_thread(session.post, base + "login", data={"password": SERVER_TOKEN, "_xsrf": xsrf},
+                                    timeout=30, allow_redirects=False)
+    assert login.status_code == 302 and any(c.name.startswith("username-") for c in session.cookies), login.text[:300]
+    for method in ("POST", "PATCH", "DELETE"):
+        path = "cnbi/api/images" if method == "POST" else "cnbi/api/images/x"
+        forged = await asyncio.to_thread(session.request, method, base + path, json={}, timeout=30)
+        assert forged.status_code == 403, (method, forged.text[:200])
+    assert upstream.requests == []
+    sent = await asyncio.to_thread(session.post, base + "cnbi/api/images", json={"spec": {}}, timeout=30,
+                                   headers={"X-XSRFToken": xsrf})
+    assert sent.status_code < 300, sent.text[:200]
+    assert [r["method"] for r in upstream.requests] == ["POST"]
+    assert upstream.requests[0]["cookie"] is None  # the browser's cookies stay with the server

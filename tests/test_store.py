@@ -220,3 +220,43 @@ async def test_a_lock_held_too_long_is_a_503_store_busy_and_nothing_is_half_writ
     assert [model.name_of(o) for o in await store.list()] == ["kept"]
     assert (await store.get("kept"))["status"] == obj["status"]
     await store.create(new_object("refused"))  # the lock gone, the same write goes through
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    from tests.infra_disk import fill_up, small_disk
+
+    with small_disk(tmp_path / "small-disk", 4) as mount:
+        yield mount, lambda: fill_up(mount)
+
+
+async def test_a_full_disk_is_a_507_store_full_and_nothing_is_half_written(full_disk):
+    """The database's disk really full (ENOSPC): the write is refused whole, reads go on, and
+    once there is space again writes do too."""
+    from cnbi_hub.store.base import StoreFull
+
+    mount, fill = full_disk
+    store = SQLImageStore(f"sqlite:///{mount}/cnbi.sqlite")
+    await store.create(new_object("before"))
+    await store.put_artifact("before", "log", "the log so far\n")
+    filler = fill()
+    created, logged = ["before"], {"before": "the log so far\n"}
+    with pytest.raises(StoreFull) as refused:
+        for i in range(50):  # SQLite may find room in pages it already has: the disk fills up
+            await store.create(new_object(f"while-full-{i}"))
+            created.append(f"while-full-{i}")
+            await store.put_artifact(f"while-full-{i}", "log", "x" * 65536)
+            logged[f"while-full-{i}"] = "x" * 65536
+    assert refused.value.status_code == 507 and "is full" in refused.value.message
+    assert str(mount) in refused.value.message
+    # what answered is there whole, what was refused left no trace
+    assert [model.name_of(o) for o in await store.list()] == created
+    for name in created:
+        assert await store.get_artifact(name, "log") == logged.get(name)
+    made = created
+    filler.unlink()
+    await store.create(new_object("after"))
+    store.close()
+    reopened = SQLImageStore(f"sqlite:///{mount}/cnbi.sqlite")
+    assert [model.name_of(o) for o in await reopened.list()] == made + ["after"]
+    reopened.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 from collections import Counter
@@ -150,9 +151,20 @@ class PhaseWork(LoggingConfigurable):
             return await step(obj, say)
         except asyncio.CancelledError:
             raise
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            return self.disk_full(phase.lower(), e)
         except Exception as e:  # a bug or a broken machine: say so on the object, not in a log only
             self.log.exception("%s of %s failed", phase, model.name_of(obj))
             return Outcome(False, "InternalError", f"{type(e).__name__}: {e}")
+
+    def disk_full(self, doing: str, error: Exception) -> Outcome:
+        """The outcome when the service's own disk is full (not the user's doing): what was being
+        done, where, and who can help. The work directory is cleaned after it as always."""
+        where = getattr(error, "filename", None) or self.work_dir
+        return Outcome(False, "DiskFull", f"the service's disk is full ({where}) while {doing}: {error}; "
+                                          "nothing of this image was kept: ask an admin to free space and rebuild")
 
     def checkout_dir(self, uid: str) -> Path:
         return Path(self.work_dir) / uid / "checkout"
@@ -335,6 +347,8 @@ class PhaseWork(LoggingConfigurable):
         except gitsource.GitAuthenticationFailed as e:
             return Outcome(False, "GitAuthenticationFailed", str(e))
         except (gitsource.GitError, ValueError) as e:
+            if "No space left on device" in str(e):  # git's words for ENOSPC in the checkout
+                return self.disk_full("fetching the repository", e)
             return Outcome(False, "GitRepositoryUnavailable", str(e))
         files = gitsource.repo_files(checkout)
         recipe = gitsource.detect_recipe(files)

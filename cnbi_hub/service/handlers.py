@@ -35,7 +35,7 @@ from ..controller.rebuild import (
 )
 from ..controller.retention import policy_of
 from ..controller.statemachine import cancelled
-from ..store.base import AlreadyExists, Conflict, NotFound, StoreBusy, modify_status
+from ..store.base import AlreadyExists, Conflict, NotFound, StoreBusy, StoreFull, modify_status
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -55,7 +55,7 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def log_exception(self, typ, value, tb) -> None:
-        if isinstance(value, StoreBusy):
+        if isinstance(value, (StoreBusy, StoreFull)):
             self.log.warning("%s %s: %s", self.request.method, self.request.path, value.message)
             return
         super().log_exception(typ, value, tb)
@@ -67,10 +67,11 @@ class BaseHandler(HubOAuthenticated, web.RequestHandler):
             # tornado closes the connection after this answer (the only way not to read the
             # rest): say so, or the hub's proxy reuses it and its next request fails with a 503
             self.set_header("Connection", "close")
-        if isinstance(exc, StoreBusy):
-            # another process holds the database: nothing was written; the client may try again
-            self.set_status(503)
-            self.set_header("Retry-After", "5")
+        if isinstance(exc, (StoreBusy, StoreFull)):
+            # another process holds the database, or its disk is full: nothing was written
+            self.set_status(exc.status_code)
+            if isinstance(exc, StoreBusy):
+                self.set_header("Retry-After", "5")
             self.finish(json.dumps({"message": exc.message}))
             return
         body = {"message": self._reason}

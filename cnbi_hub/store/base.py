@@ -39,6 +39,12 @@ class StoreBusy(StoreError):
     status_code = 503
 
 
+class StoreFull(StoreError):
+    """The store's disk is full: the write was refused whole (a transaction), nothing changed."""
+
+    status_code = 507
+
+
 class Conflict(StoreError):
     """The object changed since it was read (stale resourceVersion)."""
 

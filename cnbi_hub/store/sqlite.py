@@ -33,7 +33,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from .. import model
-from .base import AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreBusy, Subscription, WatchEvent
+from .base import (AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreBusy, StoreFull, Subscription,
+                   WatchEvent)
 
 # SQLite waits this long for another writer's lock inside one call, blocking the event loop:
 # keep it short and wait longer between tries instead (`SQLImageStore.lock_timeout`)
@@ -105,6 +106,10 @@ def _locked(error: OperationalError) -> bool:
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
 
+def _full(error: OperationalError) -> bool:
+    return "database or disk is full" in str(error.orig if error.orig is not None else error).lower()
+
+
 def _waits_out_locks(method):
     """Retry a store call while another process holds the database's lock, sleeping between
     tries (the event loop goes on: the health check, the event streams, other images), up to
@@ -119,6 +124,9 @@ def _waits_out_locks(method):
             try:
                 return await method(self, *args, **kwargs)
             except OperationalError as e:
+                if _full(e):
+                    raise StoreFull(f"the disk of the image database ({self.engine.url.database or 'in memory'}) is "
+                                    "full; nothing was changed: an admin must free space there") from e
                 if not _locked(e):
                     raise
                 if loop.time() >= deadline:
