@@ -22,6 +22,12 @@ FUZZ_USER = "fuzz-user"
 
 async def _schemathesis(hub, token: str, out: Path, *extra: str, config: str | None = None) -> dict:
     """One schemathesis run against the session hub's service; its report (JSON)."""
+    return await run_schemathesis(hub.service_url, token, out, *extra, config=config)
+
+
+async def run_schemathesis(service_url: str, token: str, out: Path, *extra: str, config: str | None = None) -> dict:
+    """One schemathesis run against the cnbi API at `service_url` (the service, or a server's
+    `cnbi/` forwarding to it), from the API description it serves; its report (JSON)."""
     report = out.with_suffix(".json")
     argv = [str(Path(sys.executable).parent / "schemathesis")]
     if config is not None:
@@ -29,8 +35,8 @@ async def _schemathesis(hub, token: str, out: Path, *extra: str, config: str | N
         config_file.write_text(config)
         argv += ["--config-file", str(config_file)]
     argv += [
-        "run", hub.service_url + "api/openapi.yaml",
-        "--url", hub.service_url.rstrip("/"),
+        "run", service_url + "api/openapi.yaml",
+        "--url", service_url.rstrip("/"),
         "--header", f"Authorization: token {token}",
         "--checks", CHECKS,
         "--max-examples", str(MAX_EXAMPLES),

@@ -19,6 +19,7 @@ from jupyter_server.serverapp import ServerApp
 from tornado import httpserver, web
 from tornado.httpclient import AsyncHTTPClient
 
+from cnbi_hub import model
 from cnbi_hub.serverextension import (
     EnvironmentHandler,
     RestartHandler,
@@ -604,3 +605,42 @@ async def test_cookie_authenticated_writes_need_the_xsrf_token(start_server, ups
     assert sent.status_code < 300, sent.text[:200]
     assert [r["method"] for r in upstream.requests] == ["POST"]
     assert upstream.requests[0]["cookie"] is None  # the browser's cookies stay with the server
+
+
+async def test_the_forwarded_api_fuzzed_through_a_server_gets_no_5xx_and_matches_the_description(
+        start_server, hub, tmp_path):
+    """The same fuzzing as the service's own (tests/test_fuzz_api.py), through a real server's
+    `cnbi/` forwarding to the session hub's real service: the forwarder adds no 5xx and changes
+    no answer, for generated paths, names, queries and bodies."""
+    from pathlib import Path
+
+    from tests.test_fuzz_api import run_schemathesis
+
+    user = "fuzz-forwarded"
+    base = await start_server({"service_url": hub.service_url, "api_token": hub.token(user)})
+    logs = Path(__file__).resolve().parent.parent / "test-output"
+    logs.mkdir(exist_ok=True)
+    # an image of the server's user, made through the server, so one image's routes reach past 404
+    made = await fetch(base + "cnbi/api/images", method="POST", body=json.dumps({
+        "spec": {"buildType": "ImageImport", "fromImage": "localhost/cnbi/notebook-base:py311-user"}}))
+    assert made.code == 201, made.body
+    target = json.loads(made.body)["metadata"]["name"]
+    # the server forwards `cnbi/api/` only: the service's health, metrics and OAuth pages are the hub's business
+    only_the_api = ("--include-path-regex", "^/api/")
+    runs = {
+        "own image": await run_schemathesis(base + "cnbi/", SERVER_TOKEN, logs / "fuzz-api-forwarded-own-image.log",
+                                            *only_the_api, "--exclude-method", "DELETE",
+                                            config=f'[parameters]\n"path.name" = "{target}"\n'),
+        "generated": await run_schemathesis(base + "cnbi/", SERVER_TOKEN, logs / "fuzz-api-forwarded.log",
+                                            *only_the_api),
+    }
+    for what, run in runs.items():
+        cases = run["test_cases"]
+        print("forwarded", what, cases, run["operations"])
+        assert run["complete"] and cases["with_failures"] == 0, (what, run)
+        assert run["operations"]["tested"] >= 20 and cases["generated"] >= 10 * run["operations"]["tested"], run
+    # what the fuzzer made through the server is the server's user's, whole; then it goes
+    listed = json.loads((await fetch(base + "cnbi/api/images")).body)["items"]
+    for obj in listed:
+        assert model.creator_of(obj) == user, obj
+        assert (await fetch(base + f"cnbi/api/images/{obj['metadata']['name']}", method="DELETE")).code in (200, 204)
