@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
+
+# the apiserver busy (429), restarting or behind a proxy that is (5xx): worth another try
+_TRANSIENT_STATUS = frozenset({429, 500, 502, 503, 504})
 
 
 async def api_client(kubeconfig: str = "") -> client.ApiClient:
@@ -22,6 +27,32 @@ async def api_client(kubeconfig: str = "") -> client.ApiClient:
     else:
         await config.load_kube_config(client_configuration=configuration)
     return client.ApiClient(configuration)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether a failed API call is worth trying again as it was: the connection cut, refused
+    or timed out, or the apiserver answering that it cannot now."""
+    if isinstance(error, ApiException):
+        return error.status in _TRANSIENT_STATUS
+    return isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
+
+
+async def retrying(call, *, patience: float = 60.0, first_delay: float = 0.5, log=None):
+    """`await call()`, tried again after transient failures (waiting 0.5, 1, 2… s, at most 10)
+    for up to `patience` seconds; then, or at once for any other failure, its error is raised."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience
+    delay = first_delay
+    while True:
+        try:
+            return await call()
+        except Exception as e:
+            if not transient(e) or loop.time() + delay > deadline:
+                raise
+            if log is not None:
+                log.info("the apiserver call failed (%s: %s); trying again in %.1f s", type(e).__name__, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 def api_message(e: ApiException) -> str:

@@ -76,11 +76,11 @@ class Operator:
     """`python -m cnbi_hub.controller` on this machine, as the operator's ServiceAccount."""
 
     def __init__(self, cluster, namespace: str, registry: dict, log_path: Path, overrides: dict | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, kubeconfig: Path | None = None):
         self.overrides = overrides or {}
         self.env = env or {}
         self.identity = cluster.serviceaccount_identity(namespace, "cnbi-operator", create=False)
-        self.kubeconfig = cluster.kubeconfig[self.identity]
+        self.kubeconfig = kubeconfig or cluster.kubeconfig[self.identity]
         self.namespace = namespace
         self.registry = registry
         self.log_path = log_path

@@ -519,6 +519,15 @@ async def test_a_hostile_build_in_tekton_reaches_nothing_and_finds_no_credential
         f"robot:{canary_auth}".encode()).decode()}}})
     kube_node.kubectl("create", "secret", "generic", "cnbi-push-creds", "-n", cluster_namespace,
                       "--type=kubernetes.io/dockerconfigjson", f"--from-literal=.dockerconfigjson={config_json}")
+    # another pipeline's git credential, on the namespace's default ServiceAccount the way Tekton
+    # wants it: Tekton mounts such Secrets into every step of a run that uses that account
+    canary_git = f"cnbi-canary-tekton-git-{random.token_hex(8)}"
+    kube_node.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+                     "metadata": {"name": "other-pipelines-git", "namespace": cluster_namespace,
+                                  "annotations": {"tekton.dev/git-0": "https://github.com"}},
+                     "stringData": {"username": "robot", "password": canary_git}})
+    kube_node.kubectl("patch", "serviceaccount", "default", "-n", cluster_namespace, "--type=merge",
+                      "-p", json.dumps({"secrets": [{"name": "other-pipelines-git"}]}))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Canary)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Canary.hits = 0
@@ -534,7 +543,7 @@ async def test_a_hostile_build_in_tekton_reaches_nothing_and_finds_no_credential
         "http": {"registry_catalog": f"http://{local_registry.host}/v2/_catalog",
                  "canary": f"http://127.0.0.1:{server.server_port}/"},
         "abstract": abstract_name,
-        "canaries": [canary_auth[::-1]],
+        "canaries": [canary_auth[::-1], canary_git[::-1]],
     }
     repo = make_git_repo(f"cluster-hostile-{random.token_hex(3)}", {
         "probe.py": PROBE, "targets.json": json.dumps(targets),
@@ -566,13 +575,17 @@ async def test_a_hostile_build_in_tekton_reaches_nothing_and_finds_no_credential
     assert found["outside_markers"] == [], found
     assert found["devices_opened"] == [], found  # the build step's /dev is its own, not the node's
     assert found["canaries"] == [] and found["env_secrets"] == [], found
-    assert canary_auth not in log
+    assert canary_auth not in log and canary_git not in log
 
     pods = json.loads(kube_node.kubectl("get", "pods", "-n", cluster_namespace, "-l",
                                         "tekton.dev/pipelineRun=cnbi-hostile-g1-r1", "-o", "json").stdout)["items"]
     by_task = {p["metadata"]["labels"]["tekton.dev/pipelineTask"]: p["spec"] for p in pods}
     assert set(by_task) == {"build", "validate"}
     assert all(spec.get("automountServiceAccountToken") is False for spec in by_task.values())
+    # the builds' own account: the default account's Tekton-annotated Secret is in no pod
+    assert {spec["serviceAccountName"] for spec in by_task.values()} == {"cnbi-build"}
+    mounted = [v["secret"]["secretName"] for spec in by_task.values() for v in spec.get("volumes", []) if "secret" in v]
+    assert "other-pipelines-git" not in mounted, mounted
     assert by_task["build"].get("hostNetwork") is True and not by_task["validate"].get("hostNetwork")
     build_steps = {c["name"]: c for c in by_task["build"]["containers"]}
     mounts = {name: [m["mountPath"] for m in c.get("volumeMounts", [])] for name, c in build_steps.items()}

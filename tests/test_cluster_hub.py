@@ -324,3 +324,50 @@ def test_hub_in_cluster_mode_builds_publishes_and_spawns_a_kubespawner_pod(
     finally:
         hub.stop()
         print("--- hub log (tail) ---\n" + hub.log())
+
+
+async def test_the_cluster_mode_api_fuzzed_gets_no_5xx_and_matches_the_description(
+        kube_node, cluster_registry, cluster_namespace, tmp_path):
+    """tests/test_fuzz_api.py's fuzzing, against the service in cluster mode (its store the
+    apiserver, as its own ServiceAccount): no 5xx, every answer as described, and what it made
+    are whole CustomNBImages. No operator runs: the API is under test, not the builds of
+    thousands of generated requests."""
+    from tests.test_fuzz_api import run_schemathesis
+
+    cluster, namespace = kube_node, cluster_namespace
+    service_kubeconfig = cluster.kubeconfig[cluster.serviceaccount_identity(namespace, "cnbi-service", create=False)]
+    driver_token = secrets.token_hex(16)
+    hub = HubProcess(tmp_path, hub_config(namespace, service_kubeconfig, cluster_registry["base"], driver_token,
+                                          free_port()),
+                     cluster.kubeconfig[cluster.serviceaccount_identity(namespace, "hub")], driver_token)
+    try:
+        user = "fuzz-cluster"
+        token = hub.user_token(user)
+        made = hub.call("POST", "services/cnbi/api/images", token, {
+            "spec": {"buildType": "ImageImport", "fromImage": cluster_registry["base"]}})
+        assert made.status_code == 201, made.text
+        target = model.name_of(made.json())
+        logs = Path(__file__).resolve().parent.parent / "test-output"
+        logs.mkdir(exist_ok=True)
+        service = hub.url + "services/cnbi/"
+        runs = {
+            "own image": await run_schemathesis(service, token, logs / "fuzz-api-cluster-own-image.log",
+                                                "--exclude-method", "DELETE",
+                                                config=f'[parameters]\n"path.name" = "{target}"\n'),
+            "generated": await run_schemathesis(service, token, logs / "fuzz-api-cluster.log"),
+        }
+        for what, run in runs.items():
+            cases = run["test_cases"]
+            print("cluster", what, cases, run["operations"])
+            assert run["complete"] and cases["with_failures"] == 0, (what, run)
+            assert run["operations"]["tested"] >= 20 and cases["generated"] >= 10 * run["operations"]["tested"], run
+        # what the fuzzer made is whole in the apiserver: the user's, valid, with a uid
+        resources = cluster.get("customnbimages.meteor.zone", namespace=namespace)["items"]
+        mine = [r for r in resources if model.creator_of(r) == user]
+        for resource in mine:
+            assert resource["metadata"]["uid"] and resource["spec"]["buildType"] in model.BUILD_TYPES, resource
+            assert hub.call("DELETE", f"services/cnbi/api/images/{model.name_of(resource)}", token).status_code \
+                in (200, 202, 204, 404)
+    finally:
+        hub.stop()
+        print("--- hub log (tail) ---\n" + hub.log())

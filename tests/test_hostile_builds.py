@@ -268,7 +268,7 @@ async def test_a_hostile_build_reaches_nothing_on_this_machine_and_finds_no_secr
     assert found["outside_markers"] == [], found  # a chroot leads back to the container's own root
     assert found["devices_opened"] == [], found
     # nothing it started runs on: not in the build's steps, not after it
-    assert not _processes_with("sleep 31337") and not _processes_with("sleep 31338")
+    assert not _processes_running("sleep", "31337") and not _processes_running("sleep", "31338")
     # no secret in the log, nor anywhere in the image it made
     text = "\n".join(lines)
     for canary in (canary_context, canary_secret, canary_token):
@@ -289,15 +289,18 @@ def _reachable(host, port) -> bool:
         return False
 
 
-def _processes_with(text: str) -> list[int]:
+def _processes_running(*argv: str) -> list[int]:
+    """PIDs of the processes on this machine whose command line is exactly `argv` (a build's
+    `sleep 30`, not a shell that happens to mention it)."""
+    wanted = [a.encode() for a in argv]
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\0").split(b"\0")
             except OSError:
                 continue
-            if text in cmdline:
+            if cmdline == wanted:
                 found.append(int(pid))
     return found
 
@@ -353,7 +356,7 @@ async def test_a_build_over_its_process_limit_fails_naming_it(tmp_path, limited_
     obj, _ = await build_repo(tmp_path, limited_builder, repo, "fork-hog")
     assert model.phase_of(obj) == "Failed", failure_message(obj)
     assert "reached its limit of 64 processes" in failure_message(obj), failure_message(obj)
-    assert not _processes_with("sleep 30")
+    assert not _processes_running("sleep", "30")
 
 
 @pytest.mark.skipif(not BuildCgroup.available(), reason="needs cgroup v1 controllers (podman's cgroupfs manager)")
@@ -401,7 +404,7 @@ async def test_a_build_over_its_time_limit_fails_naming_it(tmp_path, limited_bui
     obj, _ = await build_repo(tmp_path, limited_builder, repo, "slow")
     assert model.phase_of(obj) == "Failed"
     assert "longer than 20 s (its time limit)" in failure_message(obj), failure_message(obj)
-    assert not _processes_with("sleep 300")
+    assert not _processes_running("sleep", "300")
 
 
 def test_build_cgroups_a_killed_service_left_are_swept_and_recent_ones_kept(tmp_path):

@@ -27,7 +27,7 @@ from traitlets import Bool, Float, Unicode, default
 
 from ... import model
 from ...credentials import GitCredential
-from ...kubeclient import api_client, api_message
+from ...kubeclient import api_client, api_message, retrying, transient
 from ..buildplan import BuildPlan, images_named_by
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, LogFn, PullAccess, StoredImage
@@ -111,6 +111,14 @@ class TektonBuilder(Builder):
         True, help="Push to and pull from loopback registries over plain http (tls-verify=false)."
     ).tag(config=True)
 
+    service_account = Unicode(
+        "cnbi-build", help="""The ServiceAccount every build, check and inspection pod runs as (the
+        manifests make `cnbi-build`, holding nothing). Not the namespace's `default`: Tekton
+        mounts the git and registry Secrets annotated `tekton.dev/*` on a run's ServiceAccount into
+        each of its steps, and another pipeline's credentials must not reach a user's build.
+        Empty: `default`.""",
+    ).tag(config=True)
+
     dockerconfig_secret = Unicode(
         "", help="""A kubernetes.io/dockerconfigjson Secret bound as the builds' `dockerconfig`
         workspace: mounted only in the steps that pull and push, never in the one that runs the
@@ -165,7 +173,7 @@ class TektonBuilder(Builder):
         spec = {"taskSpec": {"steps": [{
             "name": "inspect", "image": reference,
             "command": ["sh", "-c", "id -un 2>/dev/null || id -u; " + _FIND_PYTHON, _INSPECT_PROGRAM],
-        }]}, "podTemplate": _USER_CODE_POD}
+        }]}, **self._run_template()}
         run = await self._run_to_end("taskruns", name, spec, labels={LABEL_BUILD: "inspect"})
         status, reason, message = succeeded_condition(run)
         if status != "True":
@@ -225,7 +233,7 @@ class TektonBuilder(Builder):
         spec = {
             "pipelineRef": {"name": pipeline}, "params": params, "workspaces": workspaces,
             "timeouts": {"pipeline": f"{int(self.build_timeout)}s"},
-            "taskRunTemplate": {"podTemplate": _USER_CODE_POD},
+            "taskRunTemplate": self._run_template(),
             "taskRunSpecs": [self._build_task_spec()],
         }
         log(f"PipelineRun {name} ({pipeline})")
@@ -311,7 +319,7 @@ class TektonBuilder(Builder):
         await self._apply_configmap(name, _check_files(checks), obj)
         spec = {"pipelineRef": {"name": "cnbi-import"}, "params": [{"name": "image", "value": image}],
                 "workspaces": [{"name": "plan", "configMap": {"name": name}}],
-                "taskRunTemplate": {"podTemplate": _USER_CODE_POD}}
+                "taskRunTemplate": self._run_template()}
         run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
                                      labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)})
         state, reason, message = succeeded_condition(run)
@@ -328,6 +336,14 @@ class TektonBuilder(Builder):
         return results
 
     # --- Tekton objects -----------------------------------------------------------------------
+
+    def _run_template(self) -> dict:
+        """What every run's pods share: no ServiceAccount token, and the builds' own account
+        (a TaskRun's spec and a PipelineRun's taskRunTemplate take the same two fields)."""
+        template = {"podTemplate": _USER_CODE_POD}
+        if self.service_account:
+            template["serviceAccountName"] = self.service_account
+        return template
 
     def _build_task_spec(self) -> dict:
         """The build task's pod and its build step's limits (Tekton's taskRunSpecs, beta)."""
@@ -369,11 +385,11 @@ class TektonBuilder(Builder):
     async def _create_or_replace(self, create, replace, body, doing: str) -> None:
         """Create `body` in the namespace, or replace the one a run before a restart made."""
         try:
-            await create(self.namespace, body)
+            await retrying(lambda: create(self.namespace, body), log=self.log)
         except ApiException as e:
             if e.status != 409:
                 raise BuildError(f"could not {doing}: {e.status} {e.reason}") from None
-            await replace(body.metadata.name, self.namespace, body)
+            await retrying(lambda: replace(body.metadata.name, self.namespace, body), log=self.log)
 
     async def _apply_credential_secret(self, name: str, credential: GitCredential, owner: dict) -> None:
         core = client.CoreV1Api(await self._api())
@@ -404,7 +420,8 @@ class TektonBuilder(Builder):
         if owner:
             body["metadata"]["ownerReferences"] = [_owner_reference(owner, as_dict=True)]
         try:
-            await api.create_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, body)
+            await retrying(lambda: api.create_namespaced_custom_object(
+                TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, body), log=self.log)
         except ApiException as e:
             if e.status != 409:
                 raise BuildError(f"could not create {kind} {name}: {e.status} {api_message(e)}") from None
@@ -413,7 +430,16 @@ class TektonBuilder(Builder):
         deadline = time.monotonic() + self.build_timeout + 120
         last_reason = None
         while True:
-            run = await api.get_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural, name)
+            try:
+                run = await api.get_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural,
+                                                             name)
+            except Exception as e:
+                if not transient(e) or time.monotonic() > deadline:
+                    raise
+                # the connection cut or the apiserver away a moment: the run goes on meanwhile
+                self.log.info("could not read %s %s (%s: %s); looking again", kind, name, type(e).__name__, e)
+                await asyncio.sleep(self.poll_interval)
+                continue
             state, reason, message = succeeded_condition(run)
             if state in ("True", "False"):
                 return run
@@ -429,8 +455,8 @@ class TektonBuilder(Builder):
         api = client.CustomObjectsApi(await self._api())
         for ref in (pipeline_run.get("status") or {}).get("childReferences", []):
             if ref.get("pipelineTaskName") == task and ref.get("kind") == "TaskRun":
-                return await api.get_namespaced_custom_object(
-                    TEKTON_GROUP, TEKTON_VERSION, self.namespace, "taskruns", ref["name"])
+                return await retrying(lambda: api.get_namespaced_custom_object(
+                    TEKTON_GROUP, TEKTON_VERSION, self.namespace, "taskruns", ref["name"]), log=self.log)
         return {}
 
     async def _failed_step(self, pipeline_run: dict, task: str) -> str | None:
@@ -448,7 +474,8 @@ class TektonBuilder(Builder):
             return ""
         core = client.CoreV1Api(await self._api())
         try:
-            return await core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}")
+            return await retrying(lambda: core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}"),
+                                  log=self.log)
         except ApiException as e:
             self.log.info("no log from %s (%s): %s %s", pod, step, e.status, e.reason)
             return ""  # a pod that never ran its step has none: the run's own message says why
@@ -456,7 +483,25 @@ class TektonBuilder(Builder):
     async def _follow_step_log(self, run_name: str, task: str, step: str, log: LogFn,
                                lines: collections.deque, ended: asyncio.Event) -> None:
         """Stream the step's container log into `log` (and `lines`) from the moment its pod
-        runs until the container ends; give up quietly once the run has `ended` without one."""
+        runs until the container ends; give up quietly once the run has `ended` without one.
+        A stream cut off (the network, the apiserver restarting) is read again from its start
+        and taken up after the lines already relayed: the follower never fails the build, nor
+        repeats a line (a container's log only grows)."""
+        relayed = {"lines": 0}  # how many of the log's lines were relayed (kept across a cut)
+        while True:
+            try:
+                if await self._follow_step_log_once(run_name, task, step, log, lines, ended, relayed):
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # aiohttp's errors for a connection cut mid-stream, or the API's
+                self.log.info("following the %s step's log of %s broke off (%s: %s); taking it up again",
+                              step, run_name, type(e).__name__, e)
+            await asyncio.sleep(self.poll_interval)
+
+    async def _follow_step_log_once(self, run_name: str, task: str, step: str, log: LogFn,
+                                    lines: collections.deque, ended: asyncio.Event, relayed: dict) -> bool:
+        """One try at following the step's log; whether there is nothing more to follow."""
         api = client.CustomObjectsApi(await self._api())
         core = client.CoreV1Api(await self._api())
         pod = None
@@ -469,35 +514,34 @@ class TektonBuilder(Builder):
                 pod = None
             if pod is None:
                 if ended.is_set():
-                    return
+                    return True
                 await asyncio.sleep(self.poll_interval)
         while True:
             try:
                 response = await core.read_namespaced_pod_log(pod, self.namespace, container=f"step-{step}",
                                                               follow=True, _preload_content=False)
             except ApiException:
-                return
+                return True
             if response.status != 200:  # unread (not raised): 400 while the container waits to start
                 response.release()
                 if response.status in (400, 404) and not ended.is_set():
                     await asyncio.sleep(self.poll_interval)
                     continue
-                return
+                return True
             try:
-                pending = b""
+                pending, read = b"", 0
                 async for chunk in response.content.iter_any():
                     pending += chunk
                     *complete, pending = pending.split(b"\n")
                     for raw in complete:
-                        line = raw.decode(errors="replace")
-                        lines.append(line)
-                        log(line)
-                if pending:
-                    lines.append(pending.decode(errors="replace"))
-                    log(lines[-1])
+                        read += 1
+                        if read > relayed["lines"]:  # not relayed by a stream before a cut
+                            _relay(raw, relayed, lines, log)
+                if pending and read + 1 > relayed["lines"]:  # a last line without its newline
+                    _relay(pending, relayed, lines, log)
             finally:
                 response.release()
-            return
+            return True
 
     async def _relay_logs(self, pipeline_run: dict, task: str, log: LogFn) -> str:
         text = await self._step_log(await self._task_run_of(pipeline_run, task), task)
@@ -520,3 +564,10 @@ def _owner_reference(obj: dict, as_dict: bool = False):
     return client.V1OwnerReference(api_version=fields["apiVersion"], kind=fields["kind"], name=fields["name"],
                                    uid=fields["uid"], block_owner_deletion=False)
 
+
+
+def _relay(raw: bytes, relayed: dict, lines: collections.deque, log: LogFn) -> None:
+    line = raw.decode(errors="replace")
+    relayed["lines"] += 1
+    lines.append(line)
+    log(line)

@@ -1,0 +1,64 @@
+"""A TCP passthrough on 127.0.0.1 whose connections can be cut: a network that drops a client's
+connections (a watch, a request) mid-stream while the server itself stays up."""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class CuttableProxy:
+    """Forwards each connection to `host:port` byte for byte (TLS passes through untouched);
+    `cut()` aborts every connection it carries now, and new ones are accepted as before."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.port = 0
+        self.connections = 0  # accepted so far
+        self.cut_connections = 0  # aborted by cut()
+        self._open: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> "CuttableProxy":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        self.connections += 1
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            client_writer.transport.abort()
+            return
+        pair = (client_writer, upstream_writer)
+        self._open.add(pair)
+        try:
+            await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
+        finally:
+            self._open.discard(pair)
+
+    def cut(self) -> int:
+        """Abort every open connection (no FIN: as a dropped network does); how many."""
+        pairs = list(self._open)
+        for client, upstream in pairs:
+            client.transport.abort()
+            upstream.transport.abort()
+        self.cut_connections += len(pairs)
+        return len(pairs)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self.cut()
+            await self._server.wait_closed()
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        writer.close()
