@@ -34,6 +34,8 @@ def transient(error: BaseException) -> bool:
     or timed out, or the apiserver answering that it cannot now."""
     if isinstance(error, ApiException):
         return error.status in _TRANSIENT_STATUS
+    if isinstance(error, (aiohttp.ClientSSLError, aiohttp.InvalidURL)):
+        return False  # a certificate or an address that is wrong stays wrong
     return isinstance(error, (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError))
 
 

@@ -75,13 +75,20 @@ async def test_the_operators_connections_cut_mid_build_it_carries_on_to_ready(
     try:
         await cluster_store.create(image_object("cut-off", cluster_registry["base"]))
         await wait_for_running_pipelinerun(kube_node, cluster_namespace, "cnbi-cut-off-g1-r1")
-        for _ in range(3):
+        deadline = time.monotonic() + 300
+        while "STEP 1/" not in (await cluster_store.get_artifact("cut-off", "log") or ""):
+            assert time.monotonic() < deadline, "the build step's log never streamed"
+            await asyncio.sleep(0.5)
+        for _ in range(3):  # the build log's stream among them
             assert proxy.cut() >= 1, "the operator held no connection to cut"
             await asyncio.sleep(2)
         obj = await wait_for_phase(cluster_store, "cut-off", model.TERMINAL_PHASES)
         assert model.phase_of(obj) == "Ready", json.dumps(obj["status"], indent=1) + operator.log()
         assert operators_runs(kube_node, cluster_namespace, "cut-off") == ["cnbi-cut-off-g1-r1"]
         assert proxy.connections > proxy.cut_connections  # it came back on new connections
+        # the build's log whole after the cuts: each of buildah's steps once, in order, none lost
+        steps = re.findall(r"^STEP (\d+)/(\d+): ", await cluster_store.get_artifact("cut-off", "log"), re.MULTILINE)
+        assert steps and [int(n) for n, _ in steps] == list(range(1, int(steps[0][1]) + 1)), steps
 
         # a new object after the cuts reaches the operator only through its resumed watch
         await cluster_store.create(model.validate_new_object(

@@ -122,6 +122,14 @@ def test_the_request_log_never_holds_a_credential_sent_in_the_url():
         handler = type("Handler", (), {"request": HTTPServerRequest(method="GET", uri=uri),
                                        "get_status": lambda self, status=status: status})()
         app._log_request(handler)
+    # tornado's own lines (an uncaught error, an HTTPError's message) name the request too
+    from cnbi_hub.service import handlers
+
+    for handler_class in (handlers.BaseHandler, handlers.OAuthCallbackHandler, handlers.ImagesHandler):
+        assert handler_class._request_summary is handlers.ScrubbedSummary._request_summary, handler_class
+    for uri in sent:
+        fake = type("Handler", (), {"request": HTTPServerRequest(method="GET", uri=uri)})()
+        app.log.warning("%s", handlers.ScrubbedSummary._request_summary(fake))
     logged = written.getvalue()
     assert "cnbi-secret" not in logged, logged
     assert "events?token=[secret]&_xsrf=[secret]&phase=Ready" in logged and "code=[secret]&state=[secret]" in logged

@@ -93,21 +93,38 @@ def remove_broken_image(image_id: str, env: Mapping[str, str] | None = None) -> 
     return " ".join((result.stdout if result.returncode == 0 else result.stderr).split())
 
 
+def repair_broken_images(env: Mapping[str, str] | None = None, attempts: int = 5) -> list[str]:
+    """Remove the images podman itself says are broken, as `podman images` names them one at a
+    time; the removed IDs. Only podman's own listing decides: never the output of a build or a
+    container, which a user writes and could make name any image."""
+    env = podman_environ() if env is None else dict(env)
+    removed: list[str] = []
+    for _ in range(attempts):
+        listed = subprocess.run(["podman", "images", "--quiet"], capture_output=True, text=True, env=env)
+        broken = broken_image_ids(listed.stderr) if listed.returncode != 0 else []
+        if not broken:
+            break
+        for image_id in broken:
+            _log.warning("removed a broken image podman left behind: %s", remove_broken_image(image_id, env))
+            removed.append(image_id)
+    return removed
+
+
 def run_podman(args: list[str], *, env: Mapping[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run(["podman", *args])`` in cnbi_hub's environment, text captured unless told
-    otherwise; when it fails naming broken images, those are removed and it runs once more."""
+    otherwise; when it fails with podman's words for a broken image, the broken images podman
+    lists are removed (see repair_broken_images) and it runs once more."""
     env = podman_environ() if env is None else dict(env)
     kwargs.setdefault("text", True)
     if "stdout" not in kwargs and "stderr" not in kwargs:
         kwargs.setdefault("capture_output", True)
     result = subprocess.run(["podman", *args], env=env, **kwargs)
-    broken = broken_image_ids(result.stderr) if result.returncode != 0 and isinstance(result.stderr, str) else []
-    if not broken:
+    if result.returncode == 0 or not isinstance(result.stderr, str) or not broken_image_ids(result.stderr):
         return result
-    for image_id in broken:
-        _log.warning("removed a broken image podman left behind: %s", remove_broken_image(image_id, env))
+    if not repair_broken_images(env):
+        return result  # the words came from elsewhere (a build's own output): nothing was broken
     return subprocess.run(["podman", *args], env=env, **kwargs)
 
 
 __all__ = ["broken_image_ids", "config_path", "podman_environ", "podman_state_mismatch",
-           "remove_broken_image", "run_podman"]
+           "remove_broken_image", "repair_broken_images", "run_podman"]

@@ -151,20 +151,20 @@ class PhaseWork(LoggingConfigurable):
             return await step(obj, say)
         except asyncio.CancelledError:
             raise
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
-                raise
-            return self.disk_full(phase.lower(), e)
         except Exception as e:  # a bug or a broken machine: say so on the object, not in a log only
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                return self.disk_full(phase.lower(), e, model.name_of(obj))
             self.log.exception("%s of %s failed", phase, model.name_of(obj))
             return Outcome(False, "InternalError", f"{type(e).__name__}: {e}")
 
-    def disk_full(self, doing: str, error: Exception) -> Outcome:
+    def disk_full(self, doing: str, error: Exception, name: str) -> Outcome:
         """The outcome when the service's own disk is full (not the user's doing): what was being
-        done, where, and who can help. The work directory is cleaned after it as always."""
+        done and who can help; where, in the service's log (a path of the server is not the
+        user's business). The work directory is cleaned after it as always."""
         where = getattr(error, "filename", None) or self.work_dir
-        return Outcome(False, "DiskFull", f"the service's disk is full ({where}) while {doing}: {error}; "
-                                          "nothing of this image was kept: ask an admin to free space and rebuild")
+        self.log.error("image %s: the disk is full at %s while %s: %s", name, where, doing, error)
+        return Outcome(False, "DiskFull", f"the service's disk is full while {doing}: nothing of this image "
+                                          "was kept; ask an admin to free space, then rebuild")
 
     def checkout_dir(self, uid: str) -> Path:
         return Path(self.work_dir) / uid / "checkout"
@@ -347,8 +347,8 @@ class PhaseWork(LoggingConfigurable):
         except gitsource.GitAuthenticationFailed as e:
             return Outcome(False, "GitAuthenticationFailed", str(e))
         except (gitsource.GitError, ValueError) as e:
-            if "No space left on device" in str(e):  # git's words for ENOSPC in the checkout
-                return self.disk_full("fetching the repository", e)
+            if _our_disk_full(str(e)):
+                return self.disk_full("fetching the repository", e, model.name_of(obj))
             return Outcome(False, "GitRepositoryUnavailable", str(e))
         files = gitsource.repo_files(checkout)
         recipe = gitsource.detect_recipe(files)
@@ -818,3 +818,10 @@ def _pip_section_of_environment(checkout: Path) -> list[list]:
         if isinstance(dependency, dict) and "pip" in dependency:
             return _requirement_lines("\n".join(str(x) for x in dependency["pip"]))
     return []
+
+
+def _our_disk_full(git_message: str) -> bool:
+    """Pure: whether git's message says this machine's disk is full (ENOSPC writing the
+    checkout), not the remote's (its lines start with "remote:")."""
+    return any("No space left on device" in line and "remote:" not in line.split("No space left on device")[0]
+               for line in git_message.replace("; ", "\n").splitlines())

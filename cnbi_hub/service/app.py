@@ -11,10 +11,9 @@ import asyncio
 import functools
 import os
 import signal
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
-from jupyterhub.log import SCRUB_PARAM_KEYS
-from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler
+from jupyterhub.services.auth import HubOAuth
 from jupyterhub.utils import url_path_join
 from tornado import web
 from tornado.httpserver import HTTPServer
@@ -43,21 +42,6 @@ _LEGACY_RECONCILER_OPTIONS = {
 
 def _service_url():
     return urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:10101"))
-
-
-def scrub_uri(uri: str) -> str:
-    """Pure: `uri` for a log line, the value of every query argument that may carry a credential
-    (`?token=`, `_xsrf`, OAuth's `code` and `state`) replaced by [secret], the rest as sent.
-    The hub's own request log does the same with the same names (its function is private)."""
-    path, question, query = uri.partition("?")
-    if not question:
-        return uri
-    arguments = []
-    for argument in query.split("&"):
-        key, equals, _ = argument.partition("=")
-        secret = equals and any(word in unquote(key).lower() for word in SCRUB_PARAM_KEYS)
-        arguments.append(f"{key}=[secret]" if secret else argument)
-    return f"{path}?{'&'.join(arguments)}"
 
 
 class CNBIService(Application):
@@ -376,7 +360,7 @@ class CNBIService(Application):
             (route("metrics"), handlers.MetricsHandler),
             (route("api/openapi.yaml"), handlers.OpenAPIHandler),
             (route("health"), handlers.HealthHandler),
-            (route("oauth_callback"), HubOAuthCallbackHandler),
+            (route("oauth_callback"), handlers.OAuthCallbackHandler),
             (route(rf"images/{name}"), pages.ImagePage),
             (route(rf"restarting/{name}"), pages.RestartingPage),
             (self.service_prefix.rstrip("/") + r"/?", pages.ImageListPage),
@@ -396,7 +380,7 @@ class CNBIService(Application):
         level = self.log.info if status < 400 else self.log.warning
         if handler.request.path.endswith("/health") and status < 400:
             level = self.log.debug
-        level("%d %s %s %.1fms", status, handler.request.method, scrub_uri(handler.request.uri),
+        level("%d %s %s %.1fms", status, handler.request.method, handlers.scrub_uri(handler.request.uri),
               1000 * handler.request.request_time())
 
     async def forward_store_events(self) -> None:

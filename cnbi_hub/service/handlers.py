@@ -13,8 +13,10 @@ import json
 from collections import OrderedDict
 from importlib import resources
 from typing import Any
+from urllib.parse import unquote
 
-from jupyterhub.services.auth import HubOAuthenticated
+from jupyterhub.log import SCRUB_PARAM_KEYS
+from jupyterhub.services.auth import HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tornado import web
@@ -40,7 +42,34 @@ from ..store.base import AlreadyExists, Conflict, NotFound, StoreBusy, StoreFull
 MAX_BODY_BYTES = 64 * 1024
 
 
-class BaseHandler(HubOAuthenticated, web.RequestHandler):
+def scrub_uri(uri: str) -> str:
+    """Pure: `uri` for a log line, the value of every query argument that may carry a credential
+    (`?token=`, `_xsrf`, OAuth's `code` and `state`) replaced by [secret], the rest as sent.
+    The hub's own request log does the same with the same names (its function is private)."""
+    path, question, query = uri.partition("?")
+    if not question:
+        return uri
+    arguments = []
+    for argument in query.split("&"):
+        key, equals, _ = argument.partition("=")
+        secret = equals and any(word in unquote(key).lower() for word in SCRUB_PARAM_KEYS)
+        arguments.append(f"{key}=[secret]" if secret else argument)
+    return f"{path}?{'&'.join(arguments)}"
+
+
+class ScrubbedSummary:
+    """tornado's own log lines (an uncaught error, an HTTPError's message) name the request as
+    sent: without the credentials its URL may carry."""
+
+    def _request_summary(self) -> str:
+        return f"{self.request.method} {scrub_uri(self.request.uri)} ({self.request.remote_ip})"
+
+
+class OAuthCallbackHandler(ScrubbedSummary, HubOAuthCallbackHandler):
+    """The hub's OAuth callback, its `code` and `state` kept out of the log."""
+
+
+class BaseHandler(ScrubbedSummary, HubOAuthenticated, web.RequestHandler):
     """Common ground: JSON errors, the caller's identity and scopes, and the app's parts."""
 
     @property

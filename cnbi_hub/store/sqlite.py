@@ -12,6 +12,7 @@ import asyncio
 import copy
 import functools
 import json
+import logging
 import uuid
 
 from sqlalchemy import (
@@ -39,6 +40,9 @@ from .base import (AlreadyExists, ChangeBroadcaster, Conflict, NotFound, StoreBu
 # SQLite waits this long for another writer's lock inside one call, blocking the event loop:
 # keep it short and wait longer between tries instead (`SQLImageStore.lock_timeout`)
 BUSY_TIMEOUT_MS = 50
+
+
+_log = logging.getLogger(__name__)
 
 
 class Base(DeclarativeBase):
@@ -125,8 +129,10 @@ def _waits_out_locks(method):
                 return await method(self, *args, **kwargs)
             except OperationalError as e:
                 if _full(e):
-                    raise StoreFull(f"the disk of the image database ({self.engine.url.database or 'in memory'}) is "
-                                    "full; nothing was changed: an admin must free space there") from e
+                    # where, for the admin's log; the answer says what happened, not the server's paths
+                    _log.error("the disk of the image database %s is full", self.engine.url.database or "(in memory)")
+                    raise StoreFull("the disk of the service's image database is full; nothing was changed: "
+                                    "ask an admin to free space") from e
                 if not _locked(e):
                     raise
                 if loop.time() >= deadline:

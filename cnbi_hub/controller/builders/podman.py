@@ -31,7 +31,7 @@ import uv
 from jupyterhub.traitlets import ByteSpecification
 from traitlets import Bool, Enum, Float, Int, Unicode
 
-from ...containers import broken_image_ids, podman_environ
+from ...containers import broken_image_ids, podman_environ, repair_broken_images
 from ..buildplan import BuildPlan
 from ..checks import Check
 from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
@@ -183,17 +183,17 @@ class PodmanBuilder(Builder):
             self.log.warning("stopped %d processes left running in %s after it ended", stopped, cgroup.relative)
 
     async def _run(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:
-        """Run podman; with `log`, stream its combined output line by line. When podman fails
-        naming images it left broken (see cnbi_hub.containers), they go and it runs once more."""
+        """Run podman; with `log`, stream its combined output line by line. When it fails with
+        podman's words for a broken image, the images podman's own listing names broken go (see
+        cnbi_hub.containers: never what a build or a container printed) and it runs once more."""
         code, out, err = await self._run_once(*args, timeout=timeout, log=log)
-        broken = broken_image_ids(err if not log else out) if code != 0 else []
-        if not broken:
+        if code == 0 or not broken_image_ids(out if log else err):
             return code, out, err
-        for image_id in broken:
-            code, removed, err = await self._run_once("rmi", "--force", image_id)
-            self.log.warning("removed a broken image podman left behind: %s", " ".join((removed if code == 0 else err).split()))
-            if log:
-                await _call(log, f"podman had left a broken image behind ({image_id[:12]}); removed it, trying again")
+        removed = await asyncio.to_thread(repair_broken_images, self.env)
+        if not removed:
+            return code, out, err  # a build's or a container's own words: nothing was broken
+        if log:
+            await _call(log, f"podman had left {len(removed)} broken image(s) behind; removed, trying again")
         return await self._run_once(*args, timeout=timeout, log=log)
 
     async def _run_once(self, *args: str, timeout: float = 120, log: LogFn | None = None) -> tuple[int, str, str]:

@@ -116,7 +116,8 @@ class TektonBuilder(Builder):
         manifests make `cnbi-build`, holding nothing). Not the namespace's `default`: Tekton
         mounts the git and registry Secrets annotated `tekton.dev/*` on a run's ServiceAccount into
         each of its steps, and another pipeline's credentials must not reach a user's build.
-        Empty: `default`.""",
+        The kubelet pulls images for these pods with `dockerconfig_secret`, or with this
+        account's imagePullSecrets (add them to it). Empty: `default`.""",
     ).tag(config=True)
 
     dockerconfig_secret = Unicode(
@@ -240,7 +241,9 @@ class TektonBuilder(Builder):
         # the build step's log reaches the user as it is written, not when the run ends
         ended = asyncio.Event()
         build_lines: collections.deque[str] = collections.deque(maxlen=2000)
-        follower = asyncio.create_task(self._follow_step_log(name, "build", "build", log, build_lines, ended))
+        relayed = {"lines": 0}  # how many of the step's log lines reached `log` (kept across cuts)
+        follower = asyncio.create_task(self._follow_step_log(name, "build", "build", log, build_lines, ended,
+                                                             relayed))
         try:
             run = await self._run_to_end("pipelineruns", name, spec, owner=obj,
                                          labels={LABEL_BUILD: "true", LABEL_IMAGE: model.name_of(obj)}, log=log)
@@ -253,10 +256,12 @@ class TektonBuilder(Builder):
             except asyncio.TimeoutError:
                 pass  # wait_for cancelled it: what was streamed so far is what there is
         state, reason, message = succeeded_condition(run)
-        if build_lines:
-            build_output = "\n".join(build_lines)
-        else:  # the pod ended before it could be followed: read what it left
-            build_output = await self._relay_logs(run, "build", log)
+        # what the stream did not relay (the pod ended before it was followed, a cut it could not
+        # take up, a stream ended early): the step's whole log, from where the stream stopped
+        whole = await self._step_log(await self._task_run_of(run, "build"), "build")
+        for line in whole.splitlines()[relayed["lines"]:]:
+            _relay(line.encode(), relayed, build_lines, log)
+        build_output = "\n".join(build_lines)
         if state != "True":
             # Tekton's message counts tasks; what the user can act on is the step's own words:
             # the build step's, or those of the step before it that failed (fetch, pull)
@@ -340,15 +345,23 @@ class TektonBuilder(Builder):
     def _run_template(self) -> dict:
         """What every run's pods share: no ServiceAccount token, and the builds' own account
         (a TaskRun's spec and a PipelineRun's taskRunTemplate take the same two fields)."""
-        template = {"podTemplate": _USER_CODE_POD}
+        template = {"podTemplate": self._pod_template()}
         if self.service_account:
             template["serviceAccountName"] = self.service_account
         return template
 
+    def _pod_template(self) -> dict:
+        pod = dict(_USER_CODE_POD)
+        if self.dockerconfig_secret:
+            # the kubelet pulls the built image (validation) and a base (inspection) with the
+            # registry credentials, as it did with `default`'s imagePullSecrets before cnbi-build
+            pod["imagePullSecrets"] = [{"name": self.dockerconfig_secret}]
+        return pod
+
     def _build_task_spec(self) -> dict:
         """The build task's pod and its build step's limits (Tekton's taskRunSpecs, beta)."""
         limits = {"memory": self.build_memory_limit, "cpu": self.build_cpu_limit}
-        pod = dict(_USER_CODE_POD)
+        pod = self._pod_template()
         if self.host_network:
             pod["hostNetwork"] = True
         task = {"pipelineTaskName": "build", "podTemplate": pod,
@@ -481,13 +494,14 @@ class TektonBuilder(Builder):
             return ""  # a pod that never ran its step has none: the run's own message says why
 
     async def _follow_step_log(self, run_name: str, task: str, step: str, log: LogFn,
-                               lines: collections.deque, ended: asyncio.Event) -> None:
+                               lines: collections.deque, ended: asyncio.Event, relayed: dict) -> None:
         """Stream the step's container log into `log` (and `lines`) from the moment its pod
         runs until the container ends; give up quietly once the run has `ended` without one.
         A stream cut off (the network, the apiserver restarting) is read again from its start
         and taken up after the lines already relayed: the follower never fails the build, nor
-        repeats a line (a container's log only grows)."""
-        relayed = {"lines": 0}  # how many of the log's lines were relayed (kept across a cut)
+        repeats a line (a container's log only grows; the kubelet rotates it past 10 MiB, and a
+        stream taken up after that skips as many new lines as were relayed: a log that long is
+        beyond what a user reads live). `relayed` counts the lines relayed."""
         while True:
             try:
                 if await self._follow_step_log_once(run_name, task, step, log, lines, ended, relayed):
@@ -527,6 +541,8 @@ class TektonBuilder(Builder):
                 if response.status in (400, 404) and not ended.is_set():
                     await asyncio.sleep(self.poll_interval)
                     continue
+                if transient(ApiException(status=response.status)) and not ended.is_set():
+                    raise ApiException(status=response.status, reason="log stream refused")  # taken up again
                 return True
             try:
                 pending, read = b"", 0
@@ -542,12 +558,6 @@ class TektonBuilder(Builder):
             finally:
                 response.release()
             return True
-
-    async def _relay_logs(self, pipeline_run: dict, task: str, log: LogFn) -> str:
-        text = await self._step_log(await self._task_run_of(pipeline_run, task), task)
-        for line in text.splitlines()[-2000:]:
-            log(line)
-        return text
 
 
 def _check_files(checks: list[Check]) -> dict:
