@@ -442,12 +442,20 @@ class TektonBuilder(Builder):
                 log(f"{kind} {name} already exists (started before a restart): following it")
         deadline = time.monotonic() + self.build_timeout + 120
         last_reason = None
+        refused_since = None
         while True:
             try:
                 run = await api.get_namespaced_custom_object(TEKTON_GROUP, TEKTON_VERSION, self.namespace, plural,
                                                              name)
+                refused_since = None
             except Exception as e:
-                if not transient(e) or time.monotonic() > deadline:
+                # an apiserver just started again answers 403 until its authorizer has read the
+                # RBAC objects: the run we made or found is ours to read, so that passes too
+                refused = isinstance(e, ApiException) and e.status in (401, 403)
+                if refused:
+                    refused_since = refused_since or time.monotonic()
+                if not (transient(e) or (refused and time.monotonic() - refused_since < 60)) \
+                        or time.monotonic() > deadline:
                     raise
                 # the connection cut or the apiserver away a moment: the run goes on meanwhile
                 self.log.info("could not read %s %s (%s: %s); looking again", kind, name, type(e).__name__, e)
