@@ -4,11 +4,27 @@ connections (a watch, a request) mid-stream while the server itself stays up."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
 
 
 class CuttableProxy:
     """Forwards each connection to `host:port` byte for byte (TLS passes through untouched);
     `cut()` aborts every connection it carries now, and new ones are accepted as before."""
+
+    @classmethod
+    async def in_front_of(cls, kubeconfig: Path, written: Path) -> "CuttableProxy":
+        """A proxy in front of `kubeconfig`'s apiserver, and the same kubeconfig through it at
+        `written` (TLS passes through: the server's certificate names 127.0.0.1, any port)."""
+        document = yaml.safe_load(Path(kubeconfig).read_text())
+        server = urlparse(document["clusters"][0]["cluster"]["server"])
+        proxy = await cls(server.hostname, server.port).start()
+        for cluster in document["clusters"]:
+            cluster["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
+        Path(written).write_text(yaml.safe_dump(document))
+        return proxy
 
     def __init__(self, host: str, port: int):
         self.target = (host, port)

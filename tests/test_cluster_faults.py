@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import time
-from urllib.parse import urlparse
 
 import pytest
 
@@ -63,13 +62,8 @@ async def test_the_operators_connections_cut_mid_build_it_carries_on_to_ready(
     dropped three times mid-build, the apiserver itself up: the build goes on to Ready with one
     PipelineRun, and an image made after the cuts is seen through the resumed watch."""
     identity = kube_node.serviceaccount_identity(cluster_namespace, "cnbi-operator", create=False)
-    kubeconfig = json.loads(kube_node.kubeconfig[identity].read_text())
-    server = urlparse(kubeconfig["clusters"][0]["cluster"]["server"])
-    proxy = await CuttableProxy(server.hostname, server.port).start()
-    for cluster in kubeconfig["clusters"]:
-        cluster["cluster"]["server"] = f"https://127.0.0.1:{proxy.port}"
     through_proxy = tmp_path / "kubeconfig-through-proxy"
-    through_proxy.write_text(json.dumps(kubeconfig))
+    proxy = await CuttableProxy.in_front_of(kube_node.kubeconfig[identity], through_proxy)
     operator = Operator(kube_node, cluster_namespace, cluster_registry, tmp_path / "operator.log",
                         kubeconfig=through_proxy).start()
     try:

@@ -14,6 +14,7 @@ import yaml
 from cnbi_hub import model
 from cnbi_hub.store.base import AlreadyExists, Conflict, NotFound, StoreError, modify_status
 from cnbi_hub.store.kubernetes import KubernetesImageStore, group_label
+from tests.infra_tcp import CuttableProxy
 
 pytestmark = pytest.mark.kube
 
@@ -221,12 +222,9 @@ async def test_the_change_feed_tells_creates_changes_and_deletes(store):
 async def test_the_change_feed_resumes_after_its_connection_is_cut(crd_installed):
     """The store reaches the apiserver through a TCP relay on 127.0.0.1; cutting every relayed
     connection mid-watch, then changing objects while it reconnects, loses no event."""
-    relay = await TCPRelay.start("127.0.0.1", int(crd_installed.url.rsplit(":", 1)[1]))
     namespace = crd_installed.namespace()
     kubeconfig = crd_installed.rundir / f"kubeconfig-relay-{namespace}"
-    document = yaml.safe_load(Path(crd_installed.kubeconfig["admin"]).read_text())
-    document["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{relay.port}"
-    kubeconfig.write_text(yaml.safe_dump(document))
+    relay = await CuttableProxy.in_front_of(crd_installed.kubeconfig["admin"], kubeconfig)
     watched = KubernetesImageStore(namespace=namespace, kubeconfig=str(kubeconfig))
     direct = KubernetesImageStore(namespace=namespace, kubeconfig=str(crd_installed.kubeconfig["admin"]))
     try:
@@ -243,7 +241,7 @@ async def test_the_change_feed_resumes_after_its_connection_is_cut(crd_installed
     finally:
         await watched.aclose()
         await direct.aclose()
-        relay.close()
+        await relay.close()
 
 
 async def test_the_change_feed_lists_again_after_410_gone(store, crd_installed):
@@ -272,51 +270,6 @@ async def next_event_after(store, name):
             await store.get(name)
         except NotFound:
             await next_event(changes, name, ("ADDED",))
-
-
-class TCPRelay:
-    """Forwards TCP connections to one address; `cut()` closes every open one."""
-
-    def __init__(self, host: str, port: int):
-        self.target = (host, port)
-        self.writers: set = set()
-        self.connections = 0
-        self.server = None
-        self.port = 0
-
-    @classmethod
-    async def start(cls, host: str, port: int) -> "TCPRelay":
-        relay = cls(host, port)
-        relay.server = await asyncio.start_server(relay._serve, "127.0.0.1", 0)
-        relay.port = relay.server.sockets[0].getsockname()[1]
-        return relay
-
-    async def _serve(self, reader, writer):
-        self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.writers |= {writer, up_writer}
-
-        async def pump(source, sink):
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                sink.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-        self.writers -= {writer, up_writer}
-
-    def cut(self) -> None:
-        for writer in list(self.writers):
-            writer.transport.abort()
-        self.writers.clear()
-
-    def close(self) -> None:
-        self.cut()
-        self.server.close()
 
 
 async def test_git_credentials_are_secrets_per_owner_holding_only_the_sealed_record(store):

@@ -52,6 +52,11 @@ class GitRefNotFound(GitError):
     """The repository has no branch, tag or commit by that name."""
 
 
+class GitDiskFull(GitError):
+    """This machine's disk filled while git wrote the checkout (not the remote's: its lines
+    start with "remote:")."""
+
+
 def allowed_scheme(url: str, allowed: tuple[str, ...] = ("https",)) -> None:
     """Raise ValueError unless ``url`` is a ``scheme://`` URL whose scheme is allowed.
 
@@ -183,7 +188,14 @@ def _refusal(url: str, message: str, credential: GitCredential | None, doing: st
         return GitAuthenticationFailed(
             f"{urlsplit(url).netloc.rpartition('@')[2]} refused the credential for {url}: the token is wrong, "
             "expired, or may not read this repository")
+    if _local_disk_full(message):
+        return GitDiskFull(f"{doing}: {message}")
     return GitError(f"{doing}: {message}")
+
+
+def _local_disk_full(message: str) -> bool:
+    return any("No space left on device" in line and "remote:" not in line.split("No space left on device")[0]
+               for line in message.split("; "))
 
 
 def _parse_ls_remote(output: str) -> tuple[dict[str, str], str | None]:
@@ -292,7 +304,7 @@ async def shallow_clone(
         _git_argv(None, "checkout", "-q", "--detach", commit), cwd=str(dest), timeout=timeout
     )
     if code != 0:
-        raise GitError(f"cannot check out {commit}: {_git_message(err)}")
+        raise _refusal(url, _git_message(err), None, f"cannot check out {commit}")
     code, out, err = await _run_git(
         _git_argv(None, "rev-parse", "--verify", "HEAD"), cwd=str(dest), timeout=timeout
     )

@@ -346,9 +346,9 @@ class PhaseWork(LoggingConfigurable):
             return Outcome(False, "GitRefNotFound", str(e))
         except gitsource.GitAuthenticationFailed as e:
             return Outcome(False, "GitAuthenticationFailed", str(e))
+        except gitsource.GitDiskFull as e:
+            return self.disk_full("fetching the repository", e, model.name_of(obj))
         except (gitsource.GitError, ValueError) as e:
-            if _our_disk_full(str(e)):
-                return self.disk_full("fetching the repository", e, model.name_of(obj))
             return Outcome(False, "GitRepositoryUnavailable", str(e))
         files = gitsource.repo_files(checkout)
         recipe = gitsource.detect_recipe(files)
@@ -818,10 +818,3 @@ def _pip_section_of_environment(checkout: Path) -> list[list]:
         if isinstance(dependency, dict) and "pip" in dependency:
             return _requirement_lines("\n".join(str(x) for x in dependency["pip"]))
     return []
-
-
-def _our_disk_full(git_message: str) -> bool:
-    """Pure: whether git's message says this machine's disk is full (ENOSPC writing the
-    checkout), not the remote's (its lines start with "remote:")."""
-    return any("No space left on device" in line and "remote:" not in line.split("No space left on device")[0]
-               for line in git_message.replace("; ", "\n").splitlines())
