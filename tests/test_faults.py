@@ -257,3 +257,131 @@ async def test_a_build_that_prints_podmans_words_for_a_broken_image_removes_noth
         assert podman("image", "exists", victim).returncode == 0, "a build's output removed another image"
     finally:
         podman("rmi", "--force", victim)
+
+
+# podman 4.3's own words, as it ended builds on a full 300 MB store here (shortened where long)
+COMMIT_OUT_OF_SPACE = (
+    'STEP 2/2: RUN head -c 200000000 /dev/urandom > /tmp/big && echo wrote\nwrote\nCOMMIT localhost/exp:one\n'
+    'Error: committing container for step {Env:[PATH=/usr/bin HOME=/home/jovyan] Command:run '
+    'Args:[head -c 200000000 /dev/urandom > /tmp/big && echo wrote] Flags:[] Attrs:map[] '
+    'Message:RUN head -c 200000000 /dev/urandom > /tmp/big && echo wrote Original:RUN head -c 200000000 '
+    '/dev/urandom > /tmp/big && echo wrote}: copying layers and metadata for container "5a7ae028e1cb": '
+    'writing blob: adding layer with blob "sha256:6e8d204a6b10": processing tar file(write /tmp/big: '
+    'no space left on device): exit status 1')
+RUN_OUT_OF_SPACE_TOO = (
+    'head: error writing \'standard output\': No space left on device\n'
+    'Error: deleting build container "4a446085f6f4": 1 error occurred:\n'
+    '\t* write /var/lib/x/overlay-containers/.tmp-containers.json572768381: no space left on device\n\n'
+    ': building at STEP "RUN head -c 400000000 /dev/urandom > /tmp/big && echo wrote": while running runtime: '
+    'exit status 1')
+
+
+@pytest.mark.parametrize("output, podman_ran_out", [
+    (COMMIT_OUT_OF_SPACE, True),
+    (RUN_OUT_OF_SPACE_TOO, True),
+    # the user's own step failing, whatever it prints or says in its text: not podman's storage
+    ('no space left on device\nError: building at STEP "RUN echo x": while running runtime: exit status 1', False),
+    ('Error: no space left on device\nError: building at STEP "RUN exit 1": while running runtime: exit status 1',
+     False),
+    ('Error: building at STEP "RUN echo \'no space left on device\' && exit 1": while running runtime: exit status 1',
+     False),
+    ('Error: building at STEP "RUN echo \'": no space left on device\' && exit 1": while running runtime: '
+     'exit status 1', False),
+    ('Error: committing container for step {Env:[X=no space left on device] Original:RUN x}: '
+     'copying layers: exit status 1', False),
+    ("COMMIT localhost/x\nsuccessfully built", False),
+], ids=["commit", "run-and-cleanup", "step-output", "step-prints-error", "step-text", "step-text-quoted",
+        "step-env", "no-error"])
+def test_only_podmans_own_words_say_its_storage_ran_out(output, podman_ran_out):
+    from cnbi_hub.controller.builders.podman import ran_out_of_space
+
+    assert ran_out_of_space(output) is podman_ran_out
+
+
+@pytest.fixture
+def podman_on_a_small_disk(tmp_path, notebook_base_images):
+    """The real podman builder with its own image storage on a 200 MB tmpfs (ENOSPC for real, not
+    a floor): this machine's store is read as an additional image store, as podman allows, so
+    the base images need no copy there. The test's images and containers live and go with it."""
+    from traitlets import Unicode
+
+    from cnbi_hub.containers import podman_environ
+    from cnbi_hub.controller.builders.podman import PodmanBuilder
+    from tests.infra_disk import small_disk
+    from tests.infra_podman import podman
+
+    machine_store = podman("info", "--format", "{{.Store.GraphRoot}}").stdout.strip()
+
+    class PodmanOnASmallDisk(PodmanBuilder):
+        storage_conf = Unicode()
+
+        @property
+        def env(self):
+            return {**podman_environ(), "CONTAINERS_STORAGE_CONF": self.storage_conf}
+
+    with small_disk(tmp_path / "image-storage", 200) as graph_root:
+        conf = tmp_path / "storage.conf"
+        conf.write_text(
+            f'[storage]\ndriver = "overlay"\nrunroot = "{tmp_path / "run"}"\ngraphroot = "{graph_root}"\n'
+            f'[storage.options]\nadditionalimagestores = ["{machine_store}"]\n'
+            '[storage.options.overlay]\nmountopt = "nodev"\n')
+        builder = PodmanOnASmallDisk(storage_conf=str(conf), min_free_disk=0)  # the disk really fills
+        builder.graph_root_path = graph_root
+        try:
+            yield builder
+        finally:
+            env = builder.env
+            podman("rm", "--all", "--force", env=env)
+            own = [line.split()[1] for line in podman("images", "--all", "--format", "{{.ReadOnly}} {{.ID}}",
+                                                      env=env).stdout.splitlines() if line.startswith("false")]
+            if own:  # by ID, its own only: never an image of the machine's store
+                podman("rmi", "--force", *own, env=env)
+
+
+async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_goes_on(
+        tmp_path, podman_on_a_small_disk, make_git_repo):
+    """podman runs out of space committing a step (ENOSPC in its own storage, not a floor):
+    Failed in Building with DiskFull and no server path; the steps it finished are gone from
+    the full disk; a step that only says so is the user's failure; the next build goes on."""
+    import os
+    import secrets
+    import shutil
+
+    from tests.infra_podman import podman
+
+    builder = podman_on_a_small_disk
+    free_at_start = shutil.disk_usage(builder.graph_root_path).free
+
+    def repository(name: str, steps: str):
+        return make_git_repo(f"{name}-{os.getpid()}-{id(tmp_path)}", {"Containerfile": (
+            f"FROM {USER_BASE}\nRUN echo {secrets.token_hex(8)} > /tmp/first-step\n{steps}")})
+
+    # 120 MB fit in the step's container; committing them needs 120 MB more
+    too_big = repository("too-big-to-commit", "RUN head -c 120000000 /dev/urandom > /tmp/big\n")
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": too_big.url, "gitRef": "main"},
+                      "storage-full", builder=builder)
+    assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building", obj["status"]
+    condition = next(c for c in obj["status"]["conditions"] if c.get("reason") == "DiskFull")
+    assert "the service's disk is full while building the image" in condition["message"], condition
+    assert str(builder.graph_root_path) not in condition["message"]
+    own_images = [line for line in podman("images", "--all", "--format", "{{.ReadOnly}} {{.ID}}",
+                                          env=builder.env).stdout.splitlines() if line.startswith("false")]
+    assert own_images == [], f"the failed build's steps stayed on the full disk: {own_images}"
+    assert shutil.disk_usage(builder.graph_root_path).free > free_at_start - 8_000_000
+
+    saying_so = repository("says-the-disk-is-full", "RUN echo 'Error: no space left on device' >&2; exit 1\n")
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": saying_so.url, "gitRef": "main"},
+                      "says-disk-full", builder=builder)
+    assert model.phase_of(obj) == "Failed", obj["status"]
+    assert failure_of_reason(obj) == "BuildFailed", obj["status"]
+
+    fits = repository("fits-the-disk", "RUN head -c 20000000 /dev/urandom > /tmp/small\n")
+    obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": fits.url, "gitRef": "main"},
+                      "storage-fits", builder=builder)
+    assert model.phase_of(obj) == "Ready", obj["status"]
+
+
+def failure_of_reason(obj) -> str:
+    from cnbi_hub.controller.statemachine import failure_of
+
+    return (failure_of(obj["status"]) or {}).get("reason", "")

@@ -32,7 +32,7 @@ from ..store.base import NotFound
 from ..trust import machine_ca_bundle
 from . import gitsource
 from .buildplan import BuildObservations, PlanError, parse_apt_txt, plan_build, spec_hash, uv_config_toml
-from .builders.base import BaseImageInfo, BuildError, Builder, PullFailed
+from .builders.base import BaseImageInfo, BuildError, Builder, PullFailed, StorageFull
 from .checks import interpret_check, manifest_from_pip_list, plan_checks, requested_distribution_names
 from .imageaccess import ImageAccess
 from .registry import ImageNotFound, ImageUnauthorized, RegistryError, RegistryUnreachable
@@ -161,7 +161,8 @@ class PhaseWork(LoggingConfigurable):
         """The outcome when the service's own disk is full (not the user's doing): what was being
         done and who can help; where, in the service's log (a path of the server is not the
         user's business). The work directory is cleaned after it as always."""
-        where = getattr(error, "filename", None) or self.work_dir
+        where = getattr(error, "filename", None) or (
+            "the builder's image storage" if isinstance(error, StorageFull) else self.work_dir)
         self.log.error("image %s: the disk is full at %s while %s: %s", name, where, doing, error)
         return Outcome(False, "DiskFull", f"the service's disk is full while {doing}: nothing of this image "
                                           "was kept; ask an admin to free space, then rebuild")
@@ -274,6 +275,8 @@ class PhaseWork(LoggingConfigurable):
         say(f"pinned {pinned}")
         try:
             info = await self.builder.inspect_base(pinned, pull_access)
+        except StorageFull as e:
+            return dataclasses.replace(self.disk_full("pulling the base image", e, model.name_of(obj)), observed=observed)
         except PullFailed as e:
             return Outcome(False, "ImagePullFailed", str(e), observed)
         except BuildError as e:
@@ -701,6 +704,8 @@ class PhaseWork(LoggingConfigurable):
                 image = await self._build_image(obj, info, say, checks)
             except PlanError as e:
                 return Outcome(False, "InvalidBuildPlan", str(e))
+            except StorageFull as e:
+                return self.disk_full("building the image", e, model.name_of(obj))
             except BuildError as e:
                 reason = getattr(e, "reason", None) or "BuildFailed"
                 return Outcome(False, reason if reason in ("Cancelled", "PipelineRunTimeout") else "BuildFailed", str(e))

@@ -32,6 +32,12 @@ class PullFailed(BuildError):
     """The image could not be fetched (registry, credentials)."""
 
 
+class StorageFull(BuildError):
+    """The disk holding the builder's image storage ran out of space while it wrote there (a
+    build's layer, a pulled image): the machine's trouble, not the user's; the message is the
+    tool's own words (with the server's paths: for the admin's log)."""
+
+
 @dataclass
 class StoredImage:
     """An image the builder has: its digest and platform."""

@@ -34,7 +34,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode
 from ...containers import broken_image_ids, podman_environ, repair_broken_images
 from ..buildplan import BuildPlan
 from ..checks import Check
-from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StoredImage
+from .base import BaseImageInfo, BuildError, Builder, ImageMissing, LogFn, PullAccess, PullFailed, StorageFull, StoredImage
 from .sandbox import (BuildCgroup, IsolatedNetwork, Limits, SandboxError, Usage, die_with_parent, format_bytes,
                       sweep_stale_cgroups)
 
@@ -255,6 +255,8 @@ class PodmanBuilder(Builder):
         if authfile:
             args.append(f"--authfile={authfile}")
         code, out, err = await self._run(*args, "--", reference, timeout=900)
+        if code != 0 and ran_out_of_space(err):
+            raise StorageFull(f"pulling {reference}: {_last_lines(err)}")
         if code != 0:
             raise PullFailed(f"could not pull {reference}: {_last_lines(err or out)}")
 
@@ -422,6 +424,9 @@ class PodmanBuilder(Builder):
                 await self.remove_image(plan.target)
                 raise BuildError("the build's network namespace went away while it ran; build it again")
             usage = sandbox.usage()
+            if code != 0 and ran_out_of_space(tail):
+                await self._remove_step_images(tail)  # nothing of this image stays on the full disk
+                raise StorageFull(f"podman build of {plan.target}: {_last_lines(tail[tail.rfind('Error: '):], 15)}")
             if code != 0:
                 raise BuildError(self._failure_message(code, tail, usage, in_cgroup=sandbox.cgroup is not None))
             await _call(log, _usage_line(usage))
@@ -474,6 +479,12 @@ class PodmanBuilder(Builder):
                 if not task.done():
                     task.cancel()
             await asyncio.gather(build, watch, return_exceptions=True)
+
+    async def _remove_step_images(self, output: str) -> None:
+        """Remove the images of the steps a failed build finished (podman keeps them as its
+        layer cache); one an image still builds on (a Ready image's, another build's) stays."""
+        for image_id in dict.fromkeys(match.group(1) for match in map(_STEP_DONE.search, output.splitlines()) if match):
+            await self._run("rmi", "--ignore", "--", image_id)
 
     async def _watch_free_disk(self) -> None:
         if not self.min_free_disk:
@@ -552,6 +563,21 @@ class PodmanBuilder(Builder):
     async def remove_container(self, name: str) -> None:
         await self._run("rm", "--force", "--time=0", "--ignore", name)
 
+
+def ran_out_of_space(output: str) -> bool:
+    """Pure: whether podman's own closing error (the last "Error: " line to the end, after all a
+    build printed) says its storage ran out of space (ENOSPC). The step podman quotes in it (an
+    instruction the user wrote: `STEP "..."`, `for step {...}`) is left out: a user's words
+    never make their failure the disk's."""
+    starts = [at for at, line in enumerate(output.splitlines()) if line.startswith("Error: ")]
+    if not starts:
+        return False
+    closing = "\n".join(output.splitlines()[starts[-1]:])
+    return "no space left on device" in _QUOTED_STEP.sub("STEP: ", closing).lower()
+
+
+# greedy on one line: up to podman's last `": ` or `}: `, past anything the step's text holds
+_QUOTED_STEP = re.compile(r'(?:STEP ".*"|for step \{.*\}): ')
 
 # podman build's line for a finished step: "--> 1f18fd1ec6f" or "--> Using cache 1f18fd1ec6f..."
 _STEP_DONE = re.compile(r"--> (?:Using cache )?([0-9a-f]{11,64})\s*$")
