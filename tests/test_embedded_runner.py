@@ -462,3 +462,75 @@ async def test_an_image_whose_work_broke_off_on_the_store_starts_again_and_is_ne
     failure = failure_of(ended["status"])
     assert failure["reason"] == "EngineError" and "3 times in a row" in failure["message"], failure
     assert "ConnectionError: the store is away" in failure["message"]
+
+
+class LaggingFeedStore(SQLImageStore):
+    """The real SQLite store whose change feed brings each Ready a while after it was written,
+    as an apiserver's watch does under load; it counts each image's log writes."""
+
+    feed_lag = 1.5
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log_writes: dict[str, int] = {}
+
+    def watch(self):
+        return _LaggingSubscription(super().watch(), self.feed_lag)
+
+    async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
+        if kind == "log":
+            self.log_writes[name] = self.log_writes.get(name, 0) + 1
+        return await super().put_artifact(name, kind, text, uid=uid)
+
+
+class _LaggingSubscription:
+    def __init__(self, inner, lag: float):
+        self.inner, self.lag = inner, lag
+
+    @property
+    def overflowed(self) -> bool:
+        return self.inner.overflowed
+
+    async def get(self, timeout: float | None = None):
+        event = await self.inner.get(timeout)
+        if event.type == "MODIFIED" and model.phase_of(event.object) == "Ready":
+            await asyncio.sleep(self.lag)
+        return event
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+async def test_identical_imports_are_each_reused_once_while_the_feed_lags(
+        tmp_path, local_registry, notebook_base_images, podman_env):
+    """An import that reused an identical image has left Pending when its write returns, not
+    when the change feed brings that write: a feed behind (an apiserver's watch under load)
+    must not send it through the reuse a second time (another registry request, log and write)."""
+    base = push_notebook_base(notebook_base_images, f"{local_registry.host}/cnbi/notebook-base:py311-user", podman_env)
+    store = LaggingFeedStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
+    runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
+
+    def image(name):
+        return model.validate_new_object({"metadata": {"name": name},
+                                          "spec": {"buildType": "ImageImport", "fromImage": base}}, creator="importer")
+
+    names = [f"again-{i}" for i in range(4)]
+    await runner.start()
+    try:
+        await store.create(image("first"))
+        assert model.phase_of(await drive_to_end(store, "first")) == "Ready"
+        for name in names:
+            await store.create(image(name))
+        for name in names:
+            again = await drive_to_end(store, name, timeout_s=30)
+            assert again["status"].get("reusedFrom") == "first", again["status"]
+        await asyncio.sleep(3 * store.feed_lag)  # until the feed has brought every Ready
+    finally:
+        await runner.stop()
+    assert {name: store.log_writes.get(name) for name in names} == {name: 1 for name in names}

@@ -198,7 +198,7 @@ class EmbeddedRunner(LoggingConfigurable):
                 name = model.name_of(event.object)
                 ran_before = self._finished.get(name)
                 self._note(event.object, deleted=event.type == "DELETED")
-                if self._finished.get(name) not in (None, ran_before):
+                if self._finished.get(name) not in (None, ran_before) and name in self._stack_parents.values():
                     self._follow_base(name)  # a run ended: the images built on it follow
                 if event.type != "DELETED" and not (event.object.get("status") or {}).get("phase"):
                     if self.phases.reusable_without_slot(event.object):
@@ -587,6 +587,9 @@ class EmbeddedRunner(LoggingConfigurable):
                 return
             if await self._write_status(name, uid, status, expected_phase=PHASE_PENDING, known=obj):
                 BUILDS.labels("reused").inc()
+                # it left Pending now, as a driven image does when its work ends: until the feed
+                # brings this write, a scheduling pass would otherwise reuse it a second time
+                self._pending.pop(uid, None)
         except asyncio.CancelledError:
             raise
         except Exception:  # it goes the long way, through a slot, which reports what is wrong
