@@ -341,8 +341,10 @@ def podman_on_a_small_disk(tmp_path, notebook_base_images):
 async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_goes_on(
         tmp_path, podman_on_a_small_disk, make_git_repo):
     """podman runs out of space committing a step (ENOSPC in its own storage, not a floor):
-    Failed in Building with DiskFull and no server path; the steps it finished are gone from
-    the full disk; a step that only says so is the user's failure; the next build goes on."""
+    Failed in Building with DiskFull and no server path; the steps it made are gone from the
+    full disk, but not the images a step names as podman names its steps (someone else's, one
+    tagged and one not); a step that only says the disk is full is the user's failure; the
+    next build goes on."""
     import os
     import secrets
     import shutil
@@ -350,6 +352,14 @@ async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_
     from tests.infra_podman import podman
 
     builder = podman_on_a_small_disk
+    someone_elses = []
+    for tag in (["-t", "localhost/cnbi-test/someone-elses:1"], []):
+        others = tmp_path / f"others-{len(someone_elses)}"
+        others.mkdir()
+        (others / "Containerfile").write_text(f"FROM {USER_BASE}\nRUN echo {secrets.token_hex(8)} > /tmp/someone-elses\n")
+        built = podman("build", "--quiet", "--pull=never", *tag, str(others), env=builder.env)
+        assert built.returncode == 0, built.stderr
+        someone_elses.append(built.stdout.split()[-1])
     free_at_start = shutil.disk_usage(builder.graph_root_path).free
 
     def repository(name: str, steps: str):
@@ -357,16 +367,19 @@ async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_
             f"FROM {USER_BASE}\nRUN echo {secrets.token_hex(8)} > /tmp/first-step\n{steps}")})
 
     # 120 MB fit in the step's container; committing them needs 120 MB more
-    too_big = repository("too-big-to-commit", "RUN head -c 120000000 /dev/urandom > /tmp/big\n")
+    naming = "".join(f"RUN echo '--> {image_id}'\n" for image_id in someone_elses)
+    too_big = repository("too-big-to-commit", naming + "RUN head -c 120000000 /dev/urandom > /tmp/big\n")
     obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": too_big.url, "gitRef": "main"},
                       "storage-full", builder=builder)
     assert model.phase_of(obj) == "Failed" and obj["status"]["failedPhase"] == "Building", obj["status"]
     condition = next(c for c in obj["status"]["conditions"] if c.get("reason") == "DiskFull")
     assert "the service's disk is full while building the image" in condition["message"], condition
     assert str(builder.graph_root_path) not in condition["message"]
-    own_images = [line for line in podman("images", "--all", "--format", "{{.ReadOnly}} {{.ID}}",
-                                          env=builder.env).stdout.splitlines() if line.startswith("false")]
-    assert own_images == [], f"the failed build's steps stayed on the full disk: {own_images}"
+    own_images = [line.split()[1] for line in podman("images", "--all", "--no-trunc", "--format",
+                                                     "{{.ReadOnly}} {{.ID}}", env=builder.env).stdout.splitlines()
+                  if line.startswith("false")]
+    assert sorted(image_id.removeprefix("sha256:") for image_id in own_images) == sorted(someone_elses), \
+        "the failed build's steps stayed on the full disk, or the images its output named went"
     assert shutil.disk_usage(builder.graph_root_path).free > free_at_start - 8_000_000
 
     saying_so = repository("says-the-disk-is-full", "RUN echo 'Error: no space left on device' >&2; exit 1\n")

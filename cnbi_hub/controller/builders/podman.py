@@ -415,8 +415,9 @@ class PodmanBuilder(Builder):
                 for key, value in plan.labels.items():
                     args.append(f"--label={key}={value}")
             args.append(str(context_dir))
+            existing = await self._image_ids()  # what the build's output may name that is not its own
             try:
-                code, tail = await self._watched_build(args, log, sandbox)
+                code, tail = await self._watched_build(args, log, sandbox, existing)
             except asyncio.TimeoutError:
                 raise BuildError(f"the build took longer than {self.build_timeout:.0f} s (its time limit) and was stopped")
             if sandbox.network is not None and not sandbox.network.alive:
@@ -425,7 +426,7 @@ class PodmanBuilder(Builder):
                 raise BuildError("the build's network namespace went away while it ran; build it again")
             usage = sandbox.usage()
             if code != 0 and ran_out_of_space(tail):
-                await self._remove_step_images(tail)  # nothing of this image stays on the full disk
+                await self._remove_step_images(tail, existing)  # nothing of this image stays on the full disk
                 raise StorageFull(f"podman build of {plan.target}: {_last_lines(tail[tail.rfind('Error: '):], 15)}")
             if code != 0:
                 raise BuildError(self._failure_message(code, tail, usage, in_cgroup=sandbox.cgroup is not None))
@@ -439,7 +440,7 @@ class PodmanBuilder(Builder):
             raise BuildError(self._size_message(size))
         return digest
 
-    async def _watched_build(self, args: list[str], log: LogFn, sandbox: "_Sandbox") -> tuple[int, str]:
+    async def _watched_build(self, args: list[str], log: LogFn, sandbox: "_Sandbox", existing: set[str]) -> tuple[int, str]:
         """Run `podman build`, stopping it at the first finished step whose image is over
         `max_image_size`, or when the disk falls below `min_free_disk`."""
         over_limit: list[str] = []
@@ -447,7 +448,7 @@ class PodmanBuilder(Builder):
         async def log_and_measure(line: str) -> None:
             await _call(log, line)
             step = _STEP_DONE.search(line)  # anywhere: output without a newline runs into it
-            if step and self.max_image_size:
+            if step and self.max_image_size and await self._made_by_this_build(step.group(1), existing):
                 try:
                     size = await self.image_size(step.group(1))
                 except asyncio.TimeoutError:
@@ -480,11 +481,33 @@ class PodmanBuilder(Builder):
                     task.cancel()
             await asyncio.gather(build, watch, return_exceptions=True)
 
-    async def _remove_step_images(self, output: str) -> None:
-        """Remove the images of the steps a failed build finished (podman keeps them as its
-        layer cache); one an image still builds on (a Ready image's, another build's) stays."""
+    async def _remove_step_images(self, output: str, existing: set[str]) -> None:
+        """Remove the images of the steps a failed build made (podman keeps them as its layer
+        cache); one an image still builds on (a Ready image's, another build's) stays."""
         for image_id in dict.fromkeys(match.group(1) for match in map(_STEP_DONE.search, output.splitlines()) if match):
-            await self._run("rmi", "--ignore", "--", image_id)
+            if await self._made_by_this_build(image_id, existing):
+                await self._run("rmi", "--ignore", "--", image_id)
+
+    async def _image_ids(self) -> set[str]:
+        """The full IDs of every image in storage now, intermediate ones included."""
+        code, out, err = await self._run("images", "--all", "--quiet", "--no-trunc")
+        if code != 0:
+            raise BuildError(f"podman could not list its images: {_last_lines(err)}")
+        return {line.strip().removeprefix("sha256:") for line in out.splitlines() if line.strip()}
+
+    async def _made_by_this_build(self, image_id: str, existing: set[str]) -> bool:
+        """Whether `image_id`, read from a build's output, is a step image the build made: not
+        among the images there before it started (`existing`), and untagged. A RUN step can
+        print podman's "--> <id>" line too, naming any image: a tagged one (a Ready build, a
+        base) or one there before is never taken for a step of this build, so it is neither
+        measured nor removed as one. (An untagged step image that another build makes meanwhile
+        is only podman's cache, and one in use is not removed: `podman rmi` refuses.)"""
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{len .RepoTags}}", "--", image_id)
+        try:
+            full_id, tags = out.split()
+        except ValueError:
+            return False
+        return code == 0 and tags == "0" and full_id.removeprefix("sha256:") not in existing
 
     async def _watch_free_disk(self) -> None:
         if not self.min_free_disk:
