@@ -28,7 +28,7 @@ async def api_client(kubeconfig: str = "") -> client.ApiClient:
     else:
         await config.load_kube_config(client_configuration=configuration)
     api = client.ApiClient(configuration)
-    if not urllib.request.getproxies():
+    if not urllib.request.getproxies() and hasattr(api.rest_client.pool_manager, "_trust_env"):
         # kubernetes_asyncio's session trusts the environment, so aiohttp looks for a proxy and
         # a ~/.netrc in two executor threads for every request: a quarter of the operator's CPU
         # under load. With no proxy named in the environment there is nothing to find (kopf's

@@ -290,8 +290,13 @@ RUN_OUT_OF_SPACE_TOO = (
     ('Error: committing container for step {Env:[X=no space left on device] Original:RUN x}: '
      'copying layers: exit status 1', False),
     ("COMMIT localhost/x\nsuccessfully built", False),
+    # the step's output without a newline at its end: podman's error runs on from its last line
+    ('Error: no space left on device\nxError: building at STEP "RUN printf x; exit 1": while running runtime: '
+     'exit status 1', False),
+    ('Error: deleting build container "4a44": 1 error occurred:\n\t* write /x: no space left on device\n\nx'
+     'Error: building at STEP "RUN exit 1": while running runtime: exit status 1', False),
 ], ids=["commit", "run-and-cleanup", "step-output", "step-prints-error", "step-text", "step-text-quoted",
-        "step-env", "no-error"])
+        "step-env", "no-error", "run-on-error", "run-on-cleanup"])
 def test_only_podmans_own_words_say_its_storage_ran_out(output, podman_ran_out):
     from cnbi_hub.controller.builders.podman import ran_out_of_space
 
@@ -382,7 +387,8 @@ async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_
         "the failed build's steps stayed on the full disk, or the images its output named went"
     assert shutil.disk_usage(builder.graph_root_path).free > free_at_start - 8_000_000
 
-    saying_so = repository("says-the-disk-is-full", "RUN echo 'Error: no space left on device' >&2; exit 1\n")
+    # as podman would say it, and with no newline at its end, so podman's own error runs on from it
+    saying_so = repository("says-the-disk-is-full", "RUN printf 'Error: no space left on device\\nx' >&2; exit 1\n")
     obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": saying_so.url, "gitRef": "main"},
                       "says-disk-full", builder=builder)
     assert model.phase_of(obj) == "Failed", obj["status"]

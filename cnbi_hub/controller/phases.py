@@ -275,8 +275,6 @@ class PhaseWork(LoggingConfigurable):
         say(f"pinned {pinned}")
         try:
             info = await self.builder.inspect_base(pinned, pull_access)
-        except StorageFull as e:
-            return dataclasses.replace(self.disk_full("pulling the base image", e, model.name_of(obj)), observed=observed)
         except PullFailed as e:
             return Outcome(False, "ImagePullFailed", str(e), observed)
         except BuildError as e:

@@ -33,9 +33,10 @@ class PullFailed(BuildError):
 
 
 class StorageFull(BuildError):
-    """The disk holding the builder's image storage ran out of space while it wrote there (a
-    build's layer, a pulled image): the machine's trouble, not the user's; the message is the
-    tool's own words (with the server's paths: for the admin's log)."""
+    """The disk holding the builder's image storage ran out of space while a build wrote there:
+    the machine's trouble, not the user's; the message is the tool's own words (with the
+    server's paths: for the admin's log). (A pull that fails so stays a pull failure: its error
+    quotes the registry's own words, which whoever runs that registry writes.)"""
 
 
 @dataclass

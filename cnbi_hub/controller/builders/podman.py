@@ -255,8 +255,6 @@ class PodmanBuilder(Builder):
         if authfile:
             args.append(f"--authfile={authfile}")
         code, out, err = await self._run(*args, "--", reference, timeout=900)
-        if code != 0 and ran_out_of_space(err):
-            raise StorageFull(f"pulling {reference}: {_last_lines(err)}")
         if code != 0:
             raise PullFailed(f"could not pull {reference}: {_last_lines(err or out)}")
 
@@ -591,12 +589,17 @@ def ran_out_of_space(output: str) -> bool:
     """Pure: whether podman's own closing error (the last "Error: " line to the end, after all a
     build printed) says its storage ran out of space (ENOSPC). The step podman quotes in it (an
     instruction the user wrote: `STEP "..."`, `for step {...}`) is left out: a user's words
-    never make their failure the disk's."""
+    never make their failure the disk's. When a build's last output has no newline at its end,
+    podman's error runs on from it, and the last "Error: " line is the build's: another
+    "Error: " later on says so, and then the answer is no (a full disk may go unnamed, never a
+    disk named full by a build)."""
     starts = [at for at, line in enumerate(output.splitlines()) if line.startswith("Error: ")]
     if not starts:
         return False
-    closing = "\n".join(output.splitlines()[starts[-1]:])
-    return "no space left on device" in _QUOTED_STEP.sub("STEP: ", closing).lower()
+    closing = _QUOTED_STEP.sub("STEP: ", "\n".join(output.splitlines()[starts[-1]:]))
+    if "Error: " in closing[len("Error: "):]:
+        return False
+    return "no space left on device" in closing.lower()
 
 
 # greedy on one line: up to podman's last `": ` or `}: `, past anything the step's text holds
