@@ -1,5 +1,6 @@
-"""A TCP passthrough on 127.0.0.1 whose connections can be cut: a network that drops a client's
-connections (a watch, a request) mid-stream while the server itself stays up."""
+"""TCP passthroughs on 127.0.0.1: one whose connections can be cut (a network that drops a
+client's connections, a watch or a request, mid-stream while the server itself stays up), and
+an HTTP CONNECT proxy (what $HTTPS_PROXY names)."""
 
 from __future__ import annotations
 
@@ -67,6 +68,37 @@ class CuttableProxy:
             self._server.close()
             self.cut()
             await self._server.wait_closed()
+
+
+class ConnectProxy:
+    """An HTTP CONNECT proxy: tunnels each connection to the host and port its CONNECT names,
+    counting the tunnels it opened."""
+
+    def __init__(self):
+        self.tunnels = 0
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> str:
+        """Start it; its address for $HTTPS_PROXY."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, client_reader, client_writer) -> None:
+        request = await client_reader.readuntil(b"\r\n\r\n")
+        method, target, _ = request.split(b"\r\n", 1)[0].split(b" ", 2)
+        if method != b"CONNECT":
+            client_writer.close()
+            return
+        host, port = target.decode().rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        self.tunnels += 1
+        client_writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await client_writer.drain()
+        await asyncio.gather(_pipe(client_reader, upstream_writer), _pipe(upstream_reader, client_writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

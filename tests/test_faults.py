@@ -16,6 +16,7 @@ import threading
 import pytest
 
 from cnbi_hub import model
+from cnbi_hub.controller.statemachine import failure_of
 from tests.infra_registry import free_port
 from tests.test_embedded_runner import failure_message, one_image_through_an_engine
 
@@ -392,15 +393,10 @@ async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_
     obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": saying_so.url, "gitRef": "main"},
                       "says-disk-full", builder=builder)
     assert model.phase_of(obj) == "Failed", obj["status"]
-    assert failure_of_reason(obj) == "BuildFailed", obj["status"]
+    assert (failure_of(obj["status"]) or {}).get("reason") == "BuildFailed", obj["status"]
 
     fits = repository("fits-the-disk", "RUN head -c 20000000 /dev/urandom > /tmp/small\n")
     obj = await drive(tmp_path, {"buildType": "GitRepository", "repository": fits.url, "gitRef": "main"},
                       "storage-fits", builder=builder)
     assert model.phase_of(obj) == "Ready", obj["status"]
 
-
-def failure_of_reason(obj) -> str:
-    from cnbi_hub.controller.statemachine import failure_of
-
-    return (failure_of(obj["status"]) or {}).get("reason", "")

@@ -214,45 +214,6 @@ def test_pod_pulls_from_local_plain_http_registry(kube_node, local_registry, tmp
     assert "local" in run_pod(kube_node, ns, pod("local-again", kube_node.images["busybox"], "echo local"))
 
 
-class ConnectProxy:
-    """An HTTP CONNECT proxy on 127.0.0.1 that relays and counts the tunnels it opened."""
-
-    def __init__(self):
-        self.tunnels = 0
-        self.server = None
-
-    async def start(self) -> str:
-        import asyncio
-
-        async def relay(reader, writer):
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            finally:
-                writer.close()
-
-        async def serve(reader, writer):
-            request = await reader.readuntil(b"\r\n\r\n")
-            method, target, _ = request.split(b"\r\n", 1)[0].split(b" ", 2)
-            if method != b"CONNECT":
-                writer.close()
-                return
-            host, port = target.decode().rsplit(":", 1)
-            upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
-            self.tunnels += 1
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            await writer.drain()
-            await asyncio.gather(relay(reader, upstream_writer), relay(upstream_reader, writer),
-                                 return_exceptions=True)
-
-        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def stop(self):
-        self.server.close()
-
-
 async def test_the_projects_client_looks_for_a_proxy_only_when_the_environment_names_one(kube_cluster, monkeypatch):
     """cnbi_hub.kubeclient.api_client: without a proxy in the environment, aiohttp is not asked
     to look for one (nor for a ~/.netrc) at every request; with HTTPS_PROXY set, requests to the
@@ -260,6 +221,7 @@ async def test_the_projects_client_looks_for_a_proxy_only_when_the_environment_n
     from kubernetes_asyncio import client
 
     from cnbi_hub.kubeclient import api_client
+    from tests.infra_tcp import ConnectProxy
 
     for variable in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(variable, raising=False)
@@ -281,4 +243,4 @@ async def test_the_projects_client_looks_for_a_proxy_only_when_the_environment_n
         assert proxy.tunnels >= 1, "the apiserver was reached around the proxy the environment names"
     finally:
         await api.close()
-        await proxy.stop()
+        await proxy.close()

@@ -157,12 +157,11 @@ class PhaseWork(LoggingConfigurable):
             self.log.exception("%s of %s failed", phase, model.name_of(obj))
             return Outcome(False, "InternalError", f"{type(e).__name__}: {e}")
 
-    def disk_full(self, doing: str, error: Exception, name: str) -> Outcome:
+    def disk_full(self, doing: str, error: Exception, name: str, where: str | None = None) -> Outcome:
         """The outcome when the service's own disk is full (not the user's doing): what was being
         done and who can help; where, in the service's log (a path of the server is not the
         user's business). The work directory is cleaned after it as always."""
-        where = getattr(error, "filename", None) or (
-            "the builder's image storage" if isinstance(error, StorageFull) else self.work_dir)
+        where = where or getattr(error, "filename", None) or self.work_dir
         self.log.error("image %s: the disk is full at %s while %s: %s", name, where, doing, error)
         return Outcome(False, "DiskFull", f"the service's disk is full while {doing}: nothing of this image "
                                           "was kept; ask an admin to free space, then rebuild")
@@ -703,7 +702,7 @@ class PhaseWork(LoggingConfigurable):
             except PlanError as e:
                 return Outcome(False, "InvalidBuildPlan", str(e))
             except StorageFull as e:
-                return self.disk_full("building the image", e, model.name_of(obj))
+                return self.disk_full("building the image", e, model.name_of(obj), where="the builder's image storage")
             except BuildError as e:
                 reason = getattr(e, "reason", None) or "BuildFailed"
                 return Outcome(False, reason if reason in ("Cancelled", "PipelineRunTimeout") else "BuildFailed", str(e))

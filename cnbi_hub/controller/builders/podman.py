@@ -425,7 +425,7 @@ class PodmanBuilder(Builder):
             usage = sandbox.usage()
             if code != 0 and ran_out_of_space(tail):
                 await self._remove_step_images(tail, existing)  # nothing of this image stays on the full disk
-                raise StorageFull(f"podman build of {plan.target}: {_last_lines(tail[tail.rfind('Error: '):], 15)}")
+                raise StorageFull(f"podman build of {plan.target}: {_last_lines(_closing_error(tail), 15)}")
             if code != 0:
                 raise BuildError(self._failure_message(code, tail, usage, in_cgroup=sandbox.cgroup is not None))
             await _call(log, _usage_line(usage))
@@ -446,9 +446,9 @@ class PodmanBuilder(Builder):
         async def log_and_measure(line: str) -> None:
             await _call(log, line)
             step = _STEP_DONE.search(line)  # anywhere: output without a newline runs into it
-            if step and self.max_image_size and await self._made_by_this_build(step.group(1), existing):
+            if step and self.max_image_size:
                 try:
-                    size = await self.image_size(step.group(1))
+                    size = await self._own_step_size(step.group(1), existing)
                 except asyncio.TimeoutError:
                     size = None  # not the build's time limit: the final size check still holds
                 if size and size > self.max_image_size:
@@ -483,7 +483,7 @@ class PodmanBuilder(Builder):
         """Remove the images of the steps a failed build made (podman keeps them as its layer
         cache); one an image still builds on (a Ready image's, another build's) stays."""
         for image_id in dict.fromkeys(match.group(1) for match in map(_STEP_DONE.search, output.splitlines()) if match):
-            if await self._made_by_this_build(image_id, existing):
+            if await self._own_step_size(image_id, existing) is not None:
                 await self._run("rmi", "--ignore", "--", image_id)
 
     async def _image_ids(self) -> set[str]:
@@ -493,19 +493,22 @@ class PodmanBuilder(Builder):
             raise BuildError(f"podman could not list its images: {_last_lines(err)}")
         return {line.strip().removeprefix("sha256:") for line in out.splitlines() if line.strip()}
 
-    async def _made_by_this_build(self, image_id: str, existing: set[str]) -> bool:
-        """Whether `image_id`, read from a build's output, is a step image the build made: not
-        among the images there before it started (`existing`), and untagged. A RUN step can
-        print podman's "--> <id>" line too, naming any image: a tagged one (a Ready build, a
-        base) or one there before is never taken for a step of this build, so it is neither
-        measured nor removed as one. (An untagged step image that another build makes meanwhile
-        is only podman's cache, and one in use is not removed: `podman rmi` refuses.)"""
-        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{len .RepoTags}}", "--", image_id)
+    async def _own_step_size(self, image_id: str, existing: set[str]) -> int | None:
+        """The size of `image_id`, read from a build's output, when it is a step image the build
+        made: not among the images there before it started (`existing`), and untagged; else
+        None. A RUN step can print podman's "--> <id>" line too, naming any image: a tagged one
+        (a Ready build, a base) or one there before is never taken for a step of this build, so
+        it is neither measured nor removed as one. (An untagged step image that another build
+        makes meanwhile is only podman's cache, and one in use is not removed: `podman rmi`
+        refuses.)"""
+        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{len .RepoTags}} {{.Size}}",
+                                       "--", image_id)
         try:
-            full_id, tags = out.split()
+            full_id, tags, size = out.split()
+            own = code == 0 and tags == "0" and full_id.removeprefix("sha256:") not in existing
+            return int(size) if own else None
         except ValueError:
-            return False
-        return code == 0 and tags == "0" and full_id.removeprefix("sha256:") not in existing
+            return None
 
     async def _watch_free_disk(self) -> None:
         if not self.min_free_disk:
@@ -585,21 +588,26 @@ class PodmanBuilder(Builder):
         await self._run("rm", "--force", "--time=0", "--ignore", name)
 
 
-def ran_out_of_space(output: str) -> bool:
-    """Pure: whether podman's own closing error (the last "Error: " line to the end, after all a
-    build printed) says its storage ran out of space (ENOSPC). The step podman quotes in it (an
-    instruction the user wrote: `STEP "..."`, `for step {...}`) is left out: a user's words
-    never make their failure the disk's. When a build's last output has no newline at its end,
-    podman's error runs on from it, and the last "Error: " line is the build's: another
-    "Error: " later on says so, and then the answer is no (a full disk may go unnamed, never a
-    disk named full by a build)."""
-    starts = [at for at, line in enumerate(output.splitlines()) if line.startswith("Error: ")]
+def _closing_error(output: str) -> str | None:
+    """Pure: podman's own closing error, the last "Error: " line to the end (after all a build
+    printed), or None. When a build's last output has no newline at its end, podman's error
+    runs on from it and the last "Error: " line is the build's: another "Error: " in it,
+    outside the step podman quotes, says so, and then there is none to trust."""
+    lines = output.splitlines()
+    starts = [at for at, line in enumerate(lines) if line.startswith("Error: ")]
     if not starts:
-        return False
-    closing = _QUOTED_STEP.sub("STEP: ", "\n".join(output.splitlines()[starts[-1]:]))
-    if "Error: " in closing[len("Error: "):]:
-        return False
-    return "no space left on device" in closing.lower()
+        return None
+    closing = "\n".join(lines[starts[-1]:])
+    return None if "Error: " in _QUOTED_STEP.sub("STEP: ", closing)[len("Error: "):] else closing
+
+
+def ran_out_of_space(output: str) -> bool:
+    """Pure: whether podman's own closing error says its storage ran out of space (ENOSPC). The
+    step podman quotes in it (an instruction the user wrote: `STEP "..."`, `for step {...}`) is
+    left out: a user's words never make their failure the disk's (a full disk may go unnamed,
+    never a disk named full by a build)."""
+    closing = _closing_error(output)
+    return closing is not None and "no space left on device" in _QUOTED_STEP.sub("STEP: ", closing).lower()
 
 
 # greedy on one line: up to podman's last `": ` or `}: `, past anything the step's text holds
