@@ -13,6 +13,7 @@ from cnbi_hub.controller.buildlog import BuildLog
 from cnbi_hub.controller.builders.podman import PodmanBuilder
 from cnbi_hub.controller.imageaccess import ImageAccess
 from cnbi_hub.controller.phases import PhaseWork
+from cnbi_hub.controller.rebuild import full_log
 from cnbi_hub.controller.runner import EmbeddedRunner
 from cnbi_hub.controller.statemachine import failure_of
 from cnbi_hub.model import ValidationPolicy
@@ -189,6 +190,16 @@ def test_appended_lines_finds_what_a_log_kept_elsewhere_gained_between_two_reads
     assert appended_lines("x\ny\n", "=== Run 2 ===\nz\n") == ["=== Run 2 ===", "z"]
 
 
+def test_the_log_of_a_run_that_reused_an_image_at_once_is_said_from_its_status():
+    from cnbi_hub.controller.buildlog import reuse_log
+
+    reused = {"phase": "Ready", "reusedFrom": "first", "resolvedBaseImage": "r.example/x@sha256:ab"}
+    assert reuse_log(reused) == "pinned r.example/x@sha256:ab\n==> Pending -> Ready (Reused): identical to first\n"
+    assert reuse_log({**reused, "resolvedBaseImage": None}) == "==> Pending -> Ready (Reused): identical to first\n"
+    assert reuse_log({**reused, "phase": "Building"}) == ""  # a rebuild of it under way: its own log
+    assert reuse_log({"phase": "Ready", "image": "r.example/x@sha256:ab"}) == ""  # built: its log is stored
+
+
 def push_notebook_base(notebook_base_images, tag: str, podman_env) -> str:
     """The notebook base image pushed to `tag` in the local registry; the tag."""
     from tests.infra_podman import podman
@@ -259,8 +270,9 @@ async def test_an_identical_import_is_ready_while_the_only_build_slot_is_busy(
     assert status["baseImageInfo"] == first["status"]["baseImageInfo"] and "queuePosition" not in status
     assert {"Pending", "Prepare", "Ready"} <= set(status["phaseTimes"])
     assert written == ["Pending", "Ready"]  # created, then one status write
-    log = await store.get_artifact("again", "log")
-    assert "==> Pending -> Ready (Reused): identical to first" in log and "pinned " in log, log
+    assert await store.get_artifact("again", "log") is None  # nothing stored: the one write is its status
+    log = await full_log(store, again)  # what the logs route serves: said from its status
+    assert log == f"pinned {status['resolvedBaseImage']}\n==> Pending -> Ready (Reused): identical to first\n", log
     assert any(e[0] == "log" and e[1]["line"].startswith("==> Pending -> Ready") for e in events)
 
 
@@ -466,21 +478,12 @@ async def test_an_image_whose_work_broke_off_on_the_store_starts_again_and_is_ne
 
 class LaggingFeedStore(SQLImageStore):
     """The real SQLite store whose change feed brings each Ready a while after it was written,
-    as an apiserver's watch does under load; it counts each image's log writes."""
+    as an apiserver's watch does under load."""
 
     feed_lag = 1.5
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.log_writes: dict[str, int] = {}
-
     def watch(self):
         return _LaggingSubscription(super().watch(), self.feed_lag)
-
-    async def put_artifact(self, name: str, kind: str, text: str, *, uid: str | None = None) -> None:
-        if kind == "log":
-            self.log_writes[name] = self.log_writes.get(name, 0) + 1
-        return await super().put_artifact(name, kind, text, uid=uid)
 
 
 class _LaggingSubscription:
@@ -511,7 +514,7 @@ async def test_identical_imports_are_each_reused_once_while_the_feed_lags(
         tmp_path, local_registry, notebook_base_images, podman_env):
     """An import that reused an identical image has left Pending when its write returns, not
     when the change feed brings that write: a feed behind (an apiserver's watch under load)
-    must not send it through the reuse a second time (another registry request, log and write)."""
+    must not send it through the reuse a second time (another registry request and write)."""
     base = push_notebook_base(notebook_base_images, f"{local_registry.host}/cnbi/notebook-base:py311-user", podman_env)
     store = LaggingFeedStore(f"sqlite:///{tmp_path}/cnbi.sqlite")
     runner = embedded_engine(store, work_dir=str(tmp_path / "builds"), ca_bundle=CA_BUNDLE)
@@ -521,6 +524,14 @@ async def test_identical_imports_are_each_reused_once_while_the_feed_lags(
                                           "spec": {"buildType": "ImageImport", "fromImage": base}}, creator="importer")
 
     names = [f"again-{i}" for i in range(4)]
+    reuses: dict[str, int] = {}
+    reuse_at_once = runner.phases.reuse_at_once
+
+    async def counted_reuse(obj, say):  # the real reuse, counted: each is a registry request
+        reuses[model.name_of(obj)] = reuses.get(model.name_of(obj), 0) + 1
+        return await reuse_at_once(obj, say)
+
+    runner.phases.reuse_at_once = counted_reuse
     await runner.start()
     try:
         await store.create(image("first"))
@@ -533,4 +544,4 @@ async def test_identical_imports_are_each_reused_once_while_the_feed_lags(
         await asyncio.sleep(3 * store.feed_lag)  # until the feed has brought every Ready
     finally:
         await runner.stop()
-    assert {name: store.log_writes.get(name) for name in names} == {name: 1 for name in names}
+    assert {name: reuses.get(name) for name in names} == {name: 1 for name in names}

@@ -47,3 +47,14 @@ def appended_lines(before: str, after: str) -> list[str]:
             if new[start:start + k] == tail:
                 return new[start + k:]
     return new  # nothing in common (a new run's log): all of it is new
+
+
+def reuse_log(status: dict) -> str:
+    """The log of a run that reused an identical image before any work of its own (an import
+    finished at once, `EmbeddedRunner._reuse`): no log is stored for it, because its status
+    holds everything its lines said. "" for any other run."""
+    if status.get("phase") != "Ready" or not status.get("reusedFrom"):
+        return ""
+    lines = [f"pinned {status['resolvedBaseImage']}"] if status.get("resolvedBaseImage") else []
+    lines.append(f"==> Pending -> Ready (Reused): identical to {status['reusedFrom']}")
+    return "\n".join(lines) + "\n"

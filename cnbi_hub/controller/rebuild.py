@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from .. import generations, model, webhooks
 from ..store.base import Conflict, NotFound, modify_status
+from .buildlog import reuse_log
 from .statemachine import rebuild_after_this_run, rebuilt
 
 #: how many earlier Ready builds an image keeps to go back to (EmbeddedRunner.keep_generations)
@@ -16,10 +17,12 @@ KEEP_GENERATIONS = 5
 MAX_LOG_HISTORY_CHARS = 4 * 1024 * 1024
 
 
-async def full_log(store, name: str) -> str:
-    """Every run's log: the earlier runs' (kept at each rebuild) and the current run's."""
+async def full_log(store, obj: dict) -> str:
+    """Every run's log: the earlier runs' (kept at each rebuild) and the current run's (for a
+    run that reused an image at once, said from its status: none is stored)."""
+    name = model.name_of(obj)
     earlier = await store.get_artifact(name, "log-history") or ""
-    current = await store.get_artifact(name, "log") or ""
+    current = await store.get_artifact(name, "log") or reuse_log(obj.get("status") or {})
     text = earlier + ("\n" if earlier and current and not earlier.endswith("\n") else "") + current
     if len(text) > MAX_LOG_HISTORY_CHARS:
         text = "[earlier runs cut]\n" + text[-MAX_LOG_HISTORY_CHARS:].split("\n", 1)[-1]
@@ -33,7 +36,7 @@ async def start_rebuild(store, obj: dict, by: str, trigger: dict | None = None, 
     build again: its commit, its base by digest and its lock, not what the spec names now."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
     # read before: once the status is written, a new run may log and resolve a new lock
-    history = await full_log(store, name)
+    history = await full_log(store, obj)
     kept = await _generations_with_current(store, obj)
     status = rebuilt(obj, by, trigger=trigger)
     if restore is not None:
@@ -82,7 +85,7 @@ async def roll_back(store, obj: dict, run: int, by: str) -> dict:
     it was read."""
     name, uid = model.name_of(obj), obj["metadata"]["uid"]
     record = generations.stored(await saved_generations(store, name))[run]
-    history = await full_log(store, name)
+    history = await full_log(store, obj)
     kept = await _generations_with_current(store, obj, without=run)  # it is the current one now
     written = await store.update_status(name, generations.rolled_back(obj, record, by),
                                         obj["metadata"]["resourceVersion"])

@@ -562,6 +562,9 @@ class EmbeddedRunner(LoggingConfigurable):
             log.append(line)
             self.publish(("log", {"metadata": {"name": name, "uid": uid}, "line": line}))
 
+        # a run that did work before it came back to Pending has its log stored: these lines join it
+        logged_before = set((self._pending.get(uid) or {}).get("status", {}).get("phaseTimes") or {}) - {PHASE_PENDING}
+
         try:
             while True:
                 obj = self._pending.get(uid)
@@ -581,10 +584,13 @@ class EmbeddedRunner(LoggingConfigurable):
             started = advance(obj, Outcome(True, "Started", "an identical image is Ready"))
             status = advance({**obj, "status": started}, found)
             say(f"==> Pending -> Ready ({found.reason}): {found.message}")
-            try:  # the log first, as a finished build's: whoever sees it Ready can read it
-                await self.store.put_artifact(name, "log", log.text(), uid=uid)
-            except NotFound:
-                return
+            if logged_before:
+                try:  # the log first, as a finished build's: whoever sees it Ready can read it
+                    await self.store.put_artifact(name, "log", log.text(), uid=uid)
+                except NotFound:
+                    return
+            # else its lines went to whoever follows it, and none is stored: its status says what
+            # they said (`reuse_log`), and a burst of reused imports costs one write each, not two
             if await self._write_status(name, uid, status, expected_phase=PHASE_PENDING, known=obj):
                 BUILDS.labels("reused").inc()
                 # it left Pending now, as a driven image does when its work ends: until the feed

@@ -551,9 +551,9 @@ class ImageArtifactHandler(APIHandler):
         self.kind = kind
 
     async def get(self, name: str):
-        await self.visible_image(name)
+        obj = await self.visible_image(name)
         if self.kind == "log":
-            text = await full_log(self.store, name)
+            text = await full_log(self.store, obj)
         else:
             text = await self.store.get_artifact(name, self.kind)
         if text is None and self.kind == "lock":

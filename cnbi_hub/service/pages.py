@@ -163,7 +163,7 @@ class ImagePage(PageHandler):
     async def get(self, name: str):
         obj = await self.visible_image(name)  # 404 for someone else's private image, as the API
         try:
-            log = await full_log(self.store, name)  # every run, as the API's logs route
+            log = await full_log(self.store, obj)  # every run, as the API's logs route
             lock = await self.store.get_artifact(name, "lock")
         except NotFound:  # deleted while we read it
             raise FieldError(404, f"image {name} not found")
