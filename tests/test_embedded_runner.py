@@ -193,7 +193,8 @@ def test_appended_lines_finds_what_a_log_kept_elsewhere_gained_between_two_reads
 def test_the_log_of_a_run_that_reused_an_image_at_once_is_said_from_its_status():
     from cnbi_hub.controller.buildlog import reuse_log
 
-    reused = {"phase": "Ready", "reusedFrom": "first", "resolvedBaseImage": "r.example/x@sha256:ab"}
+    reused = {"phase": "Ready", "reusedFrom": "first", "resolvedBaseImage": "r.example/x@sha256:ab",
+              "conditions": [{"type": "Prepared", "status": "True", "reason": "Reused", "message": "identical to first"}]}
     assert reuse_log(reused) == "pinned r.example/x@sha256:ab\n==> Pending -> Ready (Reused): identical to first\n"
     assert reuse_log({**reused, "resolvedBaseImage": None}) == "==> Pending -> Ready (Reused): identical to first\n"
     assert reuse_log({**reused, "phase": "Building"}) == ""  # a rebuild of it under way: its own log

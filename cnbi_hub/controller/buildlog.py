@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import deque
 
+from .. import model
+
 
 class BuildLog:
     def __init__(self, head: int = 100, tail: int = 2000, initial_text: str = ""):
@@ -49,12 +51,18 @@ def appended_lines(before: str, after: str) -> list[str]:
     return new  # nothing in common (a new run's log): all of it is new
 
 
+def transition_line(before: str, after: str, reason: str, message: str = "") -> str:
+    """The log line that says a run moved from phase `before` to `after`, and why."""
+    return f"==> {before} -> {after} ({reason})" + (f": {message}" if message else "")
+
+
 def reuse_log(status: dict) -> str:
     """The log of a run that reused an identical image before any work of its own (an import
     finished at once, `EmbeddedRunner._reuse`): no log is stored for it, because its status
-    holds everything its lines said. "" for any other run."""
-    if status.get("phase") != "Ready" or not status.get("reusedFrom"):
+    holds what its lines said (the pinned image, and Prepare's condition). "" for any other run."""
+    reused = next((c for c in status.get("conditions", []) if c.get("type") == model.CONDITION_PREPARED), {})
+    if status.get("phase") != model.PHASE_READY or reused.get("reason") != "Reused":
         return ""
     lines = [f"pinned {status['resolvedBaseImage']}"] if status.get("resolvedBaseImage") else []
-    lines.append(f"==> Pending -> Ready (Reused): identical to {status['reusedFrom']}")
+    lines.append(transition_line(model.PHASE_PENDING, model.PHASE_READY, "Reused", reused.get("message", "")))
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ from traitlets.config import LoggingConfigurable
 from .. import model, stacks
 from ..model import PHASE_BUILDING, PHASE_PENDING, PHASE_PREPARE, PHASE_RESOLVING
 from ..store.base import Conflict, NotFound, modify_status
-from .buildlog import BuildLog
+from .buildlog import BuildLog, transition_line
 from .phases import PhaseWork
 from .rebuild import KEEP_GENERATIONS, rebuild_now_or_after_run, start_rebuild
 from .retention import InUse, policy_of, retention_pass
@@ -562,9 +562,6 @@ class EmbeddedRunner(LoggingConfigurable):
             log.append(line)
             self.publish(("log", {"metadata": {"name": name, "uid": uid}, "line": line}))
 
-        # a run that did work before it came back to Pending has its log stored: these lines join it
-        logged_before = set((self._pending.get(uid) or {}).get("status", {}).get("phaseTimes") or {}) - {PHASE_PENDING}
-
         try:
             while True:
                 obj = self._pending.get(uid)
@@ -583,14 +580,17 @@ class EmbeddedRunner(LoggingConfigurable):
                 return
             started = advance(obj, Outcome(True, "Started", "an identical image is Ready"))
             status = advance({**obj, "status": started}, found)
-            say(f"==> Pending -> Ready ({found.reason}): {found.message}")
-            if logged_before:
+            say(transition_line(PHASE_PENDING, model.PHASE_READY, found.reason, found.message))
+            # its lines went to whoever follows it; none is stored when its run did nothing else:
+            # its status says what they said (`reuse_log`), so a burst of reused imports costs one
+            # write each. A run that worked before it came back to Pending has a log: they join it.
+            if set((obj.get("status") or {}).get("phaseTimes") or {}) - {PHASE_PENDING}:
                 try:  # the log first, as a finished build's: whoever sees it Ready can read it
-                    await self.store.put_artifact(name, "log", log.text(), uid=uid)
+                    earlier = await self.store.get_artifact(name, "log") or ""
+                    await self.store.put_artifact(name, "log", BuildLog(initial_text=earlier + log.text()).text(),
+                                                  uid=uid)
                 except NotFound:
                     return
-            # else its lines went to whoever follows it, and none is stored: its status says what
-            # they said (`reuse_log`), and a burst of reused imports costs one write each, not two
             if await self._write_status(name, uid, status, expected_phase=PHASE_PENDING, known=obj):
                 BUILDS.labels("reused").inc()
                 # it left Pending now, as a driven image does when its work ends: until the feed
@@ -708,14 +708,13 @@ class EmbeddedRunner(LoggingConfigurable):
             outcome = await self.phases.work(obj, say)
             PHASE_SECONDS.labels(phase).observe(time.monotonic() - started)
             if outcome.wait:
-                say(f"==> {phase} -> Pending ({outcome.reason}): {outcome.message}")
+                say(transition_line(phase, PHASE_PENDING, outcome.reason, outcome.message))
                 status = waiting(obj, outcome)
                 if await self._write_status(name, uid, status, expected_phase=phase):
                     return {**obj, "status": status}  # back in the queue, which holds it meanwhile
                 return None
             status = advance(obj, outcome)
-            detail = f": {outcome.message}" if outcome.message else ""
-            say(f"==> {phase} -> {status['phase']} ({outcome.reason}){detail}")
+            say(transition_line(phase, status["phase"], outcome.reason, outcome.message))
             if status["phase"] in model.TERMINAL_PHASES:
                 BUILDS.labels("reused" if status.get("reusedFrom") else status["phase"].lower()).inc()
                 await self._save_log(name, uid)
