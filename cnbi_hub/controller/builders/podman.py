@@ -24,6 +24,7 @@ import secrets
 import shutil
 import signal
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -413,9 +414,11 @@ class PodmanBuilder(Builder):
                 for key, value in plan.labels.items():
                     args.append(f"--label={key}={value}")
             args.append(str(context_dir))
-            existing = await self._image_ids()  # what the build's output may name that is not its own
+            # what the build's output may name that is not its own was made before this; the
+            # clock, not `podman images --all`, which takes seconds per thousand images in podman 4
+            started_ns = time.time_ns()
             try:
-                code, tail = await self._watched_build(args, log, sandbox, existing)
+                code, tail = await self._watched_build(args, log, sandbox, started_ns)
             except asyncio.TimeoutError:
                 raise BuildError(f"the build took longer than {self.build_timeout:.0f} s (its time limit) and was stopped")
             if sandbox.network is not None and not sandbox.network.alive:
@@ -424,7 +427,7 @@ class PodmanBuilder(Builder):
                 raise BuildError("the build's network namespace went away while it ran; build it again")
             usage = sandbox.usage()
             if code != 0 and ran_out_of_space(tail):
-                await self._remove_step_images(tail, existing)  # nothing of this image stays on the full disk
+                await self._remove_step_images(tail, started_ns)  # nothing of this image stays on the full disk
                 raise StorageFull(f"podman build of {plan.target}: {_last_lines(_closing_error(tail), 15)}")
             if code != 0:
                 raise BuildError(self._failure_message(code, tail, usage, in_cgroup=sandbox.cgroup is not None))
@@ -438,7 +441,7 @@ class PodmanBuilder(Builder):
             raise BuildError(self._size_message(size))
         return digest
 
-    async def _watched_build(self, args: list[str], log: LogFn, sandbox: "_Sandbox", existing: set[str]) -> tuple[int, str]:
+    async def _watched_build(self, args: list[str], log: LogFn, sandbox: "_Sandbox", started_ns: int) -> tuple[int, str]:
         """Run `podman build`, stopping it at the first finished step whose image is over
         `max_image_size`, or when the disk falls below `min_free_disk`."""
         over_limit: list[str] = []
@@ -448,7 +451,7 @@ class PodmanBuilder(Builder):
             step = _STEP_DONE.search(line)  # anywhere: output without a newline runs into it
             if step and self.max_image_size:
                 try:
-                    size = await self._own_step_size(step.group(1), existing)
+                    size = await self._own_step_size(step.group(1), started_ns)
                 except asyncio.TimeoutError:
                     size = None  # not the build's time limit: the final size check still holds
                 if size and size > self.max_image_size:
@@ -479,33 +482,26 @@ class PodmanBuilder(Builder):
                     task.cancel()
             await asyncio.gather(build, watch, return_exceptions=True)
 
-    async def _remove_step_images(self, output: str, existing: set[str]) -> None:
+    async def _remove_step_images(self, output: str, started_ns: int) -> None:
         """Remove the images of the steps a failed build made (podman keeps them as its layer
         cache); one an image still builds on (a Ready image's, another build's) stays."""
         for image_id in dict.fromkeys(match.group(1) for match in map(_STEP_DONE.search, output.splitlines()) if match):
-            if await self._own_step_size(image_id, existing) is not None:
+            if await self._own_step_size(image_id, started_ns) is not None:
                 await self._run("rmi", "--ignore", "--", image_id)
 
-    async def _image_ids(self) -> set[str]:
-        """The full IDs of every image in storage now, intermediate ones included."""
-        code, out, err = await self._run("images", "--all", "--quiet", "--no-trunc")
-        if code != 0:
-            raise BuildError(f"podman could not list its images: {_last_lines(err)}")
-        return {line.strip().removeprefix("sha256:") for line in out.splitlines() if line.strip()}
-
-    async def _own_step_size(self, image_id: str, existing: set[str]) -> int | None:
+    async def _own_step_size(self, image_id: str, started_ns: int) -> int | None:
         """The size of `image_id`, read from a build's output, when it is a step image the build
-        made: not among the images there before it started (`existing`), and untagged; else
-        None. A RUN step can print podman's "--> <id>" line too, naming any image: a tagged one
-        (a Ready build, a base) or one there before is never taken for a step of this build, so
-        it is neither measured nor removed as one. (An untagged step image that another build
-        makes meanwhile is only podman's cache, and one in use is not removed: `podman rmi`
-        refuses.)"""
-        code, out, _ = await self._run("image", "inspect", "--format", "{{.Id}} {{len .RepoTags}} {{.Size}}",
-                                       "--", image_id)
+        made: created after the build started (`started_ns`, the host's clock, which podman's
+        commit reads too) and untagged; else None. A RUN step can print podman's "--> <id>" line
+        too, naming any image: a tagged one (a Ready build, a base) or one made before is never
+        taken for a step of this build, so it is neither measured nor removed as one. (An
+        untagged step image that another build makes meanwhile is only podman's cache, and one
+        in use is not removed: `podman rmi` refuses.)"""
+        code, out, _ = await self._run("image", "inspect", "--format",
+                                       "{{.Id}} {{len .RepoTags}} {{.Size}} {{.Created.UnixNano}}", "--", image_id)
         try:
-            full_id, tags, size = out.split()
-            own = code == 0 and tags == "0" and full_id.removeprefix("sha256:") not in existing
+            _, tags, size, created_ns = out.split()
+            own = code == 0 and tags == "0" and int(created_ns) >= started_ns
             return int(size) if own else None
         except ValueError:
             return None
