@@ -304,6 +304,15 @@ def test_only_podmans_own_words_say_its_storage_ran_out(output, podman_ran_out):
     assert ran_out_of_space(output) is podman_ran_out
 
 
+def own_images(env) -> list[str]:
+    """The full IDs of the images in the small disk's own store, never the machine's store it
+    reads as an additional one (podman filters before it reads each image: this stays quick)."""
+    from tests.infra_podman import podman
+
+    return podman("images", "--all", "--filter", "readonly=false", "--no-trunc", "--format", "{{.ID}}",
+                  env=env).stdout.split()
+
+
 @pytest.fixture
 def podman_on_a_small_disk(tmp_path, notebook_base_images):
     """The real podman builder with its own image storage on a 200 MB tmpfs (ENOSPC for real, not
@@ -338,10 +347,7 @@ def podman_on_a_small_disk(tmp_path, notebook_base_images):
         finally:
             env = builder.env
             podman("rm", "--all", "--force", env=env)
-            # filtered by podman before it looks at each image: the machine's store is not read
-            own = [line.split()[1] for line in podman("images", "--all", "--filter", "readonly=false", "--format",
-                                                      "{{.ReadOnly}} {{.ID}}", env=env).stdout.splitlines()
-                   if line.startswith("false")]
+            own = own_images(env)
             if own:  # by ID, its own only: never an image of the machine's store
                 podman("rmi", "--force", *own, env=env)
 
@@ -383,10 +389,7 @@ async def test_the_image_storage_really_full_fails_naming_it_and_the_next_build_
     condition = next(c for c in obj["status"]["conditions"] if c.get("reason") == "DiskFull")
     assert "the service's disk is full while building the image" in condition["message"], condition
     assert str(builder.graph_root_path) not in condition["message"]
-    own_images = [line.split()[1] for line in podman("images", "--all", "--filter", "readonly=false", "--no-trunc",
-                                                     "--format", "{{.ReadOnly}} {{.ID}}", env=builder.env).stdout.splitlines()
-                  if line.startswith("false")]
-    assert sorted(image_id.removeprefix("sha256:") for image_id in own_images) == sorted(someone_elses), \
+    assert sorted(image_id.removeprefix("sha256:") for image_id in own_images(builder.env)) == sorted(someone_elses), \
         "the failed build's steps stayed on the full disk, or the images its output named went"
     assert shutil.disk_usage(builder.graph_root_path).free > free_at_start - 8_000_000
 

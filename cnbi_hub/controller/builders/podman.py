@@ -498,9 +498,9 @@ class PodmanBuilder(Builder):
         untagged step image that another build makes meanwhile is only podman's cache, and one
         in use is not removed: `podman rmi` refuses.)"""
         code, out, _ = await self._run("image", "inspect", "--format",
-                                       "{{.Id}} {{len .RepoTags}} {{.Size}} {{.Created.UnixNano}}", "--", image_id)
+                                       "{{len .RepoTags}} {{.Size}} {{.Created.UnixNano}}", "--", image_id)
         try:
-            _, tags, size, created_ns = out.split()
+            tags, size, created_ns = out.split()
             own = code == 0 and tags == "0" and int(created_ns) >= started_ns
             return int(size) if own else None
         except ValueError:
